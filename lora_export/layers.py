@@ -1,0 +1,226 @@
+"""LoRA layers: a frozen base weight W0 plus a trainable low-rank update scaling * B @ A.
+
+Vocabulary follows PEFT / loralib: ``lora_A``, ``lora_B``, ``scaling``, ``merge``, ``unmerge``,
+``safe_merge``. ``scaling`` is ``lora_alpha / r`` (or ``lora_alpha / sqrt(r)`` with rsLoRA).
+
+For ONNX export with adapters as graph inputs a layer can be fed its A and B from outside
+(:meth:`LoRALayer.use_external_lora`). Those tensors use the transposed, pre-scaled layout that
+ONNX Runtime's multi-LoRA API feeds as-is: ``A_t = lora_A.T`` ([in, r]) and
+``B_t = scaling * lora_B.T`` ([r, out]), so the graph needs no Transpose and no rank-dependent constant.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class LoRALayer(nn.Module):
+    """Shared state of the LoRA layers: rank, scaling, merge flag and the optional external adapter."""
+
+    def __init__(self, r: int, lora_alpha: float, use_rslora: bool) -> None:
+        super().__init__()
+        if r < 0:
+            raise ValueError(f"LoRA rank r must be >= 0, got {r}")
+        self.r = r
+        self.lora_alpha = lora_alpha
+        self.use_rslora = use_rslora
+        self.scaling = (lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r) if r > 0 else 0.0
+        self.merged = False
+        self.external_lora: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def delta_weight(self) -> torch.Tensor:
+        """scaling * B @ A in the base weight's layout."""
+        raise NotImplementedError
+
+    def base_weight(self) -> nn.Parameter:
+        """The frozen W0 that merge() updates in place."""
+        raise NotImplementedError
+
+    def merge(self, safe_merge: bool = False) -> None:
+        """Fold scaling * B @ A into W0; forward then skips the LoRA branch. Idempotent.
+
+        With ``safe_merge`` the sum is computed on a copy first and refused (ValueError naming the
+        layer) if it holds NaN or Inf, leaving W0 untouched.
+        """
+        if self.r == 0 or self.merged:
+            return
+        weight = self.base_weight()
+        with torch.no_grad():
+            merged = weight + self.delta_weight().to(weight.dtype)
+            if safe_merge and not torch.isfinite(merged).all():
+                raise ValueError(f"safe_merge refused: merging {self.layer_name()} gives NaN or Inf")
+            weight.copy_(merged)
+        self.merged = True
+
+    def unmerge(self) -> None:
+        """Subtract the update merged by merge(), restoring W0. Idempotent."""
+        if self.r == 0 or not self.merged:
+            return
+        weight = self.base_weight()
+        with torch.no_grad():
+            weight.sub_(self.delta_weight().to(weight.dtype))
+        self.merged = False
+
+    def use_external_lora(self, lora_a_t: torch.Tensor | None, lora_b_t: torch.Tensor | None) -> None:
+        """Take A_t [in, r] and pre-scaled B_t [r, out] from outside instead of lora_A / lora_B.
+
+        Used by the exporter to make A and B graph inputs; ``None`` returns to the own parameters.
+        """
+        self.external_lora = None if lora_a_t is None else (lora_a_t, lora_b_t)
+
+    def layer_name(self) -> str:
+        return f"{type(self).__name__}(r={self.r})"
+
+
+class LoRALinear(LoRALayer):
+    """y = x W0^T + bias + scaling * dropout(x) A^T B^T, with W0 and bias frozen.
+
+    lora_A: [r, in_features], Kaiming-uniform (a = sqrt(5)); lora_B: [out_features, r], zeros,
+    so the update starts at exactly zero. r = 0 is the plain linear layer.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        r: int = 0,
+        lora_alpha: float = 1.0,
+        lora_dropout: float = 0.0,
+        use_rslora: bool = False,
+        bias: bool = True,
+    ) -> None:
+        super().__init__(r, lora_alpha, use_rslora)
+        self.in_features = in_features
+        self.out_features = out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if self.bias is not None:
+            bound = 1 / math.sqrt(in_features)
+            nn.init.uniform_(self.bias, -bound, bound)
+        if r > 0:
+            self.lora_A = nn.Parameter(torch.empty(r, in_features))
+            self.lora_B = nn.Parameter(torch.zeros(out_features, r))
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+            self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
+            self.weight.requires_grad = False
+            if self.bias is not None:
+                self.bias.requires_grad = False
+
+    def base_weight(self) -> nn.Parameter:
+        return self.weight
+
+    def delta_weight(self) -> torch.Tensor:
+        return (self.lora_B @ self.lora_A) * self.scaling
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., in_features] -> [..., out_features]."""
+        result = F.linear(x, self.weight, self.bias)
+        if self.external_lora is not None:
+            lora_a_t, lora_b_t = self.external_lora
+            return result + (x @ lora_a_t) @ lora_b_t
+        if self.r > 0 and not self.merged:
+            result = result + (self.lora_dropout(x) @ self.lora_A.T @ self.lora_B.T) * self.scaling
+        return result
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, scaling={self.scaling:g}"
+
+
+class LoRAEmbedding(LoRALayer):
+    """Embedding table E0 [num_embeddings, dim] frozen, plus delta = (B A)^T * scaling.
+
+    lora_A: [r, num_embeddings] (Kaiming-uniform), lora_B: [dim, r] (zeros): the update starts
+    at zero. Looking up ids gives E0[ids] + A^T[ids] B^T * scaling, never materialising the delta.
+    """
+
+    def __init__(
+        self,
+        num_embeddings: int,
+        embedding_dim: int,
+        r: int = 0,
+        lora_alpha: float = 1.0,
+        use_rslora: bool = False,
+    ) -> None:
+        super().__init__(r, lora_alpha, use_rslora)
+        self.num_embeddings = num_embeddings
+        self.embedding_dim = embedding_dim
+        self.weight = nn.Parameter(torch.empty(num_embeddings, embedding_dim))
+        nn.init.normal_(self.weight)
+        if r > 0:
+            self.lora_A = nn.Parameter(torch.empty(r, num_embeddings))
+            self.lora_B = nn.Parameter(torch.zeros(embedding_dim, r))
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+            self.weight.requires_grad = False
+
+    def base_weight(self) -> nn.Parameter:
+        return self.weight
+
+    def delta_weight(self) -> torch.Tensor:
+        return (self.lora_B @ self.lora_A).T * self.scaling
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids [...] (int64) -> [..., embedding_dim]."""
+        result = F.embedding(ids, self.weight)
+        if self.external_lora is not None:
+            lora_a_t, lora_b_t = self.external_lora
+            return result + F.embedding(ids, lora_a_t) @ lora_b_t
+        if self.r > 0 and not self.merged:
+            result = result + (F.embedding(ids, self.lora_A.T) @ self.lora_B.T) * self.scaling
+        return result
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, r={self.r}, scaling={self.scaling:g}"
+
+
+def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALayer]]:
+    """(module path, layer) for every LoRA layer with r > 0, in module order."""
+    for name, module in model.named_modules():
+        if isinstance(module, LoRALayer) and module.r > 0:
+            yield name, module
+
+
+def mark_only_lora_as_trainable(model: nn.Module) -> None:
+    """Freeze everything but lora_A / lora_B."""
+    for name, param in model.named_parameters():
+        param.requires_grad = name.endswith(("lora_A", "lora_B"))
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Only the LoRA tensors, keyed like model.state_dict()."""
+    return {k: v for k, v in model.state_dict().items() if k.endswith(("lora_A", "lora_B"))}
+
+
+def base_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Everything but the LoRA tensors (the frozen base model)."""
+    return {k: v for k, v in model.state_dict().items() if not k.endswith(("lora_A", "lora_B"))}
+
+
+def merge_lora(model: nn.Module, safe_merge: bool = False) -> None:
+    """merge() every LoRA layer; with safe_merge, refuse (ValueError naming the layer) on NaN/Inf."""
+    for name, layer in lora_layers(model):
+        try:
+            layer.merge(safe_merge=safe_merge)
+        except ValueError as err:
+            raise ValueError(f"{name}: {err}") from err
+
+
+def unmerge_lora(model: nn.Module) -> None:
+    """unmerge() every LoRA layer."""
+    for _, layer in lora_layers(model):
+        layer.unmerge()
+
+
+def count_parameters(model: nn.Module) -> dict[str, int]:
+    """{'total', 'trainable', 'lora'} parameter counts."""
+    params = list(model.named_parameters())
+    return {
+        "total": sum(p.numel() for _, p in params),
+        "trainable": sum(p.numel() for _, p in params if p.requires_grad),
+        "lora": sum(p.numel() for n, p in params if n.endswith(("lora_A", "lora_B"))),
+    }
