@@ -194,10 +194,10 @@ class LoRASelfAttention(nn.Module):
         self.global_attn = global_attn
         inner = heads * dim_head
 
-        def projection(name: str, in_features: int, out_features: int, bias: bool) -> nn.Module:
-            if name in enable_lora and r > 0:
-                return LoRALinear(in_features, out_features, r, lora_alpha, lora_dropout, use_rslora, bias=bias)
-            return nn.Linear(in_features, out_features, bias=bias)
+        def projection(name: str, in_features: int, out_features: int, bias: bool) -> LoRALinear:
+            # A projection without LoRA is a LoRALinear of rank 0, i.e. a plain linear layer.
+            rank = r if name in enable_lora else 0
+            return LoRALinear(in_features, out_features, rank, lora_alpha, lora_dropout, use_rslora, bias=bias)
 
         self.to_q = projection("q", dim, inner, bias=False)
         self.to_k = projection("k", dim, inner, bias=False)

@@ -20,7 +20,13 @@ from torch import nn
 
 
 class LoRALayer(nn.Module):
-    """Shared state of the LoRA layers: rank, scaling, merge flag and the optional external adapter."""
+    """Shared state of the LoRA layers: rank, scaling, merge flag and the optional external adapter.
+
+    Subclasses set ``in_features`` / ``out_features``: the sizes the LoRA branch maps between.
+    """
+
+    in_features: int
+    out_features: int
 
     def __init__(self, r: int, lora_alpha: float, use_rslora: bool) -> None:
         super().__init__()
@@ -148,8 +154,8 @@ class LoRAEmbedding(LoRALayer):
         use_rslora: bool = False,
     ) -> None:
         super().__init__(r, lora_alpha, use_rslora)
-        self.num_embeddings = num_embeddings
-        self.embedding_dim = embedding_dim
+        self.num_embeddings = self.in_features = num_embeddings
+        self.embedding_dim = self.out_features = embedding_dim
         self.weight = nn.Parameter(torch.empty(num_embeddings, embedding_dim))
         nn.init.normal_(self.weight)
         if r > 0:

@@ -182,7 +182,7 @@ def reference_attention(x: Tensor, mask: Tensor | None, weights: HasProjections,
         keymask = mask[b]
         for h in range(h_count):
             qh, kh, vh = q[b, :, h], k[b, :, h], v[b, :, h]
-            if h < cfg.n_local_attn_heads:
+            if h >= cfg.heads - cfg.n_local_attn_heads:
                 o = softmax_head(qh, kh, vh, vis_local, keymask)
             elif cfg.global_attn == "softmax":
                 o = softmax_head(qh, kh, vh, vis_global, keymask)

@@ -1,0 +1,149 @@
+"""LoRA adapters as ONNX graph inputs, in the layout ONNX Runtime's multi-LoRA API feeds.
+
+For every LoRA layer at module path ``P`` the adapters-as-inputs graph has two inputs:
+
+* ``P.lora_A``: float32 [in_features, lora_rank] = lora_A.T   (for the embedding: [256, lora_rank])
+* ``P.lora_B``: float32 [lora_rank, out_features] = scaling * lora_B.T
+
+so the layer computes ``x @ P.lora_A @ P.lora_B`` with no Transpose and no rank-dependent constant.
+``lora_rank`` is symbolic; each input also has a same-named rank-0 initializer, so a run with no adapter
+is the base model. An adapter file (``.onnx_adapter``) holds exactly these named tensors, written with
+``onnxruntime.AdapterFormat``; its model version is derived from the base-weights fingerprint.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from torch import nn
+
+from .checkpoint import atomic_write
+from .layers import LoRALayer, lora_layers
+
+ADAPTER_VERSION = 1
+LORA_RANK_AXIS = "lora_rank"
+LORA_SUFFIXES = (".lora_A", ".lora_B")
+
+
+class AdapterError(ValueError):
+    """An adapter that cannot be read or does not fit its model; the message names every problem."""
+
+
+def model_version_from_fingerprint(base_fingerprint: str) -> int:
+    """A positive int31 tied to the base weights, stored as the adapter's model version."""
+    return int(base_fingerprint[:7], 16)
+
+
+def adapter_tensors(model: nn.Module) -> dict[str, np.ndarray]:
+    """The trained LoRA weights of ``model`` in graph layout (see module docstring), scaling folded into B."""
+    tensors = {}
+    for name, layer in lora_layers(model):
+        tensors[f"{name}.lora_A"] = layer.lora_A.detach().T.float().contiguous().numpy()
+        tensors[f"{name}.lora_B"] = (layer.lora_B.detach() * layer.scaling).T.float().contiguous().numpy()
+    return tensors
+
+
+def write_adapter(path: str | os.PathLike, tensors: Mapping[str, np.ndarray], model_version: int) -> None:
+    """Write ``tensors`` as an ``.onnx_adapter`` file atomically (adapter version ADAPTER_VERSION)."""
+    adapter = ort.AdapterFormat()
+    adapter.set_adapter_version(ADAPTER_VERSION)
+    adapter.set_model_version(model_version)
+    adapter.set_parameters({k: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v)) for k, v in tensors.items()})
+    atomic_write(path, adapter.export_adapter)
+
+
+def read_adapter(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], int]:
+    """(tensors by name, model version) of an ``.onnx_adapter`` file. Raises AdapterError."""
+    path = Path(path)
+    if not path.is_file():
+        raise AdapterError(f"{path}: no such adapter file")
+    try:
+        adapter = ort.AdapterFormat.read_adapter(str(path))
+        params = adapter.get_parameters()
+    except Exception as err:  # ORT raises its own exception types for a malformed FlatBuffer
+        raise AdapterError(f"{path}: not a readable .onnx_adapter file: {str(err).splitlines()[0]}") from None
+    return {k: np.array(v.numpy()) for k, v in params.items()}, adapter.get_model_version()
+
+
+def lora_input_specs(model: onnx.ModelProto) -> dict[str, tuple[int, list[int | str]]]:
+    """{input name: (onnx elem type, shape with symbolic dims as str)} of the LoRA graph inputs."""
+    specs = {}
+    for value in model.graph.input:
+        if value.name.endswith(LORA_SUFFIXES):
+            tensor_type = value.type.tensor_type
+            dims = [d.dim_param if d.HasField("dim_param") else d.dim_value for d in tensor_type.shape.dim]
+            specs[value.name] = (tensor_type.elem_type, dims)
+    return specs
+
+
+def check_adapter(model: onnx.ModelProto, tensors: Mapping[str, np.ndarray]) -> tuple[list[str], list[str]]:
+    """Hold adapter tensors against a model's LoRA inputs before any run.
+
+    Returns (errors, notes). Errors: a name the model has no input for, a dtype other than the input's,
+    a fixed dimension that differs, a non-2-D tensor, A and B of one layer with different ranks.
+    Notes: model LoRA inputs the adapter leaves out (those layers run as the base model).
+    """
+    specs = lora_input_specs(model)
+    errors, notes = [], []
+    if not specs:
+        errors.append("the model has no LoRA inputs (was it exported with --merge?)")
+        return errors, notes
+    for name in sorted(set(tensors) - set(specs)):
+        errors.append(f"{name}: not an input of the model (extra name)")
+    for name in sorted(set(specs) - set(tensors)):
+        notes.append(f"{name}: not in the adapter; that layer runs without LoRA")
+    for name in sorted(set(tensors) & set(specs)):
+        elem_type, dims = specs[name]
+        array = tensors[name]
+        expected_dtype = onnx.helper.tensor_dtype_to_np_dtype(elem_type)
+        if array.dtype != expected_dtype:
+            errors.append(f"{name}: dtype {array.dtype}, the model expects {np.dtype(expected_dtype)}")
+        if array.ndim != len(dims):
+            errors.append(f"{name}: shape {list(array.shape)} has {array.ndim} dims, the model expects {dims}")
+            continue
+        for axis, (size, want) in enumerate(zip(array.shape, dims, strict=True)):
+            if isinstance(want, int) and want != size:
+                errors.append(f"{name}: dim {axis} is {size}, the model expects {want} (shape {dims})")
+    for a_name in sorted(n for n in tensors if n.endswith(".lora_A")):
+        b_name = a_name[: -len(".lora_A")] + ".lora_B"
+        a, b = tensors[a_name], tensors.get(b_name)
+        if b is None:
+            errors.append(f"{a_name}: its pair {b_name} is missing")
+        elif a.ndim == 2 and b.ndim == 2 and a.shape[1] != b.shape[0]:
+            errors.append(f"{a_name}: rank {a.shape[1]} differs from {b_name} rank {b.shape[0]}")
+    for b_name in sorted(n for n in tensors if n.endswith(".lora_B")):
+        if b_name[: -len(".lora_B")] + ".lora_A" not in tensors:
+            errors.append(f"{b_name}: its pair {b_name[: -len('.lora_B')]}.lora_A is missing")
+    return errors, notes
+
+
+def attach_adapter(model: nn.Module, tensors: Mapping[str, np.ndarray] | None) -> None:
+    """Run ``model`` as base + the given graph-layout adapter, as the ONNX graph would.
+
+    Every LoRA-capable layer named by the adapter takes its A/B from ``tensors``; all other LoRA layers
+    get rank-0 tensors (base behaviour), exactly like the graph's rank-0 defaults. ``None`` means no
+    adapter: the pure base model.
+    """
+    tensors = dict(tensors or {})
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, LoRALayer)}
+    unknown = sorted({n.rsplit(".", 1)[0] for n in tensors} - set(layers))
+    if unknown:
+        raise AdapterError(f"adapter names layers the model does not have: {unknown[:3]}")
+    for name, layer in layers.items():
+        a, b = tensors.get(f"{name}.lora_A"), tensors.get(f"{name}.lora_B")
+        if a is None or b is None:
+            a, b = np.zeros((layer.in_features, 0), np.float32), np.zeros((0, layer.out_features), np.float32)
+        layer.use_external_lora(torch.from_numpy(np.asarray(a)), torch.from_numpy(np.asarray(b)))
+
+
+def detach_adapter(model: nn.Module) -> None:
+    """Undo attach_adapter: every layer uses its own LoRA weights again."""
+    for module in model.modules():
+        if isinstance(module, LoRALayer):
+            module.use_external_lora(None, None)

@@ -1,0 +1,364 @@
+"""Export a lora-export checkpoint to ONNX, merged or with the LoRA adapters as graph inputs.
+
+Pipeline (both forms): load checkpoint -> build the export module -> torch.onnx.export (dynamo) with
+dynamic batch and sequence axes -> onnx.checker + shape inference -> onnxsim (kept only if it checks and
+gives the same outputs on ONNX Runtime) -> metadata_props -> atomic save (external data above a
+threshold) -> in the adapter form, the trained adapter as an ``.onnx_adapter`` file.
+
+Graph interface: ``input_ids`` int64 [batch, seq], ``attention_mask`` int64 [batch, seq] (1 = real
+token) -> ``logits`` float32 [batch, seq, 256]. The adapter form adds the LoRA inputs described in
+``lora_export.adapters``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from torch import nn
+
+from . import __version__
+from .adapters import (
+    LORA_RANK_AXIS,
+    adapter_tensors,
+    lora_input_specs,
+    model_version_from_fingerprint,
+    write_adapter,
+)
+from .checkpoint import base_fingerprint, build_model, file_sha256, read_checkpoint
+from .layers import LoRALayer, lora_layers, merge_lora
+from .model import LoRATransformerLM, ModelConfig
+
+DEFAULT_OPSET = 18
+EXTERNAL_DATA_THRESHOLD = 2 * 1024**3  # protobuf's hard limit for one file
+FORMS = ("merged", "adapters")
+INPUT_NAMES = ["input_ids", "attention_mask"]
+OUTPUT_NAMES = ["logits"]
+METADATA_PREFIX = "lora_export."
+
+
+class ExportError(ValueError):
+    """An export that cannot go ahead (bad input or an output that cannot be written); one line."""
+
+
+@dataclass
+class ExportResult:
+    """What export_onnx wrote and what it measured."""
+
+    model_path: Path
+    adapter_path: Path | None
+    form: str
+    opset: int
+    nodes_exported: int
+    nodes_final: int
+    simplified: bool
+    simplify_note: str
+    parameters: int
+    file_size: int
+    external_data: bool
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        """Human-readable multi-line summary for the CLI."""
+        stages = ", ".join(f"{k} {v:.1f}s" for k, v in self.stage_seconds.items())
+        lines = [
+            f"form:        {self.form} (opset {self.opset})",
+            f"model:       {self.model_path} ({self.file_size / 1e6:.2f} MB"
+            + (", external data)" if self.external_data else ")"),
+            f"nodes:       {self.nodes_exported} exported -> {self.nodes_final} final ({self.simplify_note})",
+            f"parameters:  {self.parameters:,}",
+            f"time:        {stages}",
+        ]
+        if self.adapter_path is not None:
+            lines.insert(2, f"adapter:     {self.adapter_path}")
+        return "\n".join(lines)
+
+
+class AdaptersAsInputs(nn.Module):
+    """The base model whose LoRA layers take A_t / B_t from forward() arguments (graph inputs).
+
+    forward(input_ids, attention_mask, A_0, B_0, A_1, B_1, ...) with the layers in ``layer_names`` order.
+    """
+
+    def __init__(self, base: LoRATransformerLM, layer_names: list[str]) -> None:
+        super().__init__()
+        self.base = base
+        modules = dict(base.named_modules())
+        self.layers: list[LoRALayer] = [modules[name] for name in layer_names]
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *lora: torch.Tensor) -> torch.Tensor:
+        for layer, lora_a_t, lora_b_t in zip(self.layers, lora[0::2], lora[1::2], strict=True):
+            layer.use_external_lora(lora_a_t, lora_b_t)
+        try:
+            return self.base(input_ids, attention_mask)
+        finally:
+            for layer in self.layers:
+                layer.use_external_lora(None, None)
+
+
+def base_model_of(model: LoRATransformerLM, state: dict[str, torch.Tensor]) -> LoRATransformerLM:
+    """A plain (r = 0) model of the same architecture holding ``state`` (base weights)."""
+    config = ModelConfig.from_dict({**model.config.to_dict(), "r": 0})
+    base = LoRATransformerLM(config)
+    base.load_state_dict(state)
+    return base.eval()
+
+
+def _example_inputs(config: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    n = min(config.max_seq_len, max(3, config.local_attn_window_size + 3))
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 256, (2, n), generator=generator)
+    return ids, torch.ones(2, n, dtype=torch.int64)
+
+
+def _torch_export(module: nn.Module, args: tuple, input_names: list[str], dynamic_shapes: tuple,
+                  opset: int) -> onnx.ModelProto:
+    """torch.onnx.export with the dynamo exporter, its console chatter captured."""
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            module, args, dynamo=True, input_names=input_names, output_names=OUTPUT_NAMES,
+            dynamic_shapes=dynamic_shapes, opset_version=opset, optimize=True, verbose=False,
+        )
+    return program.model_proto
+
+
+def trace_to_onnx(model: LoRATransformerLM, form: str, opset: int) -> tuple[onnx.ModelProto, list[str]]:
+    """Export ``model`` (unmerged checkpoint model) in ``form``; returns the proto and its LoRA layer names."""
+    ids, mask = _example_inputs(model.config)
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    seq = torch.export.Dim("seq", min=1, max=model.config.max_seq_len)
+    io_shapes = ({0: batch, 1: seq}, {0: batch, 1: seq})
+    if form == "merged":
+        merge_lora(model, safe_merge=True)
+        base = base_model_of(model, {k: v for k, v in model.state_dict().items() if "lora_" not in k})
+        return _torch_export(base, (ids, mask), INPUT_NAMES, io_shapes, opset), []
+
+    names = [name for name, _ in lora_layers(model)]
+    base = base_model_of(model, {k: v for k, v in model.state_dict().items() if "lora_" not in k})
+    rank = torch.export.Dim(LORA_RANK_AXIS, min=1, max=4096)
+    lora_args, lora_names, lora_shapes = [], [], []
+    example_rank = 3  # any rank > 1: torch.export specialises 0 and 1
+    for name, layer in lora_layers(model):
+        lora_args += [torch.zeros(layer.in_features, example_rank), torch.zeros(example_rank, layer.out_features)]
+        lora_names += [f"{name}.lora_A", f"{name}.lora_B"]
+        lora_shapes += [{1: rank}, {0: rank}]
+    proto = _torch_export(AdaptersAsInputs(base, names), (ids, mask, *lora_args), INPUT_NAMES + lora_names,
+                          (*io_shapes, tuple(lora_shapes)), opset)
+    return proto, names
+
+
+def add_rank0_defaults(model: onnx.ModelProto) -> None:
+    """Give every LoRA input a same-named rank-0 initializer: no adapter fed = the base model."""
+    existing = {init.name for init in model.graph.initializer}
+    for name, (elem_type, dims) in lora_input_specs(model).items():
+        if name in existing:
+            continue
+        shape = [0 if isinstance(d, str) else d for d in dims]
+        array = np.zeros(shape, dtype=onnx.helper.tensor_dtype_to_np_dtype(elem_type))
+        model.graph.initializer.append(onnx.numpy_helper.from_array(array, name))
+    model.ir_version = max(model.ir_version, 4)
+
+
+def count_parameters_onnx(model: onnx.ModelProto) -> int:
+    """Number of elements over all initializers (the rank-0 LoRA defaults count zero)."""
+    return sum(int(np.prod(init.dims)) if init.dims else 1 for init in model.graph.initializer)
+
+
+def probe_feeds(model: onnx.ModelProto, config: ModelConfig, seed: int = 0) -> dict[str, np.ndarray]:
+    """Random inputs (with a random rank-2 adapter in the adapter form) used to compare two graphs."""
+    rng = np.random.default_rng(seed)
+    n = min(config.max_seq_len, config.local_attn_window_size + 5)
+    feeds = {"input_ids": rng.integers(0, 256, (2, n), dtype=np.int64), "attention_mask": np.ones((2, n), np.int64)}
+    for name, (_, dims) in lora_input_specs(model).items():
+        shape = [2 if isinstance(d, str) else d for d in dims]
+        feeds[name] = rng.normal(0, 0.05, shape).astype(np.float32)
+    return feeds
+
+
+def run_ort(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> np.ndarray:
+    """logits from an in-memory model on ONNX Runtime CPU."""
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return session.run(["logits"], feeds)[0]
+
+
+def simplify(model: onnx.ModelProto, config: ModelConfig) -> tuple[onnx.ModelProto, bool, str]:
+    """onnxsim, kept only if the result passes the checker and matches the input model on ORT.
+
+    Returns (model to ship, simplified?, a note saying what happened).
+    """
+    import onnxsim
+
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            simplified, ok = onnxsim.simplify(model, check_n=0)
+        onnx.checker.check_model(simplified, full_check=True)
+    except Exception as err:  # onnxsim raises many exception types
+        return model, False, f"onnxsim failed, kept the unsimplified model: {str(err).splitlines()[0][:120]}"
+    if not ok:
+        return model, False, "onnxsim check failed, kept the unsimplified model"
+    feeds = probe_feeds(model, config)
+    expected, got = run_ort(model, feeds), run_ort(simplified, feeds)
+    if not np.allclose(got, expected, atol=1e-5, rtol=1e-4):
+        diff = float(np.abs(got - expected).max())
+        return model, False, f"onnxsim changed outputs (max abs {diff:.2e}), kept the unsimplified model"
+    return simplified, True, "simplified with onnxsim"
+
+
+def set_metadata(model: onnx.ModelProto, entries: dict[str, str]) -> None:
+    """Replace metadata_props with ``lora_export.*`` entries (sorted, for byte-identical output)."""
+    del model.metadata_props[:]
+    for key in sorted(entries):
+        prop = model.metadata_props.add()
+        prop.key, prop.value = METADATA_PREFIX + key, entries[key]
+
+
+def read_metadata(model: onnx.ModelProto) -> dict[str, str]:
+    """The ``lora_export.*`` metadata_props of a model, prefix removed."""
+    return {p.key[len(METADATA_PREFIX):]: p.value for p in model.metadata_props if p.key.startswith(METADATA_PREFIX)}
+
+
+def save_model(model: onnx.ModelProto, path: Path, external_data_threshold: int) -> bool:
+    """Save atomically; weights go to ``<name>.data`` beside it when the model exceeds the threshold.
+
+    Returns whether external data was used. Both files are written in a temporary directory beside
+    ``path`` and renamed into place (data first), so a failure leaves neither half-written.
+    """
+    external = model.ByteSize() > external_data_threshold
+    data_path = path.with_name(path.name + ".data")
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        if external:
+            onnx.save_model(model, tmp_dir / path.name, save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=data_path.name, size_threshold=1024)
+            os.replace(tmp_dir / data_path.name, data_path)
+        else:
+            onnx.save_model(model, tmp_dir / path.name)
+            data_path.unlink(missing_ok=True)
+        os.replace(tmp_dir / path.name, path)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+    return external
+
+
+def default_output_path(checkpoint_path: str | os.PathLike) -> Path:
+    """``model.pt`` -> ``model.onnx`` beside it."""
+    return Path(checkpoint_path).with_suffix(".onnx")
+
+
+def export_onnx(
+    checkpoint_path: str | os.PathLike,
+    output_path: str | os.PathLike | None = None,
+    *,
+    merge: bool = True,
+    adapter_path: str | os.PathLike | None = None,
+    opset: int = DEFAULT_OPSET,
+    simplify_graph: bool = True,
+    external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
+    progress: Callable[[str], None] | None = None,
+) -> ExportResult:
+    """Export a checkpoint to ONNX; the Python face of ``lora-export model.pt --merge``.
+
+    merge=True folds scaling * B @ A into the base weights and exports a plain transformer graph.
+    merge=False exports the adapters-as-inputs graph and writes the trained adapter to ``adapter_path``
+    (default ``<output stem>.onnx_adapter``). Raises CheckpointError / ExportError with one line.
+    """
+    say = progress or (lambda _msg: None)
+    checkpoint_path = Path(checkpoint_path)
+    output = Path(output_path) if output_path is not None else default_output_path(checkpoint_path)
+    form = "merged" if merge else "adapters"
+    if output.suffix != ".onnx":
+        raise ExportError(f"{output}: the output must end in .onnx")
+    if not output.parent.is_dir():
+        raise ExportError(f"{output.parent}: output directory does not exist")
+    if not os.access(output.parent, os.W_OK):
+        raise ExportError(f"{output.parent}: output directory is not writable")
+    if not 18 <= opset <= 23:
+        raise ExportError(f"opset {opset} is not supported: choose 18..23 (the dynamo exporter needs >= 18)")
+    adapter_out = None
+    if not merge:
+        adapter_out = Path(adapter_path) if adapter_path is not None else output.with_suffix(".onnx_adapter")
+    elif adapter_path is not None:
+        raise ExportError("--adapter-output only applies to the adapters-as-inputs form, not --merge")
+
+    stages: dict[str, float] = {}
+    start = time.perf_counter()
+
+    def stage_done(name: str) -> None:
+        nonlocal start
+        stages[name] = time.perf_counter() - start
+        start = time.perf_counter()
+
+    say("loading checkpoint")
+    payload = read_checkpoint(checkpoint_path)
+    model = build_model(payload, checkpoint_path)
+    fingerprint = base_fingerprint(payload["base"])
+    adapter = adapter_tensors(model)
+    if not merge and not adapter:
+        raise ExportError(f"{checkpoint_path}: has no LoRA layers (r = 0): export it with --merge")
+    stage_done("load")
+
+    say(f"exporting ({form}, opset {opset}) with torch.onnx dynamo")
+    proto, layer_names = trace_to_onnx(model, form, opset)
+    nodes_exported = len(proto.graph.node)
+    stage_done("export")
+
+    say("checking (onnx.checker, shape inference)")
+    proto = onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True)
+    onnx.checker.check_model(proto, full_check=True)
+    stage_done("check")
+
+    simplified, note = False, "simplification skipped (--no-simplify)"
+    if simplify_graph:
+        say("simplifying with onnxsim")
+        proto, simplified, note = simplify(proto, model.config)
+        stage_done("simplify")
+
+    if form == "adapters":
+        add_rank0_defaults(proto)
+    set_metadata(proto, {
+        "version": __version__,
+        "form": form,
+        "opset": str(opset),
+        "checkpoint_sha256": file_sha256(checkpoint_path),
+        "base_sha256": fingerprint,
+        "model_config": json.dumps(payload["config"], sort_keys=True),
+        "lora_config": json.dumps({
+            "r": model.config.r, "lora_alpha": model.config.lora_alpha, "lora_targets": model.config.lora_targets,
+            "use_rslora": model.config.use_rslora, "merged": merge, "lora_layers": layer_names,
+        }, sort_keys=True),
+        "lora_rank_axis": LORA_RANK_AXIS,
+    })
+    onnx.checker.check_model(proto, full_check=True)
+
+    say(f"writing {output}")
+    try:
+        external = save_model(proto, output, external_data_threshold)
+        if adapter_out is not None:
+            write_adapter(adapter_out, adapter, model_version_from_fingerprint(fingerprint))
+    except OSError as err:
+        raise ExportError(f"{output}: cannot write: {err.strerror or err}") from None
+    stage_done("save")
+
+    file_size = output.stat().st_size + (output.with_name(output.name + ".data").stat().st_size if external else 0)
+    return ExportResult(
+        model_path=output, adapter_path=adapter_out, form=form, opset=opset, nodes_exported=nodes_exported,
+        nodes_final=len(proto.graph.node), simplified=simplified, simplify_note=note,
+        parameters=count_parameters_onnx(proto), file_size=file_size, external_data=external,
+        stage_seconds=stages,
+    )

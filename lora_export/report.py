@@ -1,0 +1,256 @@
+"""Parity reports of a ``validate()`` result, written atomically into one directory.
+
+* ``parity.json``: machine-readable, ``"schema_version": 1``, described by ``lora_export/parity_schema.json``;
+  non-finite metrics (NaN / Inf outputs) are written as null.
+* ``parity.md``: the same tables for people and code review.
+* ``parity.html``: self-contained (inline CSS, no links out): the tables plus an error histogram per provider
+  and latency bars, drawn with matplotlib's Agg canvas and embedded as ``data:image/png;base64`` URIs.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from .checkpoint import atomic_write
+
+if TYPE_CHECKING:
+    from .validate import ParityResult
+
+SCHEMA_VERSION = 1
+SCHEMA_PATH = Path(__file__).with_name("parity_schema.json")
+REPORT_FILES = {"json": "parity.json", "markdown": "parity.md", "html": "parity.html"}
+ZERO_ERROR_FLOOR = 1e-12  # exact matches are drawn at this |error| on the log-scale histogram
+
+
+@dataclass
+class Section:
+    """A titled part of the report: paragraphs, then an optional table (headers + rows), then bullets."""
+
+    title: str
+    paragraphs: list[str] = field(default_factory=list)
+    headers: list[str] = field(default_factory=list)
+    rows: list[list[str]] = field(default_factory=list)
+    bullets: list[str] = field(default_factory=list)
+
+
+def _plain(value: Any) -> Any:
+    """A JSON-safe copy: Paths and numpy scalars to plain values, NaN / Inf to None."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def report_json(result: ParityResult) -> dict:
+    """The parity.json document (schema_version 1)."""
+    return _plain({
+        "schema_version": SCHEMA_VERSION,
+        "tool": {"name": "lora-export", "version": result.tool_version},
+        "created": result.created,
+        "passed": result.passed,
+        "summary": result.summary,
+        "model": {"path": result.model_path, "form": result.form, "metadata": result.model_metadata},
+        "checkpoint": {"path": result.checkpoint_path},
+        "adapter": None if result.adapter_path is None else {"path": result.adapter_path},
+        "precision": result.precision,
+        "tolerance": asdict(result.tolerance),
+        "pass_rule": result.pass_rule,
+        "seed": result.seed,
+        "providers": [asdict(p) for p in result.providers],
+        "variants": result.variants,
+        "cases": [case.info() for case in result.cases],
+        "comparisons": [asdict(c) for c in result.comparisons],
+        "generations": [asdict(g) for g in result.generations],
+        "latencies": [asdict(t) for t in result.latencies],
+        "worst": None if result.worst is None else asdict(result.worst),
+        "failures": result.failures,
+        "notes": result.notes,
+    })
+
+
+def _sci(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2e}"
+
+
+def report_sections(result: ParityResult) -> list[Section]:
+    """The report's content, shared by the Markdown and HTML renderings."""
+    tol = result.tolerance
+    overview = Section("Overview", headers=["", ""], rows=[
+        ["Result", "PASS" if result.passed else "FAIL"],
+        ["Summary", result.summary],
+        ["Model", f"{result.model_path} (form {result.form}, opset {result.model_metadata.get('opset', '?')})"],
+        ["Checkpoint", str(result.checkpoint_path)],
+        ["Adapter", "none" if result.adapter_path is None else str(result.adapter_path)],
+        ["Variants", ", ".join(result.variants)],
+        ["Precision", f"{result.precision}: {tol.describe()}"],
+        ["Seed", str(result.seed)],
+        ["Created", f"{result.created} by lora-export {result.tool_version}"],
+    ])
+    if result.worst is not None:
+        worst = result.worst
+        overview.paragraphs.append(
+            f"Worst: case '{worst.case}', output '{worst.output}' (variant {worst.variant}, {worst.provider}), "
+            f"largest error at [row, position, byte] = {worst.metrics.worst_index}: {'; '.join(worst.failures)}.")
+    providers = Section("Providers", headers=["Provider", "Requested as", "Status", "Session providers"], rows=[
+        [p.name, p.requested, p.status(), ", ".join(p.session_providers) or "-"] for p in result.providers
+    ])
+    cases = Section("Cases", headers=["Case", "Batch", "N", "Real tokens", "Source", "What it covers"], rows=[
+        [info["name"], str(info["batch"]), str(info["seq_len"]), str(info["real_tokens"]), info["source"],
+         info["description"]] for info in (case.info() for case in result.cases)
+    ])
+    comparisons = Section(
+        "Results",
+        paragraphs=["Metrics over the real (attention_mask = 1) positions. 'tol. used' is "
+                    "max |onnx - torch| / (atol + rtol * |torch|): at most 1 passes. max rel is polygraphy's "
+                    "|onnx - torch| / |torch|. Loss: next-byte cross-entropy in nats/byte, torch -> onnx."],
+        headers=["Variant", "Provider", "Case", "Output", "max abs", "max rel", "mean abs", "cosine", "tol. used",
+                 "top-1", "loss", "finite", "Verdict"],
+    )
+    for c in result.comparisons:
+        m = c.metrics
+        top1 = f"{m.top1_agreement:.2%}" + ("" if m.top1_exact == m.top1_agreement else f" (exact {m.top1_exact:.2%})")
+        loss = "n/a" if m.loss_ref is None else f"{m.loss_ref:.6f} -> {m.loss_onnx:.6f}"
+        comparisons.rows.append([c.variant, c.provider, c.case, c.output, _sci(m.max_abs), _sci(m.max_rel),
+                                 _sci(m.mean_abs), f"{m.cosine:.8f}", _sci(m.tolerance_used), top1, loss,
+                                 "yes" if m.finite else "NO", "pass" if c.passed else "FAIL: " + "; ".join(c.failures)])
+    generations = Section(
+        "Greedy generation",
+        paragraphs=["Bytes generated greedily from a held-out prompt; ONNX Runtime re-runs the graph on the "
+                    "growing sequence (no KV cache), cropped to max_seq_len. Non-ASCII bytes are shown as "
+                    "\\x escapes."],
+        headers=["Variant", "Provider", "Prompt", "PyTorch", "ONNX Runtime", "Identical"],
+        rows=[[g.variant, g.provider, g.prompt, g.reference, g.onnx,
+               "yes" if g.identical else f"NO (from byte {g.first_mismatch})"] for g in result.generations],
+    )
+    latency = Section("Latency", paragraphs=["Milliseconds per forward pass after warm-up, on this machine."],
+                      headers=["Variant", "Backend", "Shape", "p50 ms", "p90 ms", "Runs (warm-up)"],
+                      rows=[[t.variant, t.backend, f"{t.batch} x {t.seq_len}", f"{t.p50_ms:.3f}", f"{t.p90_ms:.3f}",
+                             f"{t.runs} ({t.warmup})"] for t in result.latencies])
+    sections = [overview, Section("Pass rule", paragraphs=[result.pass_rule]), providers, cases, comparisons,
+                generations, latency]
+    if result.failures:
+        sections.append(Section("Failures", bullets=result.failures))
+    if result.notes:
+        sections.append(Section("Notes", bullets=result.notes))
+    return sections
+
+
+def _md_cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def render_markdown(result: ParityResult) -> str:
+    """parity.md: a title line and the sections as Markdown tables."""
+    lines = [f"# Parity report: {result.model_path.name} - {'PASS' if result.passed else 'FAIL'}", ""]
+    for section in report_sections(result):
+        lines += [f"## {section.title}", ""]
+        for paragraph in section.paragraphs:
+            lines += [paragraph, ""]
+        if section.headers:
+            lines.append("| " + " | ".join(_md_cell(h) for h in section.headers) + " |")
+            lines.append("|" + "---|" * len(section.headers))
+            lines += ["| " + " | ".join(_md_cell(cell) for cell in row) + " |" for row in section.rows]
+            lines.append("")
+        if section.bullets:
+            lines += [f"- {bullet}" for bullet in section.bullets] + [""]
+    return "\n".join(lines)
+
+
+def _png(figure: Figure) -> bytes:
+    buffer = io.BytesIO()
+    FigureCanvasAgg(figure).print_png(buffer)
+    return buffer.getvalue()
+
+
+def error_histogram_png(result: ParityResult) -> bytes:
+    """One histogram of log10 |onnx - torch| per provider that ran (exact matches drawn at 1e-12)."""
+    providers = [name for name, errors in result.error_samples.items() if errors.size]
+    figure = Figure(figsize=(7, 2.4 * max(1, len(providers))), layout="constrained")
+    axes = figure.subplots(max(1, len(providers)), 1, squeeze=False)[:, 0]
+    for ax, name in zip(axes, providers, strict=False):
+        errors = result.error_samples[name]
+        ax.hist(np.log10(np.maximum(errors, ZERO_ERROR_FLOOR)), bins=60, color="tab:blue")
+        if result.tolerance.atol is not None:
+            ax.axvline(math.log10(max(result.tolerance.atol, ZERO_ERROR_FLOOR)), color="tab:red", linestyle="--",
+                       label=f"atol {result.tolerance.atol:g}")
+            ax.legend(loc="upper left")
+        ax.set_title(f"{name}: {errors.size} sampled elements, max {errors.max():.2e}")
+        ax.set_ylabel("count")
+    axes[-1].set_xlabel(f"log10 |onnx - torch| at real positions (exact = {ZERO_ERROR_FLOOR:g})")
+    return _png(figure)
+
+
+def latency_png(result: ParityResult) -> bytes:
+    """Horizontal bars of p50 latency per variant and backend, whiskers up to p90."""
+    timings = result.latencies
+    figure = Figure(figsize=(7, 0.5 * len(timings) + 1.2), layout="constrained")
+    ax = figure.subplots()
+    p50 = [t.p50_ms for t in timings]
+    spread = [[0.0] * len(timings), [t.p90_ms - t.p50_ms for t in timings]]
+    ax.barh([f"{t.variant} | {t.backend}" for t in timings], p50, xerr=spread, color="tab:green", capsize=3)
+    ax.invert_yaxis()
+    shape = f"batch {timings[0].batch}, N = {timings[0].seq_len}" if timings else ""
+    ax.set_xlabel(f"ms per forward pass ({shape}; bar p50, whisker p90)")
+    return _png(figure)
+
+
+def render_html(result: ParityResult) -> str:
+    """parity.html: self-contained page with the sections and the two plots embedded as PNG data URIs."""
+    verdict = "PASS" if result.passed else "FAIL"
+    body = [f"<h1>Parity report: {html.escape(result.model_path.name)} "
+            f"<span class='{verdict.lower()}'>{verdict}</span></h1>"]
+    for section in report_sections(result):
+        body.append(f"<h2>{html.escape(section.title)}</h2>")
+        body += [f"<p>{html.escape(paragraph)}</p>" for paragraph in section.paragraphs]
+        if section.headers:
+            body.append("<table><thead><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in section.headers)
+                        + "</tr></thead><tbody>")
+            body += ["<tr>" + "".join(f"<td>{html.escape(cell)}</td>" for cell in row) + "</tr>"
+                     for row in section.rows]
+            body.append("</tbody></table>")
+        if section.bullets:
+            body.append("<ul>" + "".join(f"<li>{html.escape(b)}</li>" for b in section.bullets) + "</ul>")
+    body.append("<h2>Plots</h2>")
+    for title, png in (("Error histogram per provider", error_histogram_png(result)),
+                       ("Latency per backend", latency_png(result))):
+        data = base64.b64encode(png).decode("ascii")
+        body.append(f"<figure><img alt='{title}' src='data:image/png;base64,{data}'>"
+                    f"<figcaption>{title}</figcaption></figure>")
+    style = ("body{font-family:sans-serif;margin:2em;max-width:1400px}table{border-collapse:collapse;margin:1em 0}"
+             "td,th{border:1px solid #ccc;padding:3px 6px;font-size:13px;text-align:left}th{background:#f3f3f3}"
+             ".pass{color:#187a18}.fail{color:#b00}img{max-width:100%}")
+    return ("<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
+            f"<title>Parity report: {html.escape(result.model_path.name)} - {verdict}</title>"
+            f"<style>{style}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
+
+
+def write_reports(result: ParityResult, report_dir: str | Path) -> dict[str, Path]:
+    """Write parity.json, parity.md and parity.html into ``report_dir`` atomically; returns their paths by kind."""
+    report_dir = Path(report_dir)
+    texts = {
+        "json": json.dumps(report_json(result), indent=2, allow_nan=False) + "\n",
+        "markdown": render_markdown(result),
+        "html": render_html(result),
+    }
+    paths = {kind: report_dir / REPORT_FILES[kind] for kind in texts}
+    for kind, text in texts.items():
+        atomic_write(paths[kind], lambda tmp, text=text: Path(tmp).write_text(text, encoding="utf-8"))
+    return paths

@@ -1,0 +1,356 @@
+"""Training: pretrain the byte-level base LM, then adapt it with LoRA (only lora_A / lora_B train).
+
+Data are raw bytes (vocab 256): by default Python source from the standard library for pretraining and
+English prose (the reference text behind ``help()``, from ``pydoc_data.topics``) for adaptation, or
+the user's own files. A corpus is split once, deterministically: the last ``val_fraction`` is held out.
+
+Training batches are ``batch_size`` random contiguous windows of seq_len + 1 bytes (inputs and next-byte
+targets), drawn with a seeded ``torch.Generator``. The loss is next-byte cross-entropy in nats; the
+held-out loss is averaged over fixed, evenly spaced windows so that every evaluation sees the same bytes.
+
+Everything is deterministic under ``seed``: model init, dropout and batches come from it, and the
+caller's global RNG state is left as it was.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import pydoc_data.topics
+import sysconfig
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from .checkpoint import base_fingerprint, build_model, file_sha256, read_checkpoint
+from .layers import count_parameters, lora_state_dict, mark_only_lora_as_trainable
+from .model import LoRATransformerLM, ModelConfig
+
+STDLIB_MAX_BYTES = 4_000_000
+SKIPPED_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"})
+EVAL_WINDOWS = 64
+
+
+# --------------------------------------------------------------------------- data
+
+
+def stdlib_source_text(max_bytes: int = STDLIB_MAX_BYTES) -> bytes:
+    """The standard library's .py files, in sorted path order, joined by newlines and cut at max_bytes.
+
+    Installed packages (site-packages) and test suites are skipped, and so are files that cannot be read.
+    """
+    root = Path(sysconfig.get_paths()["stdlib"])
+    chunks, total = [], 0
+    for path in sorted(root.rglob("*.py")):
+        if SKIPPED_DIRS.intersection(path.relative_to(root).parts[:-1]):
+            continue
+        try:
+            chunk = path.read_bytes() + b"\n"
+        except OSError:
+            continue
+        chunks.append(chunk)
+        total += len(chunk)
+        if total >= max_bytes:
+            break
+    return b"".join(chunks)[:max_bytes]
+
+
+def prose_text() -> bytes:
+    """English prose: the pydoc topic texts (Python reference manual sections), in sorted-key order."""
+    topics = pydoc_data.topics.topics
+    return "\n\n".join(topics[key] for key in sorted(topics)).encode("utf-8")
+
+
+def read_text_files(paths: Sequence[str | os.PathLike]) -> bytes:
+    """The files' bytes, in the order given, joined by newlines. An empty file is a ValueError."""
+    chunks = []
+    for path in paths:
+        chunk = Path(path).read_bytes()
+        if not chunk:
+            raise ValueError(f"{path}: data file is empty")
+        chunks.append(chunk)
+    return b"\n".join(chunks)
+
+
+@dataclass
+class TextData:
+    """A byte corpus split into a training part and a held-out part (1-D uint8 tensors), plus a description.
+
+    ``description`` holds plain values for checkpoint metadata: source, bytes, sha256, train/val bytes.
+    """
+
+    train: torch.Tensor
+    val: torch.Tensor
+    description: dict[str, Any]
+
+    @classmethod
+    def from_bytes(cls, raw: bytes, source: str, val_fraction: float = 0.1) -> TextData:
+        """Split ``raw`` into train (first 1 - val_fraction) and held-out (last val_fraction) bytes."""
+        if not raw:
+            raise ValueError(f"data from {source} is empty")
+        data = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+        n_val = int(len(data) * val_fraction)
+        description = {
+            "source": source,
+            "bytes": len(raw),
+            "sha256": hashlib.sha256(raw).hexdigest(),
+            "train_bytes": len(data) - n_val,
+            "val_bytes": n_val,
+        }
+        return cls(train=data[: len(data) - n_val], val=data[len(data) - n_val:], description=description)
+
+
+def load_data(paths: Sequence[str | os.PathLike] = (), default: str = "prose") -> TextData:
+    """The user's files if any are given, otherwise the default corpus ('stdlib' or 'prose')."""
+    if paths:
+        return TextData.from_bytes(read_text_files(paths), "files: " + ", ".join(Path(p).name for p in paths))
+    if default == "stdlib":
+        return TextData.from_bytes(stdlib_source_text(), "python stdlib source")
+    if default == "prose":
+        return TextData.from_bytes(prose_text(), "pydoc_data.topics prose")
+    raise ValueError(f"unknown default corpus {default!r}, expected 'stdlib' or 'prose'")
+
+
+def get_batch(
+    data: torch.Tensor, batch_size: int, seq_len: int, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random windows of data (1-D uint8): inputs x [B, seq_len] and next-byte targets y [B, seq_len], int64."""
+    starts = torch.randint(len(data) - seq_len, (batch_size,), generator=generator)
+    windows = torch.stack([data[s: s + seq_len + 1] for s in starts.tolist()]).long()
+    return windows[:, :-1], windows[:, 1:]
+
+
+@torch.no_grad()
+def evaluate(model: LoRATransformerLM, data: torch.Tensor, seq_len: int, n_windows: int = EVAL_WINDOWS) -> float:
+    """Mean next-byte cross-entropy (nats) over up to n_windows evenly spaced windows of data (1-D uint8).
+
+    Runs in eval mode (no dropout) and restores the model's previous mode.
+    """
+    was_training = model.training
+    model.eval()
+    starts = torch.linspace(0, len(data) - seq_len - 1, n_windows).long().unique()
+    windows = torch.stack([data[s: s + seq_len + 1] for s in starts.tolist()]).long()
+    losses = []
+    for batch in windows.split(16):
+        logits = model(batch[:, :-1])
+        losses.append(F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten(), reduction="sum"))
+    model.train(was_training)
+    return torch.stack(losses).sum().item() / (len(windows) * seq_len)
+
+
+# --------------------------------------------------------------------------- training
+
+
+@contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Seed torch's global RNG and turn on deterministic algorithms inside the block; restore both after."""
+    was_deterministic = torch.are_deterministic_algorithms_enabled()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        torch.use_deterministic_algorithms(True)
+        try:
+            yield
+        finally:
+            torch.use_deterministic_algorithms(was_deterministic)
+
+
+def lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
+    """Linear warmup over ``warmup`` steps, then cosine decay from lr to lr / 10 at the last step."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return lr / 10 + (lr - lr / 10) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def check_settings(config: ModelConfig, data: TextData, steps: int, batch_size: int, seq_len: int,
+                   lr: float, eval_every: int) -> None:
+    """Raise ValueError with one clear line for settings that cannot train."""
+    for name, value in (("steps", steps), ("batch_size", batch_size), ("seq_len", seq_len),
+                        ("eval_every", eval_every)):
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    if not lr > 0:
+        raise ValueError(f"lr must be > 0, got {lr}")
+    if seq_len > config.max_seq_len:
+        raise ValueError(f"seq_len {seq_len} exceeds the model's max_seq_len {config.max_seq_len}")
+    for part in ("train", "val"):
+        n = len(getattr(data, part))
+        if n < seq_len + 1:
+            raise ValueError(
+                f"data too small: {data.description['bytes']} bytes leave {n} {part} bytes, "
+                f"need at least {seq_len + 1} for seq_len {seq_len}"
+            )
+
+
+def train_loop(
+    model: LoRATransformerLM,
+    data: TextData,
+    steps: int,
+    batch_size: int,
+    seq_len: int,
+    lr: float,
+    weight_decay: float,
+    eval_every: int,
+    generator: torch.Generator,
+    desc: str,
+    progress: bool,
+) -> dict[str, Any]:
+    """AdamW on the model's trainable parameters with next-byte cross-entropy, gradient clipping at 1.0.
+
+    Matrices (ndim >= 2) get weight decay, biases and norms do not. The held-out loss is measured at
+    step 0, every eval_every steps and after the last step. Returns {'losses': per-step training loss,
+    'eval_losses': [[step, held-out loss], ...]}.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    optimizer = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95))
+    warmup = min(100, steps // 10)
+    losses, eval_losses = [], [[0, evaluate(model, data.val, seq_len)]]
+    running = None
+    model.train()
+    bar = tqdm(range(steps), desc=desc, disable=not progress, dynamic_ncols=True)
+    for step in bar:
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, steps, lr, warmup)
+        x, y = get_batch(data.train, batch_size, seq_len, generator)
+        logits = model(x)
+        loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+
+        losses.append(loss.item())
+        running = losses[-1] if running is None else 0.95 * running + 0.05 * losses[-1]
+        if (step + 1) % eval_every == 0 or step + 1 == steps:
+            eval_losses.append([step + 1, evaluate(model, data.val, seq_len)])
+        bar.set_postfix(loss=f"{running:.3f}", eval=f"{eval_losses[-1][1]:.3f}")
+    return {"losses": losses, "eval_losses": eval_losses}
+
+
+def report_parameters(model: LoRATransformerLM, progress: bool) -> dict[str, int]:
+    """count_parameters(model), printed on one line when progress is on."""
+    counts = count_parameters(model)
+    if progress:
+        print(f"parameters: total {counts['total']:,} | trainable {counts['trainable']:,} | lora {counts['lora']:,}")
+    return counts
+
+
+def pretrain(
+    config: ModelConfig,
+    data: TextData | None = None,
+    steps: int = 1000,
+    batch_size: int = 16,
+    seq_len: int | None = None,
+    lr: float = 1e-3,
+    seed: int = 0,
+    eval_every: int = 100,
+    weight_decay: float = 0.1,
+    progress: bool = True,
+) -> tuple[LoRATransformerLM, dict[str, Any]]:
+    """Train the base LM (config.r must be 0; every parameter trains) from scratch.
+
+    data defaults to the stdlib source corpus; seq_len defaults to config.max_seq_len.
+    Returns the model (eval mode) and the checkpoint's ``training`` metadata (plain Python values).
+    """
+    if config.r != 0:
+        raise ValueError(f"pretrain trains the base model: config.r must be 0, got {config.r}")
+    data = data if data is not None else load_data(default="stdlib")
+    seq_len = config.max_seq_len if seq_len is None else seq_len
+    check_settings(config, data, steps, batch_size, seq_len, lr, eval_every)
+    with seeded(seed):
+        model = LoRATransformerLM(config)
+        parameters = report_parameters(model, progress)
+        generator = torch.Generator().manual_seed(seed)
+        history = train_loop(model, data, steps, batch_size, seq_len, lr, weight_decay, eval_every,
+                             generator, "pretrain", progress)
+    training = {
+        "stage": "pretrain",
+        "seed": seed,
+        "steps": steps,
+        "batch_size": batch_size,
+        "seq_len": seq_len,
+        "lr": lr,
+        "weight_decay": weight_decay,
+        "eval_every": eval_every,
+        "data": data.description,
+        "parameters": parameters,
+        **history,
+        "final_eval_loss": history["eval_losses"][-1][1],
+        "torch_version": torch.__version__,
+    }
+    return model.eval(), training
+
+
+def adapt(
+    base_checkpoint_path: str | os.PathLike,
+    r: int = 8,
+    lora_alpha: float = 16.0,
+    lora_targets: Sequence[str] = ("q", "k", "v", "o", "ff"),
+    lora_dropout: float = 0.0,
+    use_rslora: bool = False,
+    data: TextData | None = None,
+    steps: int = 300,
+    batch_size: int = 16,
+    seq_len: int | None = None,
+    lr: float = 2e-3,
+    seed: int = 0,
+    eval_every: int = 50,
+    progress: bool = True,
+) -> tuple[LoRATransformerLM, dict[str, Any]]:
+    """Add LoRA (rank r on lora_targets) to a base (r = 0) checkpoint and train only lora_A / lora_B.
+
+    data defaults to the prose corpus; seq_len defaults to the base's max_seq_len. The metadata holds
+    the held-out loss of the base model (as loaded, no LoRA) and of the adapted model on the same bytes:
+    ``base_eval_loss`` and ``adapted_eval_loss``. Raises CheckpointError for an unreadable base.
+    """
+    if r < 1:
+        raise ValueError(f"LoRA rank r must be >= 1, got {r}")
+    payload = read_checkpoint(base_checkpoint_path)
+    base = build_model(payload, base_checkpoint_path)
+    if base.config.r != 0:
+        raise ValueError(f"{base_checkpoint_path}: already has LoRA (r={base.config.r}); adapt a base (r=0) checkpoint")
+    config = replace(base.config, r=r, lora_alpha=lora_alpha, lora_targets=list(lora_targets),
+                     lora_dropout=lora_dropout, use_rslora=use_rslora)
+    data = data if data is not None else load_data(default="prose")
+    seq_len = config.max_seq_len if seq_len is None else seq_len
+    check_settings(config, data, steps, batch_size, seq_len, lr, eval_every)
+    base_eval_loss = evaluate(base, data.val, seq_len)
+    with seeded(seed):
+        model = LoRATransformerLM(config)
+        model.load_state_dict({**payload["base"], **lora_state_dict(model)})  # strict: every base key
+        mark_only_lora_as_trainable(model)
+        parameters = report_parameters(model, progress)
+        generator = torch.Generator().manual_seed(seed)
+        history = train_loop(model, data, steps, batch_size, seq_len, lr, 0.0, eval_every,
+                             generator, "adapt", progress)
+    training = {
+        "stage": "adapt",
+        "seed": seed,
+        "steps": steps,
+        "batch_size": batch_size,
+        "seq_len": seq_len,
+        "lr": lr,
+        "weight_decay": 0.0,
+        "eval_every": eval_every,
+        "data": data.description,
+        "parameters": parameters,
+        **history,
+        "base_checkpoint": Path(base_checkpoint_path).name,
+        "base_sha256": file_sha256(base_checkpoint_path),
+        "base_fingerprint": base_fingerprint(payload["base"]),
+        "base_eval_loss": base_eval_loss,
+        "adapted_eval_loss": history["eval_losses"][-1][1],
+        "torch_version": torch.__version__,
+    }
+    return model.eval(), training
