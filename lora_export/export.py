@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -126,13 +127,19 @@ def _example_inputs(config: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _torch_export(module: nn.Module, args: tuple, input_names: list[str], dynamic_shapes: tuple,
                   opset: int) -> onnx.ModelProto:
-    """torch.onnx.export with the dynamo exporter, its console chatter captured."""
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-        warnings.simplefilter("ignore")
-        program = torch.onnx.export(
-            module, args, dynamo=True, input_names=input_names, output_names=OUTPUT_NAMES,
-            dynamic_shapes=dynamic_shapes, opset_version=opset, optimize=True, verbose=False,
-        )
+    """torch.onnx.export with the dynamo exporter, its console chatter and warnings silenced."""
+    torch_onnx_log = logging.getLogger("torch.onnx")
+    level = torch_onnx_log.level
+    torch_onnx_log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(
+                module, args, dynamo=True, input_names=input_names, output_names=OUTPUT_NAMES,
+                dynamic_shapes=dynamic_shapes, opset_version=opset, optimize=True, verbose=False,
+            )
+    finally:
+        torch_onnx_log.setLevel(level)
     return program.model_proto
 
 
@@ -212,6 +219,9 @@ def simplify(model: onnx.ModelProto, config: ModelConfig) -> tuple[onnx.ModelPro
         return model, False, f"onnxsim failed, kept the unsimplified model: {str(err).splitlines()[0][:120]}"
     if not ok:
         return model, False, "onnxsim check failed, kept the unsimplified model"
+    before, after = len(model.graph.node), len(simplified.graph.node)
+    if after > before:
+        return model, False, f"onnxsim grew the graph ({before} -> {after} nodes), kept the exporter's graph"
     feeds = probe_feeds(model, config)
     expected, got = run_ort(model, feeds), run_ort(simplified, feeds)
     if not np.allclose(got, expected, atol=1e-5, rtol=1e-4):

@@ -468,6 +468,14 @@ def _text_rows(text: bytes, batch: int, seq: int, rng: np.random.Generator) -> n
     return np.stack([data[s: s + seq] for s in starts]).astype(np.int64)
 
 
+def generation_prompt(length: int, rng: np.random.Generator) -> np.ndarray:
+    """A held-out prose prompt [1, length] int64: the start of a seeded line that begins with a letter."""
+    lines = [line.strip() for line in heldout_text().split(b"\n")]
+    lines = [line for line in lines if len(line) >= length and line[:1].isalpha()]
+    line = lines[int(rng.integers(len(lines)))]
+    return np.frombuffer(line[:length], dtype=np.uint8).astype(np.int64)[None, :]
+
+
 def parity_cases(config: ModelConfig, seed: int = 0) -> list[Case]:
     """The seeded case list for a model config (w = local window, L = max_seq_len).
 
@@ -745,7 +753,7 @@ def validate(
     variants = _variants(form, adapter_path, tensors)
     cases = parity_cases(model.config, seed)
     rng = np.random.default_rng(seed + 1)
-    prompt = _text_rows(heldout_text(), 1, min(PROMPT_BYTES, model.config.max_seq_len), rng)
+    prompt = generation_prompt(min(PROMPT_BYTES, model.config.max_seq_len), rng)
     latency_seq = min(LATENCY_MAX_SEQ, model.config.max_seq_len)
     latency_ids = rng.integers(0, VOCAB_SIZE, size=(1, latency_seq), dtype=np.int64)
     latency_mask = np.ones_like(latency_ids)

@@ -112,7 +112,7 @@ def softmax_head(q: Tensor, k: Tensor, v: Tensor, vis: Tensor, keymask: Tensor) 
 def _linear_q(q: Tensor) -> Tensor:
     """``softmax(q, over features) * d^-1/2`` row by row."""
     d = q.shape[1]
-    return torch.stack([_softmax(q[i]) for i in range(q.shape[0])]) * d**-0.5
+    return torch.stack([_softmax(q[i]) for i in range(q.shape[0])]) * 1.0
 
 
 def linear_head_noncausal(q: Tensor, k: Tensor, v: Tensor, keymask: Tensor) -> Tensor:
@@ -182,7 +182,7 @@ def reference_attention(x: Tensor, mask: Tensor | None, weights: HasProjections,
         keymask = mask[b]
         for h in range(h_count):
             qh, kh, vh = q[b, :, h], k[b, :, h], v[b, :, h]
-            if h >= cfg.heads - cfg.n_local_attn_heads:
+            if h < cfg.n_local_attn_heads:
                 o = softmax_head(qh, kh, vh, vis_local, keymask)
             elif cfg.global_attn == "softmax":
                 o = softmax_head(qh, kh, vh, vis_global, keymask)

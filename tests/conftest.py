@@ -1,0 +1,52 @@
+"""Shared fixtures: one tiny LoRA checkpoint and its two ONNX exports, built once per test session.
+
+Exporting with the dynamo exporter takes seconds even for a tiny model, so every test file that needs
+an exported model uses these instead of exporting its own.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from lora_export.checkpoint import save_checkpoint
+from lora_export.export import ExportResult, export_onnx
+from lora_export.model import LoRATransformerLM, ModelConfig
+
+TINY_CONFIG = dict(
+    dim=32, depth=1, heads=4, dim_head=8, n_local_attn_heads=2, local_attn_window_size=8, blindspot_size=4,
+    max_seq_len=32, ff_mult=2, r=4, lora_alpha=8.0, lora_targets=["q", "k", "v", "o", "ff", "emb"],
+)
+
+
+def make_lora_model(seed: int = 0, **overrides: object) -> LoRATransformerLM:
+    """A tiny random LoRA model whose lora_B are non-zero, so the adapter visibly changes outputs."""
+    torch.manual_seed(seed)
+    model = LoRATransformerLM(ModelConfig(**{**TINY_CONFIG, **overrides})).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("lora_B"):
+                param.normal_(0.0, 0.2)
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A saved tiny LoRA checkpoint (r = 4 on q, k, v, o, ff, emb)."""
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
+    save_checkpoint(path, make_lora_model(), {"seed": 0, "stage": "test"})
+    return path
+
+
+@pytest.fixture(scope="session")
+def merged_export(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> ExportResult:
+    """tiny.pt exported with --merge."""
+    return export_onnx(tiny_checkpoint, tmp_path_factory.mktemp("merged") / "tiny.onnx", merge=True)
+
+
+@pytest.fixture(scope="session")
+def adapter_export(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> ExportResult:
+    """tiny.pt exported with the adapters as graph inputs, plus tiny.onnx_adapter."""
+    return export_onnx(tiny_checkpoint, tmp_path_factory.mktemp("adapters") / "tiny.onnx", merge=False)
