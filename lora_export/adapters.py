@@ -147,3 +147,19 @@ def detach_adapter(model: nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, LoRALayer):
             module.use_external_lora(None, None)
+
+
+def activate_adapters(*paths: str | os.PathLike) -> tuple[ort.RunOptions, list[ort.LoraAdapter]]:
+    """RunOptions with the given ``.onnx_adapter`` files active, for ``session.run(None, feeds, run_options)``.
+
+    ONNX Runtime keeps only a reference to each LoraAdapter: keep the returned adapters alive as long as
+    the RunOptions is used, or the run reads freed memory.
+    """
+    run_options = ort.RunOptions()
+    adapters = []
+    for path in paths:
+        adapter = ort.LoraAdapter()
+        adapter.Load(str(path))
+        run_options.add_active_adapter(adapter)
+        adapters.append(adapter)
+    return run_options, adapters

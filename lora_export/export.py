@@ -35,8 +35,10 @@ from . import __version__
 from .adapters import (
     LORA_RANK_AXIS,
     adapter_tensors,
+    check_adapter,
     lora_input_specs,
     model_version_from_fingerprint,
+    read_adapter,
     write_adapter,
 )
 from .checkpoint import base_fingerprint, build_model, file_sha256, read_checkpoint
@@ -230,6 +232,16 @@ def simplify(model: onnx.ModelProto, config: ModelConfig) -> tuple[onnx.ModelPro
     return simplified, True, "simplified with onnxsim"
 
 
+def strip_debug_info(model: onnx.ModelProto) -> None:
+    """Drop the exporter's per-node debug metadata (stack traces with local file paths, FX node text).
+
+    They make up most of a small model's bytes and would tie the output to the install location.
+    """
+    for node in model.graph.node:
+        del node.metadata_props[:]
+        node.doc_string = ""
+
+
 def set_metadata(model: onnx.ModelProto, entries: dict[str, str]) -> None:
     """Replace metadata_props with ``lora_export.*`` entries (sorted, for byte-identical output)."""
     del model.metadata_props[:]
@@ -339,6 +351,7 @@ def export_onnx(
         proto, simplified, note = simplify(proto, model.config)
         stage_done("simplify")
 
+    strip_debug_info(proto)
     if form == "adapters":
         add_rank0_defaults(proto)
     set_metadata(proto, {
@@ -372,3 +385,61 @@ def export_onnx(
         parameters=count_parameters_onnx(proto), file_size=file_size, external_data=external,
         stage_seconds=stages,
     )
+
+
+def load_onnx(path: str | os.PathLike) -> onnx.ModelProto:
+    """Load an ONNX model's graph (not its external weights). Raises ExportError with one line."""
+    path = Path(path)
+    if not path.is_file():
+        raise ExportError(f"{path}: no such ONNX file")
+    try:
+        return onnx.load(path, load_external_data=False)
+    except Exception as err:  # protobuf's DecodeError and friends
+        reason = (str(err).splitlines() or [type(err).__name__])[0]
+        raise ExportError(f"{path}: not a readable ONNX model: {reason}") from None
+
+
+def check_adapter_file(model_path: str | os.PathLike, adapter_path: str | os.PathLike) -> tuple[list[str], list[str]]:
+    """check_adapter() on files, plus the base check: the adapter's model version must match the model's base.
+
+    Returns (errors, notes); raises ExportError / AdapterError if a file cannot be read.
+    """
+    model = load_onnx(model_path)
+    tensors, model_version = read_adapter(adapter_path)
+    errors, notes = check_adapter(model, tensors)
+    base = read_metadata(model).get("base_sha256")
+    if base is not None and model_version != model_version_from_fingerprint(base):
+        errors.insert(0, f"model version {model_version} != {model_version_from_fingerprint(base)}: "
+                         "the adapter was written for another base model")
+    return errors, notes
+
+
+def export_adapter(
+    checkpoint_path: str | os.PathLike, model_path: str | os.PathLike, output_path: str | os.PathLike | None = None
+) -> Path:
+    """Write only the adapter of another checkpoint on the same base, for an adapters-as-inputs model.
+
+    Refuses (ExportError) a checkpoint whose base-weights fingerprint differs from the model's, or whose
+    LoRA tensors do not fit the model's inputs (every mismatch named). Returns the adapter path.
+    """
+    output = Path(output_path) if output_path is not None else Path(checkpoint_path).with_suffix(".onnx_adapter")
+    model = load_onnx(model_path)
+    metadata = read_metadata(model)
+    if metadata.get("form") != "adapters":
+        raise ExportError(f"{model_path}: not an adapters-as-inputs model (exported with --merge?)")
+    payload = read_checkpoint(checkpoint_path)
+    fingerprint = base_fingerprint(payload["base"])
+    if fingerprint != metadata.get("base_sha256"):
+        raise ExportError(f"{checkpoint_path}: its base weights differ from the base of {model_path} "
+                          f"(fingerprint {fingerprint[:12]} != {metadata.get('base_sha256', '?')[:12]})")
+    tensors = adapter_tensors(build_model(payload, checkpoint_path))
+    if not tensors:
+        raise ExportError(f"{checkpoint_path}: has no LoRA weights (r = 0)")
+    errors, _ = check_adapter(model, tensors)
+    if errors:
+        raise ExportError(f"{checkpoint_path}: adapter does not fit {model_path}: " + "; ".join(errors))
+    try:
+        write_adapter(output, tensors, model_version_from_fingerprint(fingerprint))
+    except OSError as err:
+        raise ExportError(f"{output}: cannot write: {err.strerror or err}") from None
+    return output

@@ -8,8 +8,10 @@ Training batches are ``batch_size`` random contiguous windows of seq_len + 1 byt
 targets), drawn with a seeded ``torch.Generator``. The loss is next-byte cross-entropy in nats; the
 held-out loss is averaged over fixed, evenly spaced windows so that every evaluation sees the same bytes.
 
-Everything is deterministic under ``seed``: model init, dropout and batches come from it, and the
-caller's global RNG state is left as it was.
+Everything is deterministic under ``seed`` (for a given machine and thread count): model init, dropout
+and batches come from it, and the caller's global RNG state is left as it was. CPU kernels are
+deterministic already; ``torch.use_deterministic_algorithms`` is not switched on because it costs a
+multi-second import of torch._inductor on every run.
 """
 
 from __future__ import annotations
@@ -19,8 +21,7 @@ import math
 import os
 import pydoc_data.topics
 import sysconfig
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -46,11 +47,12 @@ def stdlib_source_text(max_bytes: int = STDLIB_MAX_BYTES) -> bytes:
 
     Installed packages (site-packages) and test suites are skipped, and so are files that cannot be read.
     """
-    root = Path(sysconfig.get_paths()["stdlib"])
+    paths = []
+    for folder, dirnames, filenames in os.walk(sysconfig.get_paths()["stdlib"]):
+        dirnames[:] = [d for d in dirnames if d not in SKIPPED_DIRS]  # prune: never walk site-packages
+        paths.extend(Path(folder, name) for name in filenames if name.endswith(".py"))
     chunks, total = [], 0
-    for path in sorted(root.rglob("*.py")):
-        if SKIPPED_DIRS.intersection(path.relative_to(root).parts[:-1]):
-            continue
+    for path in sorted(paths):
         try:
             chunk = path.read_bytes() + b"\n"
         except OSError:
@@ -146,19 +148,6 @@ def evaluate(model: LoRATransformerLM, data: torch.Tensor, seq_len: int, n_windo
 
 
 # --------------------------------------------------------------------------- training
-
-
-@contextmanager
-def seeded(seed: int) -> Iterator[None]:
-    """Seed torch's global RNG and turn on deterministic algorithms inside the block; restore both after."""
-    was_deterministic = torch.are_deterministic_algorithms_enabled()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        torch.use_deterministic_algorithms(True)
-        try:
-            yield
-        finally:
-            torch.use_deterministic_algorithms(was_deterministic)
 
 
 def lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
@@ -268,7 +257,8 @@ def pretrain(
     data = data if data is not None else load_data(default="stdlib")
     seq_len = config.max_seq_len if seq_len is None else seq_len
     check_settings(config, data, steps, batch_size, seq_len, lr, eval_every)
-    with seeded(seed):
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
         model = LoRATransformerLM(config)
         parameters = report_parameters(model, progress)
         generator = torch.Generator().manual_seed(seed)
@@ -287,7 +277,7 @@ def pretrain(
         "parameters": parameters,
         **history,
         "final_eval_loss": history["eval_losses"][-1][1],
-        "torch_version": torch.__version__,
+        "torch_version": str(torch.__version__),
     }
     return model.eval(), training
 
@@ -316,6 +306,8 @@ def adapt(
     """
     if r < 1:
         raise ValueError(f"LoRA rank r must be >= 1, got {r}")
+    if not lora_targets:
+        raise ValueError("lora_targets is empty: name at least one of q, k, v, o, ff, emb")
     payload = read_checkpoint(base_checkpoint_path)
     base = build_model(payload, base_checkpoint_path)
     if base.config.r != 0:
@@ -326,7 +318,8 @@ def adapt(
     seq_len = config.max_seq_len if seq_len is None else seq_len
     check_settings(config, data, steps, batch_size, seq_len, lr, eval_every)
     base_eval_loss = evaluate(base, data.val, seq_len)
-    with seeded(seed):
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
         model = LoRATransformerLM(config)
         model.load_state_dict({**payload["base"], **lora_state_dict(model)})  # strict: every base key
         mark_only_lora_as_trainable(model)
@@ -351,6 +344,6 @@ def adapt(
         "base_fingerprint": base_fingerprint(payload["base"]),
         "base_eval_loss": base_eval_loss,
         "adapted_eval_loss": history["eval_losses"][-1][1],
-        "torch_version": torch.__version__,
+        "torch_version": str(torch.__version__),
     }
     return model.eval(), training

@@ -45,7 +45,7 @@ from .checkpoint import CheckpointError, base_fingerprint, build_model, file_sha
 from .export import FORMS, INPUT_NAMES, OUTPUT_NAMES, read_metadata
 from .layers import merge_lora
 from .model import VOCAB_SIZE, LoRATransformerLM, ModelConfig
-from .report import write_reports
+from .report import ERROR_HISTOGRAM_EDGES, write_reports
 from .train import TextData, prose_text
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
@@ -55,7 +55,6 @@ PROMPT_BYTES = 16
 LATENCY_WARMUP = 3
 LATENCY_RUNS = 20
 LATENCY_MAX_SEQ = 256
-ERROR_SAMPLES_PER_COMPARISON = 20_000
 POLYGRAPHY_EPSILON = 2.220446049250313e-16
 
 
@@ -221,7 +220,7 @@ class ParityResult:
     failures: list[str]
     worst: Comparison | None  # the most severe failing comparison
     notes: list[str]
-    error_samples: dict[str, np.ndarray]  # provider -> |onnx - torch| samples (float32, 1-D) for the histogram
+    error_histograms: dict[str, np.ndarray]  # provider -> counts of log10 |onnx - torch| in ERROR_HISTOGRAM_EDGES
     created: str
     tool_version: str = __version__
     report_dir: Path | None = None
@@ -241,6 +240,11 @@ class _Variant:
 # --------------------------------------------------------------------------- inputs
 
 
+def _first_line(err: BaseException) -> str:
+    """The first line of an exception's message (its type name when empty), for one-line errors."""
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
+
+
 def load_onnx(path: str | os.PathLike) -> onnx.ModelProto:
     """The model proto without its external data (only the graph interface and metadata are read here)."""
     path = Path(path)
@@ -249,8 +253,8 @@ def load_onnx(path: str | os.PathLike) -> onnx.ModelProto:
     try:
         return onnx.load(path, load_external_data=False)
     except Exception as err:  # protobuf and onnx raise several types for a corrupt file
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise ParityInputError(f"{path}: not a readable ONNX model (truncated or corrupt?): {first}") from None
+        raise ParityInputError(f"{path}: not a readable ONNX model (truncated or corrupt?): {_first_line(err)}"
+                               ) from None
 
 
 def _dims(value: onnx.ValueInfoProto) -> list[int | str]:
@@ -388,15 +392,17 @@ def _native_stderr_into(buffer: list[str]) -> Iterator[None]:
 
 
 def _cuda_failure_reason(log: str) -> str:
-    """A one-line reason from ONNX Runtime's log of a session that fell back from CUDA to CPU."""
+    """A one-line reason from ONNX Runtime's log of a session that fell back from CUDA to CPU.
+
+    e.g. 'the CUDA provider library did not load (libcublasLt.so.13: cannot open shared object file: ...);
+    ONNX Runtime requires cuDNN 9.* and CUDA 13.*'.
+    """
     log = re.sub(r"\x1b\[[0-9;]*m", "", log)
     library = re.search(r"with error: ([^\n]+)", log)
-    if library:
-        return f"the CUDA provider library did not load ({library.group(1).strip()}); it needs CUDA 13 and cuDNN 9"
-    failed = re.search(r"(Failed to create CUDAExecutionProvider[^\n]*?\.)", log)
-    if failed:
-        return failed.group(1)
-    return "ONNX Runtime fell back to CPUExecutionProvider (the CUDA provider did not load)"
+    requirement = re.search(r"Require (.+?)\. Please", log)
+    reason = (f"the CUDA provider library did not load ({library.group(1).strip()})" if library
+              else "ONNX Runtime fell back to CPUExecutionProvider (the CUDA provider did not load)")
+    return f"{reason}; ONNX Runtime requires {requirement.group(1)}" if requirement else reason
 
 
 def normalize_providers(providers: Sequence[str] | None) -> list[str]:
@@ -426,8 +432,8 @@ def open_session(model_path: str | os.PathLike, provider: str) -> tuple[ort.Infe
         try:
             session = ort.InferenceSession(str(model_path), options, providers=[name])
         except Exception as err:  # ORT raises its own exception types (InvalidGraph, Fail, ...)
-            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-            raise ParityInputError(f"{model_path}: ONNX Runtime cannot load the model: {first}") from None
+            raise ParityInputError(f"{model_path}: ONNX Runtime cannot load the model: {_first_line(err)}"
+                                   ) from None
         return session, ProviderStatus(provider, name, True, session.get_providers())
 
     if name not in ort.get_available_providers():
@@ -442,8 +448,7 @@ def open_session(model_path: str | os.PathLike, provider: str) -> tuple[ort.Infe
         try:
             session = ort.InferenceSession(str(model_path), options, providers=[name, PROVIDERS["cpu"]])
         except Exception as err:  # e.g. a CUDA driver error raised instead of a fallback
-            session = None
-            error = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            session, error = None, _first_line(err)
     if session is None:
         return None, ProviderStatus(provider, name, False, [], f"session creation failed: {error}")
     ran = session.get_providers()
@@ -536,7 +541,7 @@ def compare_logits(got: np.ndarray, ref: np.ndarray, input_ids: np.ndarray, atte
                    tolerance: Tolerance) -> tuple[Metrics, np.ndarray]:
     """Metrics of ONNX logits ``got`` against the reference ``ref`` (both [B, N, V]) at real positions.
 
-    Returns (metrics, |got - ref| of the compared elements, flattened) for the error histogram.
+    Returns (metrics, counts of log10 |got - ref| over ERROR_HISTOGRAM_EDGES; exact matches in the first bin).
     """
     real = attention_mask != 0
     a, b = got[real].astype(np.float64), ref[real].astype(np.float64)  # [P, V]
@@ -567,7 +572,9 @@ def compare_logits(got: np.ndarray, ref: np.ndarray, input_ids: np.ndarray, atte
         loss_ref=next_byte_loss(ref, input_ids, attention_mask),
         loss_onnx=next_byte_loss(got, input_ids, attention_mask),
     )
-    return metrics, diff.ravel()
+    low, high = ERROR_HISTOGRAM_EDGES[0], ERROR_HISTOGRAM_EDGES[-1]
+    log_diff = np.log10(np.clip(diff[np.isfinite(diff)], 10.0**low, 10.0**high))
+    return metrics, np.histogram(log_diff, bins=ERROR_HISTOGRAM_EDGES)[0]
 
 
 def judge(metrics: Metrics, tolerance: Tolerance) -> list[str]:
@@ -591,9 +598,9 @@ def judge(metrics: Metrics, tolerance: Tolerance) -> list[str]:
 # --------------------------------------------------------------------------- runs
 
 
-def _show_bytes(data: np.ndarray | bytes) -> str:
-    """Bytes for a report: ASCII as is, everything else as \\x escapes."""
-    return bytes(np.asarray(data, dtype=np.uint8).tolist()).decode("ascii", "backslashreplace")
+def _show_bytes(data: np.ndarray) -> str:
+    """Bytes [n] for a report: printable ASCII as is, everything else (and the backslash) as \\xNN."""
+    return "".join(chr(b) if 32 <= b < 127 and b != 92 else f"\\x{b:02x}" for b in data.tolist())
 
 
 def _run(session: ort.InferenceSession, variant: _Variant, input_ids: np.ndarray,
@@ -759,7 +766,7 @@ def validate(
     latency_mask = np.ones_like(latency_ids)
 
     comparisons, generations, latencies = [], [], []
-    samples: dict[str, list[np.ndarray]] = {name: [] for name in sessions}
+    histograms = {name: np.zeros(len(ERROR_HISTOGRAM_EDGES) - 1, np.int64) for name in sessions}
     total = len(variants) * len(sessions) * len(cases)
     report_progress, close_progress = _progress_callback(progress, total)
     try:
@@ -773,11 +780,12 @@ def validate(
             for name, session in sessions.items():
                 for case, reference in zip(cases, references, strict=True):
                     got = _run(session, variant, case.input_ids, case.attention_mask)
-                    metrics, diff = compare_logits(got, reference, case.input_ids, case.attention_mask, tolerance)
+                    metrics, counts = compare_logits(got, reference, case.input_ids, case.attention_mask,
+                                                     tolerance)
                     failures = judge(metrics, tolerance)
                     comparisons.append(Comparison(variant.name, name, case.name, OUTPUT_NAMES[0], metrics,
                                                   not failures, failures))
-                    samples[name].append(diff[:: max(1, diff.size // ERROR_SAMPLES_PER_COMPARISON)])
+                    histograms[name] += counts
                     report_progress(len(comparisons), f"{variant.name}/{name}/{case.name}")
                 ref_bytes, onnx_bytes = greedy_generation(session, variant, model, prompt, generate_bytes)
                 mismatch = np.flatnonzero(ref_bytes != onnx_bytes)
@@ -805,7 +813,7 @@ def validate(
         precision=precision, tolerance=tolerance, pass_rule=pass_rule(tolerance, generate_bytes), seed=seed,
         model_metadata=metadata, providers=statuses, variants=[v.name for v in variants], cases=cases,
         comparisons=comparisons, generations=generations, latencies=latencies, failures=failures, worst=worst,
-        notes=notes, error_samples={k: np.concatenate(v).astype(np.float32) for k, v in samples.items()},
+        notes=notes, error_histograms=histograms,
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"), report_dir=report_dir,
     )
     result.report_files = write_reports(result, report_dir)

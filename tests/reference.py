@@ -112,7 +112,7 @@ def softmax_head(q: Tensor, k: Tensor, v: Tensor, vis: Tensor, keymask: Tensor) 
 def _linear_q(q: Tensor) -> Tensor:
     """``softmax(q, over features) * d^-1/2`` row by row."""
     d = q.shape[1]
-    return torch.stack([_softmax(q[i]) for i in range(q.shape[0])]) * 1.0
+    return torch.stack([_softmax(q[i]) for i in range(q.shape[0])]) * d**-0.5
 
 
 def linear_head_noncausal(q: Tensor, k: Tensor, v: Tensor, keymask: Tensor) -> Tensor:

@@ -1,0 +1,283 @@
+"""validate(): parity of real exports (merged and adapter form), failures that name the worst case, bad inputs.
+
+One tiny checkpoint is exported once per form for the module (the dynamo exporter takes 10-40 s a graph);
+the rest edits copies of those exports or works on the metric functions directly.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import jsonschema
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import numpy_helper
+
+from lora_export.adapters import read_adapter, write_adapter
+from lora_export.checkpoint import save_checkpoint
+from lora_export.export import ExportResult, export_onnx
+from lora_export.model import LoRATransformerLM, ModelConfig
+from lora_export.report import SCHEMA_PATH
+from lora_export.validate import (
+    TOLERANCES,
+    ParityInputError,
+    ParityResult,
+    ProviderStatus,
+    ProviderUnavailableError,
+    compare_logits,
+    judge,
+    open_session,
+    parity_cases,
+    validate,
+)
+
+CONFIG = ModelConfig(dim=32, depth=1, heads=2, dim_head=16, n_local_attn_heads=1, local_attn_window_size=8,
+                     max_seq_len=32, r=4, lora_targets=["q", "v", "ff", "emb"])
+FULL_CASES = ["n1", "window_minus_1", "window", "window_plus_1", "not_window_multiple", "max_len", "random_bytes",
+              "padding"]
+FAST = {"latency_runs": 3}
+
+
+def make_checkpoint(path: Path, config: ModelConfig = CONFIG, seed: int = 0) -> Path:
+    """A checkpoint whose LoRA update is far from zero, so merged, base and adapter runs all differ."""
+    torch.manual_seed(seed)
+    model = LoRATransformerLM(config)
+    for name, param in model.named_parameters():
+        if name.endswith("lora_B"):
+            torch.nn.init.normal_(param, std=0.1)
+    save_checkpoint(path, model)
+    return path
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread() -> Iterator[None]:
+    """One intra-op thread for the module: on a shared 2-core machine OpenMP's spinning threads otherwise make
+    each tiny PyTorch forward pass ~30x slower. Restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("validate")
+
+
+@pytest.fixture(scope="module")
+def checkpoint(workdir: Path) -> Path:
+    return make_checkpoint(workdir / "tiny.pt")
+
+
+@pytest.fixture(scope="module")
+def merged(workdir: Path, checkpoint: Path) -> ExportResult:
+    return export_onnx(checkpoint, workdir / "merged.onnx", merge=True)
+
+
+@pytest.fixture(scope="module")
+def adapters(workdir: Path, checkpoint: Path) -> ExportResult:
+    return export_onnx(checkpoint, workdir / "adapters.onnx", merge=False)
+
+
+@pytest.fixture(scope="module")
+def cuda(merged: ExportResult) -> ProviderStatus:
+    """Whether a CUDA session on this machine really gets CUDAExecutionProvider."""
+    return open_session(merged.model_path, "cuda")[1]
+
+
+@pytest.fixture(scope="module")
+def merged_result(merged: ExportResult, checkpoint: Path) -> ParityResult:
+    """The untouched merged export with the default providers (CPU, plus CUDA when it runs)."""
+    return validate(merged.model_path, checkpoint, **FAST)
+
+
+# --------------------------------------------------------------------------- parity of real exports
+
+
+def test_untouched_merged_export_passes(merged_result: ParityResult, merged: ExportResult) -> None:
+    assert merged_result.passed, merged_result.summary
+    assert merged_result.summary.startswith("PASS")
+    assert merged_result.variants == ["merged"]
+    assert [case.name for case in merged_result.cases] == FULL_CASES
+    assert all(c.passed for c in merged_result.comparisons)
+    assert merged_result.generations and all(g.identical for g in merged_result.generations)
+    backends = {t.backend for t in merged_result.latencies}
+    assert {"PyTorch eager (CPU)", "ORT CPUExecutionProvider"} <= backends
+    assert merged_result.report_dir == merged.model_path.with_name("merged_parity")
+    assert {p.name for p in merged_result.report_files.values()} == {"parity.json", "parity.md", "parity.html"}
+    assert merged_result.report_files["html"].read_text().count("src='data:image/png;base64,") == 2
+
+
+def test_report_json_validates_against_schema(merged_result: ParityResult) -> None:
+    document = json.loads(merged_result.report_files["json"].read_text())
+    schema = json.loads(SCHEMA_PATH.read_text())
+    jsonschema.validate(document, schema, cls=jsonschema.Draft202012Validator)
+    assert document["schema_version"] == 1 and document["passed"] is True
+    assert [case["name"] for case in document["cases"]] == FULL_CASES
+
+
+def test_implicit_cuda_is_reported_not_run(merged_result: ParityResult, cuda: ProviderStatus) -> None:
+    if cuda.ran:
+        pytest.skip("CUDA runs on this machine")
+    status = next(p for p in merged_result.providers if p.requested == "cuda")
+    assert not status.ran and status.reason
+    assert "CUDAExecutionProvider" not in {c.provider for c in merged_result.comparisons}
+    assert f"not run: {status.reason}" in merged_result.report_files["markdown"].read_text()
+    assert "not run" in merged_result.summary
+
+
+def test_explicit_cuda_that_cannot_run_raises(merged: ExportResult, checkpoint: Path, cuda: ProviderStatus,
+                                              tmp_path: Path) -> None:
+    if cuda.ran:
+        pytest.skip("CUDA runs on this machine")
+    with pytest.raises(ProviderUnavailableError, match="CUDAExecutionProvider was requested but cannot run"):
+        validate(merged.model_path, checkpoint, providers=["cpu", "cuda"], explicit_providers=True,
+                 report_dir=tmp_path)
+    assert issubclass(ProviderUnavailableError, ValueError)
+
+
+@pytest.mark.gpu
+def test_cuda_parity(merged: ExportResult, checkpoint: Path, cuda: ProviderStatus, tmp_path: Path) -> None:
+    if not cuda.ran:
+        pytest.skip(f"CUDA does not run here: {cuda.reason}")
+    result = validate(merged.model_path, checkpoint, providers=["cuda"], explicit_providers=True,
+                      report_dir=tmp_path, **FAST)
+    assert result.passed, result.summary
+    assert {c.provider for c in result.comparisons} == {"CPUExecutionProvider", "CUDAExecutionProvider"}
+    assert "ORT CUDAExecutionProvider" in {t.backend for t in result.latencies}
+
+
+def test_perturbed_weight_fails_and_names_the_worst_case(merged: ExportResult, checkpoint: Path,
+                                                         tmp_path: Path) -> None:
+    proto = onnx.load(merged.model_path)
+    bias = next(init for init in proto.graph.initializer if init.name == "lm_head.bias")
+    values = numpy_helper.to_array(bias).copy()
+    values[101] += 0.05  # byte 'e': every position's logit for it moves by 0.05
+    bias.CopyFrom(numpy_helper.from_array(values, bias.name))
+    onnx.save(proto, tmp_path / "perturbed.onnx")
+
+    result = validate(tmp_path / "perturbed.onnx", checkpoint, providers=["cpu"], **FAST)
+    assert not result.passed
+    worst = result.worst
+    assert worst is not None and worst.output == "logits" and worst.metrics.worst_index[2] == 101
+    assert worst.metrics.max_abs == pytest.approx(0.05, rel=1e-3)
+    assert f"worst case '{worst.case}', output 'logits'" in result.summary
+    markdown = result.report_files["markdown"].read_text()
+    assert "FAIL" in markdown.splitlines()[0]
+    assert f"Worst: case '{worst.case}', output 'logits'" in markdown
+    assert json.loads(result.report_files["json"].read_text())["worst"]["case"] == worst.case
+
+
+def test_adapter_form_with_and_without_its_adapter(adapters: ExportResult, checkpoint: Path, tmp_path: Path) -> None:
+    progress: list[tuple[int, int, str]] = []
+    result = validate(adapters.model_path, checkpoint, adapter_path=adapters.adapter_path, providers=["cpu"],
+                      report_dir=tmp_path, progress=lambda *step: progress.append(step), **FAST)
+    assert result.passed, result.summary
+    assert progress[-1] == (16, 16, "adapter/CPUExecutionProvider/padding")
+    assert result.variants == ["base", "adapter"]
+    by_variant = {v: [c for c in result.comparisons if c.variant == v] for v in result.variants}
+    assert [c.case for c in by_variant["base"]] == [c.case for c in by_variant["adapter"]] == FULL_CASES
+    base_loss, adapter_loss = (next(c.metrics.loss_ref for c in by_variant[v] if c.case == "max_len")
+                               for v in ("base", "adapter"))
+    assert abs(base_loss - adapter_loss) > 1e-3  # the adapter really changes the model being compared
+    assert {g.variant for g in result.generations} == {"base", "adapter"}
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def test_checkpoint_that_does_not_belong_to_the_model(merged: ExportResult, workdir: Path) -> None:
+    other_base = make_checkpoint(workdir / "other_seed.pt", seed=1)
+    with pytest.raises(ParityInputError, match="do not belong together: .*different base weights"):
+        validate(merged.model_path, other_base)
+    other_config = make_checkpoint(workdir / "other_config.pt", ModelConfig(**{**CONFIG.to_dict(), "dim": 48}))
+    with pytest.raises(ParityInputError, match="model config differs in dim"):
+        validate(merged.model_path, other_config)
+
+
+def test_corrupted_or_foreign_onnx(merged: ExportResult, checkpoint: Path, tmp_path: Path) -> None:
+    truncated = tmp_path / "truncated.onnx"
+    truncated.write_bytes(merged.model_path.read_bytes()[:5000])
+    with pytest.raises(ParityInputError, match="not a readable ONNX model"):
+        validate(truncated, checkpoint)
+    with pytest.raises(ParityInputError, match="no such ONNX model"):
+        validate(tmp_path / "missing.onnx", checkpoint)
+    proto = onnx.load(merged.model_path)
+    del proto.metadata_props[:]
+    onnx.save(proto, tmp_path / "foreign.onnx")
+    with pytest.raises(ParityInputError, match="no lora_export metadata"):
+        validate(tmp_path / "foreign.onnx", checkpoint)
+
+
+def test_adapter_that_does_not_fit(merged: ExportResult, adapters: ExportResult, checkpoint: Path,
+                                   tmp_path: Path) -> None:
+    tensors, version = read_adapter(adapters.adapter_path)
+    name = next(n for n in tensors if n.endswith("fc1.lora_A"))
+    wrong_shape = {**tensors, name: np.zeros((tensors[name].shape[0] + 1, 4), np.float32)}
+    write_adapter(tmp_path / "wrong_shape.onnx_adapter", wrong_shape, version)
+    with pytest.raises(ParityInputError, match=f"adapter does not fit the model: {name}: dim 0"):
+        validate(adapters.model_path, checkpoint, adapter_path=tmp_path / "wrong_shape.onnx_adapter")
+    write_adapter(tmp_path / "other_base.onnx_adapter", tensors, version + 1)
+    with pytest.raises(ParityInputError, match="written for a different base model"):
+        validate(adapters.model_path, checkpoint, adapter_path=tmp_path / "other_base.onnx_adapter")
+    with pytest.raises(ParityInputError, match="needs an adapter-form model"):
+        validate(merged.model_path, checkpoint, adapter_path=adapters.adapter_path)
+
+
+@pytest.mark.parametrize(("option", "message"), [
+    ({"providers": ["tpu"]}, "unknown provider 'tpu'"),
+    ({"atol": -1.0}, "atol must be a finite number >= 0"),
+])
+def test_bad_options(merged: ExportResult, checkpoint: Path, option: dict, message: str) -> None:
+    with pytest.raises(ParityInputError, match=message):
+        validate(merged.model_path, checkpoint, **option)
+
+
+# --------------------------------------------------------------------------- cases and metrics
+
+
+def test_case_list_covers_the_window_edges_and_padding() -> None:
+    cases = {case.name: case for case in parity_cases(CONFIG, seed=3)}
+    assert list(cases) == FULL_CASES
+    lengths = {name: case.input_ids.shape[1] for name, case in cases.items()}
+    assert lengths == {"n1": 1, "window_minus_1": 7, "window": 8, "window_plus_1": 9, "not_window_multiple": 20,
+                       "max_len": 32, "random_bytes": 32, "padding": 32}
+    assert cases["n1"].input_ids.shape[0] == 1 and cases["max_len"].input_ids.shape[0] > 1
+    assert cases["padding"].attention_mask.sum(axis=1).tolist() == [32, 16, 1, 16]
+    assert cases["padding"].attention_mask[3, 0] == 0  # the left-padded row
+    again = parity_cases(CONFIG, seed=3)
+    assert all(np.array_equal(a.input_ids, b.input_ids) for a, b in zip(cases.values(), again, strict=True))
+
+
+def test_metrics_ignore_padding_and_catch_nan() -> None:
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, 256, (2, 5))
+    mask = np.array([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]])
+    ref = rng.normal(size=(2, 5, 256)).astype(np.float32)
+    got = ref.copy()
+    got[1, 2:] += 100.0  # only padded positions differ
+    metrics, _ = compare_logits(got, ref, ids, mask, TOLERANCES["fp32"])
+    assert metrics.max_abs == 0 and metrics.elements == 7 * 256 and metrics.top1_agreement == 1.0
+    assert judge(metrics, TOLERANCES["fp32"]) == []
+    got[0, 1, 7] = np.nan
+    metrics, _ = compare_logits(got, ref, ids, mask, TOLERANCES["fp32"])
+    assert not metrics.finite and "NaN or Inf in the output" in judge(metrics, TOLERANCES["fp32"])
+
+
+def test_top1_counts_ties_within_tolerance_as_agreement() -> None:
+    ids = np.zeros((1, 2), np.int64)
+    mask = np.ones((1, 2), np.int64)
+    ref = np.zeros((1, 2, 256), np.float32)
+    ref[0, :, 3], ref[0, :, 4] = 1.0, 1.0 - 2e-5  # a near-tie between bytes 3 and 4
+    got = ref.copy()
+    got[0, 0, 4] = 1.0 + 1e-6  # flips the argmax of position 0 within the tolerance
+    metrics, _ = compare_logits(got, ref, ids, mask, TOLERANCES["fp32"])
+    assert metrics.top1_exact == 0.5 and metrics.top1_agreement == 1.0
+    got[0, 1, 9] = 2.0  # a decisive flip at position 1
+    metrics, _ = compare_logits(got, ref, ids, mask, TOLERANCES["fp32"])
+    assert metrics.top1_agreement == 0.5
+    assert any("top-1 agreement 50.00%" in f for f in judge(metrics, TOLERANCES["fp32"]))
