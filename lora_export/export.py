@@ -41,7 +41,7 @@ from .adapters import (
     read_adapter,
     write_adapter,
 )
-from .checkpoint import base_fingerprint, build_model, file_sha256, read_checkpoint
+from .checkpoint import base_fingerprint, build_model, default_file_mode, file_sha256, read_checkpoint
 from .layers import LoRALayer, lora_layers, merge_lora
 from .model import LoRATransformerLM, ModelConfig
 
@@ -268,10 +268,12 @@ def save_model(model: onnx.ModelProto, path: Path, external_data_threshold: int)
         if external:
             onnx.save_model(model, tmp_dir / path.name, save_as_external_data=True, all_tensors_to_one_file=True,
                             location=data_path.name, size_threshold=1024)
+            os.chmod(tmp_dir / data_path.name, default_file_mode())
             os.replace(tmp_dir / data_path.name, data_path)
         else:
             onnx.save_model(model, tmp_dir / path.name)
             data_path.unlink(missing_ok=True)
+        os.chmod(tmp_dir / path.name, default_file_mode())
         os.replace(tmp_dir / path.name, path)
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
