@@ -114,9 +114,9 @@ def load_data(paths: Sequence[str | os.PathLike] = (), default: str = "prose") -
     if paths:
         return TextData.from_bytes(read_text_files(paths), "files: " + ", ".join(Path(p).name for p in paths))
     if default == "stdlib":
-        return TextData.from_bytes(stdlib_source_text(), "python stdlib source")
+        return TextData.from_bytes(stdlib_source_text(), f"python {sysconfig.get_python_version()} stdlib source")
     if default == "prose":
-        return TextData.from_bytes(prose_text(), "pydoc_data.topics prose")
+        return TextData.from_bytes(prose_text(), f"python {sysconfig.get_python_version()} pydoc_data.topics prose")
     raise ValueError(f"unknown default corpus {default!r}, expected 'stdlib' or 'prose'")
 
 
@@ -223,7 +223,7 @@ def train_loop(
         running = losses[-1] if running is None else 0.95 * running + 0.05 * losses[-1]
         if (step + 1) % eval_every == 0 or step + 1 == steps:
             eval_losses.append([step + 1, evaluate(model, data.val, seq_len)])
-        bar.set_postfix(loss=f"{running:.3f}", eval=f"{eval_losses[-1][1]:.3f}")
+        bar.set_postfix(loss=f"{running:.3f}", eval=f"{eval_losses[-1][1]:.3f}", refresh=False)
     return {"losses": losses, "eval_losses": eval_losses}
 
 
