@@ -14,8 +14,8 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
+import pickletools
 import tempfile
-import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -72,7 +72,7 @@ def base_fingerprint(base: dict[str, torch.Tensor]) -> str:
     for name in sorted(base):
         tensor = base[name].detach().cpu().contiguous()
         digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
 
@@ -95,6 +95,20 @@ def save_checkpoint(path: str | os.PathLike, model: LoRATransformerLM, training:
     atomic_write(path, lambda tmp: torch.save(payload, tmp))
 
 
+def pickle_imports_objects(path: Path) -> bool:
+    """Whether a raw pickle file imports globals or builds objects, scanned with pickletools, never run.
+
+    Called only after torch's weights-only unpickler refused the file, to tell code-carrying pickles
+    (which it reports as an unsupported opcode for protocols 4 and 5) from corrupt bytes.
+    """
+    code_ops = {"GLOBAL", "STACK_GLOBAL", "INST", "OBJ", "REDUCE", "NEWOBJ", "NEWOBJ_EX"}
+    try:
+        with open(path, "rb") as f:
+            return any(op.name in code_ops for op, _, _ in pickletools.genops(f))
+    except Exception:  # not a parsable pickle stream: corrupt, not code
+        return False
+
+
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """Load and validate the raw checkpoint dict. Raises CheckpointError with one clear line."""
     path = Path(path)
@@ -104,15 +118,16 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(f"{path}: is a directory, expected a .pt checkpoint")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else "unpickling failed"
-        if "weights_only" in str(err) or "Unsupported global" in str(err) or "GLOBAL" in str(err):
-            reason = "refused: it contains pickled code or objects, not only tensors (weights_only=True)"
-        raise CheckpointError(f"{path}: {reason}") from None
     except PermissionError:
         raise CheckpointError(f"{path}: permission denied") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as err:
-        first = (str(err).strip().splitlines() or ["unreadable"])[0].split(". ")[0]
+    except pickle.UnpicklingError as err:
+        if "GLOBAL" in str(err) or pickle_imports_objects(path):
+            raise CheckpointError(
+                f"{path}: refused: it contains pickled code or objects, not only tensors (weights_only=True)"
+            ) from None
+        raise CheckpointError(f"{path}: not a readable checkpoint (truncated or corrupt?)") from None
+    except Exception as err:  # torch.load raises many types (RuntimeError, KeyError, ...) on corrupt bytes
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0].split(". ")[0]
         raise CheckpointError(f"{path}: not a readable checkpoint (truncated or corrupt?): {first}") from None
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path}: not a lora-export checkpoint (missing format '{CHECKPOINT_FORMAT}')")

@@ -19,17 +19,19 @@ import torch.nn.functional as F
 from torch import nn
 
 
-class LoRALayer(nn.Module):
-    """Shared state of the LoRA layers: rank, scaling, merge flag and the optional external adapter.
+class LoRALayer:
+    """Mixin with the state shared by the LoRA layers: rank, scaling, merge flag, optional external adapter.
 
-    Subclasses set ``in_features`` / ``out_features``: the sizes the LoRA branch maps between.
+    Like loralib, the concrete layers subclass the torch layer they extend (``LoRALinear`` is an
+    ``nn.Linear``) and call :meth:`init_lora` after it. They set ``in_features`` / ``out_features``:
+    the sizes the LoRA branch maps between.
     """
 
     in_features: int
     out_features: int
+    weight: nn.Parameter  # W0, frozen once r > 0; merge() updates it in place
 
-    def __init__(self, r: int, lora_alpha: float, use_rslora: bool) -> None:
-        super().__init__()
+    def init_lora(self, r: int, lora_alpha: float, use_rslora: bool) -> None:
         if r < 0:
             raise ValueError(f"LoRA rank r must be >= 0, got {r}")
         self.r = r
@@ -43,10 +45,6 @@ class LoRALayer(nn.Module):
         """scaling * B @ A in the base weight's layout."""
         raise NotImplementedError
 
-    def base_weight(self) -> nn.Parameter:
-        """The frozen W0 that merge() updates in place."""
-        raise NotImplementedError
-
     def merge(self, safe_merge: bool = False) -> None:
         """Fold scaling * B @ A into W0; forward then skips the LoRA branch. Idempotent.
 
@@ -55,7 +53,7 @@ class LoRALayer(nn.Module):
         """
         if self.r == 0 or self.merged:
             return
-        weight = self.base_weight()
+        weight = self.weight
         with torch.no_grad():
             merged = weight + self.delta_weight().to(weight.dtype)
             if safe_merge and not torch.isfinite(merged).all():
@@ -67,7 +65,7 @@ class LoRALayer(nn.Module):
         """Subtract the update merged by merge(), restoring W0. Idempotent."""
         if self.r == 0 or not self.merged:
             return
-        weight = self.base_weight()
+        weight = self.weight
         with torch.no_grad():
             weight.sub_(self.delta_weight().to(weight.dtype))
         self.merged = False
@@ -76,18 +74,21 @@ class LoRALayer(nn.Module):
         """Take A_t [in, r] and pre-scaled B_t [r, out] from outside instead of lora_A / lora_B.
 
         Used by the exporter to make A and B graph inputs; ``None`` returns to the own parameters.
+        A merged layer refuses (ValueError): its W0 already holds its own update.
         """
+        if lora_a_t is not None and self.merged:
+            raise ValueError("use_external_lora on a merged layer: unmerge() it first")
         self.external_lora = None if lora_a_t is None else (lora_a_t, lora_b_t)
 
     def layer_name(self) -> str:
         return f"{type(self).__name__}(r={self.r})"
 
 
-class LoRALinear(LoRALayer):
+class LoRALinear(nn.Linear, LoRALayer):
     """y = x W0^T + bias + scaling * dropout(x) A^T B^T, with W0 and bias frozen.
 
     lora_A: [r, in_features], Kaiming-uniform (a = sqrt(5)); lora_B: [out_features, r], zeros,
-    so the update starts at exactly zero. r = 0 is the plain linear layer.
+    so the update starts at exactly zero. r = 0 is the plain (trainable) nn.Linear.
     """
 
     def __init__(
@@ -100,15 +101,8 @@ class LoRALinear(LoRALayer):
         use_rslora: bool = False,
         bias: bool = True,
     ) -> None:
-        super().__init__(r, lora_alpha, use_rslora)
-        self.in_features = in_features
-        self.out_features = out_features
-        self.weight = nn.Parameter(torch.empty(out_features, in_features))
-        self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
-        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
-        if self.bias is not None:
-            bound = 1 / math.sqrt(in_features)
-            nn.init.uniform_(self.bias, -bound, bound)
+        nn.Linear.__init__(self, in_features, out_features, bias=bias)
+        self.init_lora(r, lora_alpha, use_rslora)
         if r > 0:
             self.lora_A = nn.Parameter(torch.empty(r, in_features))
             self.lora_B = nn.Parameter(torch.zeros(out_features, r))
@@ -117,9 +111,6 @@ class LoRALinear(LoRALayer):
             self.weight.requires_grad = False
             if self.bias is not None:
                 self.bias.requires_grad = False
-
-    def base_weight(self) -> nn.Parameter:
-        return self.weight
 
     def delta_weight(self) -> torch.Tensor:
         return (self.lora_B @ self.lora_A) * self.scaling
@@ -138,11 +129,11 @@ class LoRALinear(LoRALayer):
         return f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, scaling={self.scaling:g}"
 
 
-class LoRAEmbedding(LoRALayer):
+class LoRAEmbedding(nn.Embedding, LoRALayer):
     """Embedding table E0 [num_embeddings, dim] frozen, plus delta = (B A)^T * scaling.
 
-    lora_A: [r, num_embeddings] (Kaiming-uniform), lora_B: [dim, r] (zeros): the update starts
-    at zero. Looking up ids gives E0[ids] + A^T[ids] B^T * scaling, never materialising the delta.
+    lora_A: [r, num_embeddings] (Kaiming-uniform), lora_B: [dim, r] (zeros): the update starts at zero.
+    Looking up ids gives E0[ids] + A^T[ids] B^T * scaling, never materialising the delta.
     """
 
     def __init__(
@@ -153,19 +144,14 @@ class LoRAEmbedding(LoRALayer):
         lora_alpha: float = 1.0,
         use_rslora: bool = False,
     ) -> None:
-        super().__init__(r, lora_alpha, use_rslora)
-        self.num_embeddings = self.in_features = num_embeddings
-        self.embedding_dim = self.out_features = embedding_dim
-        self.weight = nn.Parameter(torch.empty(num_embeddings, embedding_dim))
-        nn.init.normal_(self.weight)
+        nn.Embedding.__init__(self, num_embeddings, embedding_dim)
+        self.init_lora(r, lora_alpha, use_rslora)
+        self.in_features, self.out_features = num_embeddings, embedding_dim
         if r > 0:
             self.lora_A = nn.Parameter(torch.empty(r, num_embeddings))
             self.lora_B = nn.Parameter(torch.zeros(embedding_dim, r))
             nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
             self.weight.requires_grad = False
-
-    def base_weight(self) -> nn.Parameter:
-        return self.weight
 
     def delta_weight(self) -> torch.Tensor:
         return (self.lora_B @ self.lora_A).T * self.scaling
@@ -208,12 +194,18 @@ def base_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def merge_lora(model: nn.Module, safe_merge: bool = False) -> None:
-    """merge() every LoRA layer; with safe_merge, refuse (ValueError naming the layer) on NaN/Inf."""
-    for name, layer in lora_layers(model):
-        try:
-            layer.merge(safe_merge=safe_merge)
-        except ValueError as err:
-            raise ValueError(f"{name}: {err}") from err
+    """merge() every LoRA layer.
+
+    With safe_merge, every merged weight is checked first: if any would hold NaN or Inf, nothing is merged
+    and ValueError names the layer.
+    """
+    if safe_merge:
+        with torch.no_grad():
+            for name, layer in lora_layers(model):
+                if not layer.merged and not torch.isfinite(layer.weight + layer.delta_weight()).all():
+                    raise ValueError(f"safe_merge refused: merging {name} gives NaN or Inf")
+    for _, layer in lora_layers(model):
+        layer.merge()
 
 
 def unmerge_lora(model: nn.Module) -> None:

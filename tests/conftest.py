@@ -15,6 +15,10 @@ from lora_export.checkpoint import save_checkpoint
 from lora_export.export import ExportResult, export_onnx
 from lora_export.model import LoRATransformerLM, ModelConfig
 
+# One intra-op thread per test process: the suite runs under pytest -n 2 on 2 cores, and tiny models are
+# many times slower when two processes each spin up two threads.
+torch.set_num_threads(1)
+
 TINY_CONFIG = dict(
     dim=32, depth=1, heads=4, dim_head=8, n_local_attn_heads=2, local_attn_window_size=8, blindspot_size=4,
     max_seq_len=32, ff_mult=2, r=4, lora_alpha=8.0, lora_targets=["q", "k", "v", "o", "ff", "emb"],

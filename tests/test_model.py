@@ -199,8 +199,15 @@ def test_generate_crops_context_to_max_seq_len() -> None:
     """Generating past max_seq_len works and conditions on the last max_seq_len bytes."""
     model = _model(torch.float32)
     prompt = _ids(1, MAX_LEN - 2)
+    seen: list[torch.Tensor] = []
+    hook = model.register_forward_pre_hook(lambda _module, args: seen.append(args[0].clone()))
     out = model.generate(prompt, max_new_tokens=6, greedy=True)
+    hook.remove()
     assert out.shape == (1, MAX_LEN + 4)
+    # The model saw exactly the last min(t, max_seq_len) bytes at every step.
+    assert [s.shape[1] for s in seen] == [MAX_LEN - 2, MAX_LEN - 1, MAX_LEN, MAX_LEN, MAX_LEN, MAX_LEN]
+    for t, context in zip(range(MAX_LEN - 2, MAX_LEN + 4), seen, strict=True):
+        assert torch.equal(context, out[:, max(0, t - MAX_LEN):t]), t
     with torch.no_grad():
         for t in range(MAX_LEN - 2, MAX_LEN + 4):
             context = out[:, max(0, t - MAX_LEN):t]

@@ -1,12 +1,14 @@
 """validate(): parity of real exports (merged and adapter form), failures that name the worst case, bad inputs.
 
-One tiny checkpoint is exported once per form for the module (the dynamo exporter takes 10-40 s a graph);
-the rest edits copies of those exports or works on the metric functions directly.
+The exports are conftest's session-wide tiny_checkpoint / merged_export / adapter_export (the dynamo exporter
+takes 10-40 s a graph); the tests here edit copies of them or work on the metric functions directly, and never
+write beside the shared files.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,8 +20,8 @@ import torch
 from onnx import numpy_helper
 
 from lora_export.adapters import read_adapter, write_adapter
-from lora_export.checkpoint import save_checkpoint
-from lora_export.export import ExportResult, export_onnx
+from lora_export.checkpoint import read_checkpoint, save_checkpoint
+from lora_export.export import ExportResult
 from lora_export.model import LoRATransformerLM, ModelConfig
 from lora_export.report import SCHEMA_PATH
 from lora_export.validate import (
@@ -36,20 +38,16 @@ from lora_export.validate import (
 )
 
 CONFIG = ModelConfig(dim=32, depth=1, heads=2, dim_head=16, n_local_attn_heads=1, local_attn_window_size=8,
-                     max_seq_len=32, r=4, lora_targets=["q", "v", "ff", "emb"])
+                     max_seq_len=32, r=4)
 FULL_CASES = ["n1", "window_minus_1", "window", "window_plus_1", "not_window_multiple", "max_len", "random_bytes",
               "padding"]
 FAST = {"latency_runs": 3}
 
 
-def make_checkpoint(path: Path, config: ModelConfig = CONFIG, seed: int = 0) -> Path:
-    """A checkpoint whose LoRA update is far from zero, so merged, base and adapter runs all differ."""
+def make_checkpoint(path: Path, config: ModelConfig, seed: int) -> Path:
+    """A checkpoint of ``config`` with seeded random weights (its own base weights)."""
     torch.manual_seed(seed)
-    model = LoRATransformerLM(config)
-    for name, param in model.named_parameters():
-        if name.endswith("lora_B"):
-            torch.nn.init.normal_(param, std=0.1)
-    save_checkpoint(path, model)
+    save_checkpoint(path, LoRATransformerLM(config))
     return path
 
 
@@ -64,41 +62,29 @@ def one_torch_thread() -> Iterator[None]:
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("validate")
-
-
-@pytest.fixture(scope="module")
-def checkpoint(workdir: Path) -> Path:
-    return make_checkpoint(workdir / "tiny.pt")
-
-
-@pytest.fixture(scope="module")
-def merged(workdir: Path, checkpoint: Path) -> ExportResult:
-    return export_onnx(checkpoint, workdir / "merged.onnx", merge=True)
-
-
-@pytest.fixture(scope="module")
-def adapters(workdir: Path, checkpoint: Path) -> ExportResult:
-    return export_onnx(checkpoint, workdir / "adapters.onnx", merge=False)
-
-
-@pytest.fixture(scope="module")
-def cuda(merged: ExportResult) -> ProviderStatus:
+def cuda(merged_export: ExportResult) -> ProviderStatus:
     """Whether a CUDA session on this machine really gets CUDAExecutionProvider."""
-    return open_session(merged.model_path, "cuda")[1]
+    return open_session(merged_export.model_path, "cuda")[1]
 
 
 @pytest.fixture(scope="module")
-def merged_result(merged: ExportResult, checkpoint: Path) -> ParityResult:
+def merged_copy(merged_export: ExportResult, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The shared merged export copied to a private folder, so its default report folder lands there."""
+    path = tmp_path_factory.mktemp("validate") / "merged.onnx"
+    shutil.copyfile(merged_export.model_path, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def merged_result(merged_copy: Path, tiny_checkpoint: Path) -> ParityResult:
     """The untouched merged export with the default providers (CPU, plus CUDA when it runs)."""
-    return validate(merged.model_path, checkpoint, **FAST)
+    return validate(merged_copy, tiny_checkpoint, **FAST)
 
 
 # --------------------------------------------------------------------------- parity of real exports
 
 
-def test_untouched_merged_export_passes(merged_result: ParityResult, merged: ExportResult) -> None:
+def test_untouched_merged_export_passes(merged_result: ParityResult, merged_copy: Path) -> None:
     assert merged_result.passed, merged_result.summary
     assert merged_result.summary.startswith("PASS")
     assert merged_result.variants == ["merged"]
@@ -107,7 +93,7 @@ def test_untouched_merged_export_passes(merged_result: ParityResult, merged: Exp
     assert merged_result.generations and all(g.identical for g in merged_result.generations)
     backends = {t.backend for t in merged_result.latencies}
     assert {"PyTorch eager (CPU)", "ORT CPUExecutionProvider"} <= backends
-    assert merged_result.report_dir == merged.model_path.with_name("merged_parity")
+    assert merged_result.report_dir == merged_copy.with_name("merged_parity")
     assert {p.name for p in merged_result.report_files.values()} == {"parity.json", "parity.md", "parity.html"}
     assert merged_result.report_files["html"].read_text().count("src='data:image/png;base64,") == 2
 
@@ -130,37 +116,37 @@ def test_implicit_cuda_is_reported_not_run(merged_result: ParityResult, cuda: Pr
     assert "not run" in merged_result.summary
 
 
-def test_explicit_cuda_that_cannot_run_raises(merged: ExportResult, checkpoint: Path, cuda: ProviderStatus,
+def test_explicit_cuda_that_cannot_run_raises(merged_export: ExportResult, tiny_checkpoint: Path, cuda: ProviderStatus,
                                               tmp_path: Path) -> None:
     if cuda.ran:
         pytest.skip("CUDA runs on this machine")
     with pytest.raises(ProviderUnavailableError, match="CUDAExecutionProvider was requested but cannot run"):
-        validate(merged.model_path, checkpoint, providers=["cpu", "cuda"], explicit_providers=True,
+        validate(merged_export.model_path, tiny_checkpoint, providers=["cpu", "cuda"], explicit_providers=True,
                  report_dir=tmp_path)
     assert issubclass(ProviderUnavailableError, ValueError)
 
 
 @pytest.mark.gpu
-def test_cuda_parity(merged: ExportResult, checkpoint: Path, cuda: ProviderStatus, tmp_path: Path) -> None:
+def test_cuda_parity(merged_export: ExportResult, tiny_checkpoint: Path, cuda: ProviderStatus, tmp_path: Path) -> None:
     if not cuda.ran:
         pytest.skip(f"CUDA does not run here: {cuda.reason}")
-    result = validate(merged.model_path, checkpoint, providers=["cuda"], explicit_providers=True,
+    result = validate(merged_export.model_path, tiny_checkpoint, providers=["cuda"], explicit_providers=True,
                       report_dir=tmp_path, **FAST)
     assert result.passed, result.summary
     assert {c.provider for c in result.comparisons} == {"CPUExecutionProvider", "CUDAExecutionProvider"}
     assert "ORT CUDAExecutionProvider" in {t.backend for t in result.latencies}
 
 
-def test_perturbed_weight_fails_and_names_the_worst_case(merged: ExportResult, checkpoint: Path,
+def test_perturbed_weight_fails_and_names_the_worst_case(merged_export: ExportResult, tiny_checkpoint: Path,
                                                          tmp_path: Path) -> None:
-    proto = onnx.load(merged.model_path)
+    proto = onnx.load(merged_export.model_path)
     bias = next(init for init in proto.graph.initializer if init.name == "lm_head.bias")
     values = numpy_helper.to_array(bias).copy()
     values[101] += 0.05  # byte 'e': every position's logit for it moves by 0.05
     bias.CopyFrom(numpy_helper.from_array(values, bias.name))
     onnx.save(proto, tmp_path / "perturbed.onnx")
 
-    result = validate(tmp_path / "perturbed.onnx", checkpoint, providers=["cpu"], **FAST)
+    result = validate(tmp_path / "perturbed.onnx", tiny_checkpoint, providers=["cpu"], **FAST)
     assert not result.passed
     worst = result.worst
     assert worst is not None and worst.output == "logits" and worst.metrics.worst_index[2] == 101
@@ -172,10 +158,11 @@ def test_perturbed_weight_fails_and_names_the_worst_case(merged: ExportResult, c
     assert json.loads(result.report_files["json"].read_text())["worst"]["case"] == worst.case
 
 
-def test_adapter_form_with_and_without_its_adapter(adapters: ExportResult, checkpoint: Path, tmp_path: Path) -> None:
+def test_adapter_form_with_and_without_its_adapter(adapter_export: ExportResult, tiny_checkpoint: Path,
+                                                   tmp_path: Path) -> None:
     progress: list[tuple[int, int, str]] = []
-    result = validate(adapters.model_path, checkpoint, adapter_path=adapters.adapter_path, providers=["cpu"],
-                      report_dir=tmp_path, progress=lambda *step: progress.append(step), **FAST)
+    result = validate(adapter_export.model_path, tiny_checkpoint, adapter_path=adapter_export.adapter_path,
+                      providers=["cpu"], report_dir=tmp_path, progress=lambda *step: progress.append(step), **FAST)
     assert result.passed, result.summary
     assert progress[-1] == (16, 16, "adapter/CPUExecutionProvider/padding")
     assert result.variants == ["base", "adapter"]
@@ -190,51 +177,54 @@ def test_adapter_form_with_and_without_its_adapter(adapters: ExportResult, check
 # --------------------------------------------------------------------------- bad input
 
 
-def test_checkpoint_that_does_not_belong_to_the_model(merged: ExportResult, workdir: Path) -> None:
-    other_base = make_checkpoint(workdir / "other_seed.pt", seed=1)
+def test_checkpoint_that_does_not_belong_to_the_model(merged_export: ExportResult, tiny_checkpoint: Path,
+                                                       tmp_path: Path) -> None:
+    config = read_checkpoint(tiny_checkpoint)["config"]
+    other_base = make_checkpoint(tmp_path / "other_seed.pt", ModelConfig.from_dict(config), seed=123)
     with pytest.raises(ParityInputError, match="do not belong together: .*different base weights"):
-        validate(merged.model_path, other_base)
-    other_config = make_checkpoint(workdir / "other_config.pt", ModelConfig(**{**CONFIG.to_dict(), "dim": 48}))
+        validate(merged_export.model_path, other_base)
+    other_config = make_checkpoint(tmp_path / "other_config.pt", ModelConfig.from_dict({**config, "dim": 48}), seed=0)
     with pytest.raises(ParityInputError, match="model config differs in dim"):
-        validate(merged.model_path, other_config)
+        validate(merged_export.model_path, other_config)
 
 
-def test_corrupted_or_foreign_onnx(merged: ExportResult, checkpoint: Path, tmp_path: Path) -> None:
+def test_corrupted_or_foreign_onnx(merged_export: ExportResult, tiny_checkpoint: Path, tmp_path: Path) -> None:
     truncated = tmp_path / "truncated.onnx"
-    truncated.write_bytes(merged.model_path.read_bytes()[:5000])
+    truncated.write_bytes(merged_export.model_path.read_bytes()[:5000])
     with pytest.raises(ParityInputError, match="not a readable ONNX model"):
-        validate(truncated, checkpoint)
+        validate(truncated, tiny_checkpoint)
     with pytest.raises(ParityInputError, match="no such ONNX model"):
-        validate(tmp_path / "missing.onnx", checkpoint)
-    proto = onnx.load(merged.model_path)
+        validate(tmp_path / "missing.onnx", tiny_checkpoint)
+    proto = onnx.load(merged_export.model_path)
     del proto.metadata_props[:]
     onnx.save(proto, tmp_path / "foreign.onnx")
     with pytest.raises(ParityInputError, match="no lora_export metadata"):
-        validate(tmp_path / "foreign.onnx", checkpoint)
+        validate(tmp_path / "foreign.onnx", tiny_checkpoint)
 
 
-def test_adapter_that_does_not_fit(merged: ExportResult, adapters: ExportResult, checkpoint: Path,
+def test_adapter_that_does_not_fit(merged_export: ExportResult, adapter_export: ExportResult, tiny_checkpoint: Path,
                                    tmp_path: Path) -> None:
-    tensors, version = read_adapter(adapters.adapter_path)
+    tensors, version = read_adapter(adapter_export.adapter_path)
     name = next(n for n in tensors if n.endswith("fc1.lora_A"))
     wrong_shape = {**tensors, name: np.zeros((tensors[name].shape[0] + 1, 4), np.float32)}
     write_adapter(tmp_path / "wrong_shape.onnx_adapter", wrong_shape, version)
     with pytest.raises(ParityInputError, match=f"adapter does not fit the model: {name}: dim 0"):
-        validate(adapters.model_path, checkpoint, adapter_path=tmp_path / "wrong_shape.onnx_adapter")
+        validate(adapter_export.model_path, tiny_checkpoint, adapter_path=tmp_path / "wrong_shape.onnx_adapter")
     write_adapter(tmp_path / "other_base.onnx_adapter", tensors, version + 1)
     with pytest.raises(ParityInputError, match="written for a different base model"):
-        validate(adapters.model_path, checkpoint, adapter_path=tmp_path / "other_base.onnx_adapter")
+        validate(adapter_export.model_path, tiny_checkpoint, adapter_path=tmp_path / "other_base.onnx_adapter")
     with pytest.raises(ParityInputError, match="needs an adapter-form model"):
-        validate(merged.model_path, checkpoint, adapter_path=adapters.adapter_path)
+        validate(merged_export.model_path, tiny_checkpoint, adapter_path=adapter_export.adapter_path)
 
 
 @pytest.mark.parametrize(("option", "message"), [
     ({"providers": ["tpu"]}, "unknown provider 'tpu'"),
     ({"atol": -1.0}, "atol must be a finite number >= 0"),
 ])
-def test_bad_options(merged: ExportResult, checkpoint: Path, option: dict, message: str) -> None:
+def test_bad_options(merged_export: ExportResult, tiny_checkpoint: Path, tmp_path: Path, option: dict,
+                     message: str) -> None:
     with pytest.raises(ParityInputError, match=message):
-        validate(merged.model_path, checkpoint, **option)
+        validate(merged_export.model_path, tiny_checkpoint, report_dir=tmp_path, **option)
 
 
 # --------------------------------------------------------------------------- cases and metrics
