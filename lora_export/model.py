@@ -150,8 +150,11 @@ class LoRATransformerLM(nn.Module):
         """Extend prompt [B, N0] by max_new_tokens bytes -> [B, N0 + max_new_tokens].
 
         Greedy takes the argmax; otherwise samples from softmax(logits / temperature), restricted to
-        the top_k bytes when given. The context is cropped to the last max_seq_len bytes.
+        the top_k bytes when given. The context is cropped to the last max_seq_len bytes. Runs in eval
+        mode (no dropout) and restores the previous mode.
         """
+        was_training = self.training
+        self.eval()
         ids = prompt
         for _ in range(max_new_tokens):
             logits = self(ids[:, -self.config.max_seq_len:])[:, -1, :]
@@ -164,4 +167,5 @@ class LoRATransformerLM(nn.Module):
                     logits = logits.masked_fill(logits < kth, float("-inf"))
                 next_id = torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)
             ids = torch.cat([ids, next_id], dim=1)
+        self.train(was_training)
         return ids
