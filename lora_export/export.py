@@ -393,7 +393,7 @@ def load_onnx(path: str | os.PathLike) -> onnx.ModelProto:
     """Load an ONNX model's graph (not its external weights). Raises ExportError with one line."""
     path = Path(path)
     if not path.is_file():
-        raise ExportError(f"{path}: no such ONNX file")
+        raise ExportError(f"{path}: no such ONNX model")
     try:
         return onnx.load(path, load_external_data=False)
     except Exception as err:  # protobuf's DecodeError and friends

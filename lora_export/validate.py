@@ -42,7 +42,7 @@ from tqdm import tqdm
 from . import __version__
 from .adapters import AdapterError, attach_adapter, check_adapter, model_version_from_fingerprint, read_adapter
 from .checkpoint import CheckpointError, base_fingerprint, build_model, file_sha256, read_checkpoint
-from .export import FORMS, INPUT_NAMES, OUTPUT_NAMES, read_metadata
+from .export import FORMS, INPUT_NAMES, OUTPUT_NAMES, ExportError, load_onnx, read_metadata
 from .layers import merge_lora
 from .model import VOCAB_SIZE, LoRATransformerLM, ModelConfig
 from .report import ERROR_HISTOGRAM_EDGES, write_reports
@@ -243,18 +243,6 @@ class _Variant:
 def _first_line(err: BaseException) -> str:
     """The first line of an exception's message (its type name when empty), for one-line errors."""
     return (str(err).strip().splitlines() or [type(err).__name__])[0]
-
-
-def load_onnx(path: str | os.PathLike) -> onnx.ModelProto:
-    """The model proto without its external data (only the graph interface and metadata are read here)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ParityInputError(f"{path}: no such ONNX model")
-    try:
-        return onnx.load(path, load_external_data=False)
-    except Exception as err:  # protobuf and onnx raise several types for a corrupt file
-        raise ParityInputError(f"{path}: not a readable ONNX model (truncated or corrupt?): {_first_line(err)}"
-                               ) from None
 
 
 def _dims(value: onnx.ValueInfoProto) -> list[int | str]:
@@ -724,10 +712,10 @@ def validate(
         raise ParityInputError(f"generate_bytes and latency_runs must be >= 1, got {generate_bytes}, {latency_runs}")
     model_path, checkpoint_path = Path(model_path), Path(checkpoint_path)
     adapter_path = Path(adapter_path) if adapter_path is not None else None
-    proto = load_onnx(model_path)
     try:
+        proto = load_onnx(model_path)
         payload = read_checkpoint(checkpoint_path)
-    except CheckpointError as err:
+    except (ExportError, CheckpointError) as err:
         raise ParityInputError(str(err)) from None
     metadata = read_metadata(proto)
     notes = check_model_matches(proto, metadata, payload, model_path, checkpoint_path)

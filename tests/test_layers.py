@@ -7,7 +7,6 @@ References are written independently of the implementation: explicit float64 for
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -32,13 +31,6 @@ ATOL32, RTOL32 = 1e-5, 1e-5
 ALL_TARGETS = ["q", "k", "v", "o", "ff", "emb"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread() -> Iterator[None]:
-    """Tiny tensors: one intra-op thread avoids OpenMP spin contention on a shared CPU (100x faster)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # --------------------------------------------------------------------------- helpers
