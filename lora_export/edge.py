@@ -34,7 +34,8 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -62,7 +63,6 @@ from .validate import (
     TOLERANCES,
     ParityInputError,
     _first_line,
-    _percentiles_ms,
     check_model_matches,
     compare_logits,
     heldout_text,
@@ -121,6 +121,7 @@ def _read_fp32_source(model_path: str | os.PathLike) -> onnx.ModelProto:
 
 
 def _check_output_dir(directory: Path) -> None:
+    """Refuse an output directory that is missing or not writable (before any work is done)."""
     if not directory.is_dir():
         raise EdgeExportError(f"{directory}: output directory does not exist")
     if not os.access(directory, os.W_OK):
@@ -191,7 +192,8 @@ def quantize_int8(model_path: str | os.PathLike, output_path: str | os.PathLike 
     embedding table per tensor); activations are quantized to uint8 at run time. Weights are signed int8 in a
     7-bit range (``reduce_range``): x86 CPUs without VNNI multiply uint8 x int8 with 16-bit intermediate sums that
     saturate at full 8-bit range. ``quant_pre_process`` is not run: its symbolic shape inference fails on the
-    local-attention graph, and without it the optimization pass removes 2 of ~120 nodes.
+    local-attention graph, and without it the optimization pass removes 2 of ~120 nodes. The quantizer works on
+    the model in memory, so models over protobuf's 2 GB limit are not supported.
 
     The result is checked: no float weight MatMul / Gather is left, LoRA inputs and their rank-0 defaults are
     unchanged (see ``_check_lora_inputs``). Default output: ``<stem>.int8.onnx`` beside the model.
@@ -266,17 +268,18 @@ def convert_ort_format(model_path: str | os.PathLike, output_dir: str | os.PathL
     Writes ``<stem>.ort`` and ``<stem>.required_operators.config`` into ``output_dir`` (default: beside the model),
     optimized with the tool's ``Fixed`` style (for the CPU provider and other non-compiling providers; NCHWc
     layout left out so the file runs on ARM too). The tool works in a temporary folder in ``output_dir``; both
-    files are renamed into place when it succeeded. Returns (ort path, config path). Raises EdgeExportError.
+    files are renamed into place when it succeeded (ort first, then the config).
+    Returns (ort path, config path). Raises EdgeExportError.
     """
     from onnxruntime.tools.convert_onnx_models_to_ort import OptimizationStyle, convert_onnx_models_to_ort
 
     model_path = Path(model_path)
+    if model_path.suffix != ".onnx":
+        raise EdgeExportError(f"{model_path}: the model must end in .onnx")
     try:
         load_onnx(model_path)
     except ExportError as err:
         raise EdgeExportError(str(err)) from None
-    if model_path.suffix != ".onnx":
-        raise EdgeExportError(f"{model_path}: the model must end in .onnx")
     directory = Path(output_dir) if output_dir is not None else model_path.parent
     _check_output_dir(directory)
     names = (model_path.with_suffix(".ort").name, model_path.with_suffix(".required_operators.config").name)
@@ -287,6 +290,8 @@ def convert_ort_format(model_path: str | os.PathLike, output_dir: str | os.PathL
     try:
         with _quiet_onnxruntime():
             convert_onnx_models_to_ort(model_path, output_dir=tmp, optimization_styles=[OptimizationStyle.Fixed])
+        config = tmp / names[1]  # its header names the .ort it was generated from: the final path, not the temp one
+        config.write_text(config.read_text().replace(str(tmp.resolve()), str(directory.resolve())))
         outputs = [directory / name for name in names]
         for name, output in zip(names, outputs, strict=True):
             os.replace(tmp / name, output)
@@ -315,6 +320,43 @@ def file_size(model_path: Path) -> int:
     return model_path.stat().st_size + (data.stat().st_size if data.is_file() else 0)
 
 
+def interleaved_percentiles_ms(steps: Mapping[str, Callable[[], object]], warmup: int, runs: int
+                               ) -> dict[str, tuple[float, float]]:
+    """{name: (p50, p90) in milliseconds} of ``runs`` timed calls of each step, after ``warmup`` untimed ones.
+
+    The steps take turns (one call of each per round), so load from other processes on a shared machine drifts
+    over all of them alike and their ratios stay fair.
+    """
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(runs):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            times[name].append((time.perf_counter() - start) * 1e3)
+    return {name: (float(np.percentile(t, 50)), float(np.percentile(t, 90))) for name, t in times.items()}
+
+
+def _check_models(models: Mapping[str, str | os.PathLike], payload: dict, checkpoint_path: Path
+                  ) -> dict[str, tuple[Path, onnx.ModelProto, dict[str, str]]]:
+    """{precision: (path, graph, lora_export metadata)} of models that belong to the checkpoint and are the
+    precision they are given as. Raises EdgeExportError, ExportError or ParityInputError."""
+    checked = {}
+    for precision, path in models.items():
+        path = Path(path)
+        if precision not in PRECISIONS:
+            raise EdgeExportError(f"unknown precision {precision!r}, expected one of {', '.join(PRECISIONS)}")
+        proto = load_onnx(path)
+        metadata = read_metadata(proto)
+        check_model_matches(proto, metadata, payload, path, checkpoint_path)
+        if metadata.get("precision", "fp32") != precision:
+            raise EdgeExportError(f"{path}: is {metadata.get('precision', 'fp32')}, given as {precision}")
+        checked[precision] = (path, proto, metadata)
+    return checked
+
+
 def compare_precisions(
     checkpoint_path: str | os.PathLike,
     models: Mapping[str, str | os.PathLike],
@@ -330,8 +372,9 @@ def compare_precisions(
     The reference is the checkpoint in the models' form: merged LoRA, or for the adapters form the base, or base +
     the adapter of ``adapter_path`` (which is then active in every ONNX Runtime run). Quality is measured on
     ``windows`` held-out prose windows (the last 10% of pydoc_data.topics, as training splits it) of
-    N = min(256, max_seq_len) bytes; latency (warm-up, then p50 / p90 of ``runs``) at each (batch, seq) of
-    ``shapes``, default [(1, N)]. fp32 and int8 run on ONNX Runtime's CPU provider, fp16 on CUDA only.
+    N = min(256, max_seq_len) bytes; latency (warm-up, then p50 / p90 of ``runs``, the models taking turns) at
+    each (batch, seq) of ``shapes``, default [(1, N)], on random bytes. fp32 and int8 run on ONNX Runtime's CPU
+    provider with its default threads, fp16 on CUDA only.
 
     One dict per model, in the given order: precision, model (path), file_size (bytes, external data included),
     provider, status ('ran' or 'not run: <reason>'), tolerance (the precision's TOLERANCES, in words),
@@ -343,17 +386,7 @@ def compare_precisions(
     checkpoint_path = Path(checkpoint_path)
     try:
         payload = read_checkpoint(checkpoint_path)
-        checked = {}
-        for precision, path in models.items():
-            path = Path(path)
-            if precision not in PRECISIONS:
-                raise EdgeExportError(f"unknown precision {precision!r}, expected one of {', '.join(PRECISIONS)}")
-            proto = load_onnx(path)
-            metadata = read_metadata(proto)
-            check_model_matches(proto, metadata, payload, path, checkpoint_path)
-            if metadata.get("precision", "fp32") != precision:
-                raise EdgeExportError(f"{path}: is {metadata.get('precision', 'fp32')}, given as {precision}")
-            checked[precision] = (path, proto, metadata)
+        checked = _check_models(models, payload, checkpoint_path)
         forms = {metadata["form"] for _, _, metadata in checked.values()}
         if len(forms) > 1:
             raise EdgeExportError(f"the models mix export forms {sorted(forms)}: compare builds of one export")
@@ -379,7 +412,7 @@ def compare_precisions(
     latency_inputs = [{"input_ids": rng.integers(0, 256, shape, dtype=np.int64),
                        "attention_mask": np.ones(shape, np.int64)} for shape in (shapes or [(1, seq_len)])]
 
-    rows = []
+    rows, sessions = {}, {}
     for precision, (path, _, _) in checked.items():
         tolerance = TOLERANCES[precision]
         try:
@@ -399,10 +432,12 @@ def compare_precisions(
                        eval_loss_ref=metrics.loss_ref, eval_loss=metrics.loss_onnx,
                        eval_loss_change_pct=100.0 * (metrics.loss_onnx - metrics.loss_ref) / metrics.loss_ref,
                        passed=not failures, failures=failures)
-            for inputs in latency_inputs:
-                step = functools.partial(session.run, OUTPUT_NAMES, inputs, run_options)
-                p50, p90 = _percentiles_ms(step, warmup, runs)
-                batch, seq = inputs["input_ids"].shape
-                row["latency"].append({"batch": batch, "seq_len": seq, "p50_ms": p50, "p90_ms": p90})
-        rows.append(row)
-    return rows
+            sessions[precision] = session
+        rows[precision] = row
+    for inputs in latency_inputs:
+        steps = {precision: functools.partial(session.run, OUTPUT_NAMES, inputs, run_options)
+                 for precision, session in sessions.items()}
+        batch, seq = inputs["input_ids"].shape
+        for precision, (p50, p90) in interleaved_percentiles_ms(steps, warmup, runs).items():
+            rows[precision]["latency"].append({"batch": batch, "seq_len": seq, "p50_ms": p50, "p90_ms": p90})
+    return list(rows.values())
