@@ -76,6 +76,13 @@ def base_fingerprint(base: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
+def _torch_save(payload: dict[str, Any], path: str) -> None:
+    # Through a file object, torch names the zip's root folder "archive" instead of after the temporary
+    # file, so the same tensors always give the same bytes.
+    with open(path, "wb") as f:
+        torch.save(payload, f)
+
+
 def save_checkpoint(path: str | os.PathLike, model: LoRATransformerLM, training: dict[str, Any] | None = None) -> None:
     """Write model config, base weights, LoRA weights and training metadata atomically.
 
@@ -92,7 +99,7 @@ def save_checkpoint(path: str | os.PathLike, model: LoRATransformerLM, training:
         "lora": {k: v.detach().cpu().clone() for k, v in lora_state_dict(model).items()},
         "training": dict(training or {}),
     }
-    atomic_write(path, lambda tmp: torch.save(payload, tmp))
+    atomic_write(path, lambda tmp: _torch_save(payload, tmp))
 
 
 def pickle_imports_objects(path: Path) -> bool:

@@ -45,7 +45,7 @@ def exit_on_error(command: CommandT) -> CommandT:
 
 def check_output(path: Path) -> None:
     """Fail before training, not after, when the output cannot be written."""
-    parent = path.parent if str(path.parent) else Path(".")
+    parent = path.parent
     if path.is_dir():
         raise ValueError(f"{path}: is a directory, expected a checkpoint file path")
     if not parent.is_dir():

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 from click.testing import CliRunner
 
 from lora_export.checkpoint import load_checkpoint, read_checkpoint
@@ -16,15 +14,6 @@ from lora_export.train import prose_text, stdlib_source_text
 TINY = ["--dim", "32", "--depth", "1", "--heads", "2", "--dim-head", "16", "--local-heads", "1", "--window", "8",
         "--max-seq-len", "32", "--dropout", "0"]
 FAST = ["--batch-size", "4", "--eval-every", "10", "--quiet"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """Tiny models run fastest on one thread (and far faster on a busy machine); restore afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +67,7 @@ def test_progress_prints_parameter_counts(base: Path, corpus: dict[str, Path], t
     ("args", "message"),
     [
         (["adapt", "{missing}", "--data", "{prose}"], "no such file"),
-        (["adapt", "{prose}", "--data", "{prose}"], "prose.txt: "),
+        (["adapt", "{prose}", "--data", "{prose}"], "prose.txt: not a readable checkpoint"),
         (["adapt", "{base}", "--data", "{prose}", "--targets", "q,mlp"], "lora_targets: unknown ['mlp']"),
         (["adapt", "{base}", "--data", "{prose}", "--targets", ","], "lora_targets is empty"),
         (["adapt", "{base}", "--data", "{prose}", "--seq-len", "64"], "exceeds the model's max_seq_len 32"),

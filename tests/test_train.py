@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -25,15 +24,6 @@ from lora_export.train import (
 
 TINY = dict(dim=32, depth=1, heads=2, dim_head=16, n_local_attn_heads=1, local_attn_window_size=8,
             max_seq_len=32, dropout=0.0)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """Tiny models run fastest on one thread (and far faster on a busy machine); restore afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +52,15 @@ def test_corpora_are_deterministic_bytes() -> None:
     prose = prose_text()
     assert len(prose) > 100_000 and prose == prose_text()
     assert b"statement" in prose
+
+
+def test_default_corpora() -> None:
+    code, prose = load_data(default="stdlib"), load_data(default="prose")
+    assert code.description["bytes"] == 4_000_000 and "stdlib source" in code.description["source"]
+    assert "pydoc_data.topics" in prose.description["source"]
+    assert len(prose.val) == prose.description["val_bytes"] == prose.description["bytes"] // 10
+    with pytest.raises(ValueError, match="unknown default corpus"):
+        load_data(default="poetry")
 
 
 def test_split_and_batches() -> None:
