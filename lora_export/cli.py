@@ -1,6 +1,7 @@
-"""Command line: ``lora-train pretrain`` and ``lora-train adapt``.
+"""Command line: ``lora-train pretrain|adapt`` and ``lora-export [export|adapter|check|validate]``.
 
-The commands only parse options, call :mod:`lora_export.train` and save with ``save_checkpoint``.
+The commands only parse options and call the library (:mod:`lora_export.train`, :mod:`lora_export.export`,
+:mod:`lora_export.validate`).
 Bad input (a missing or unreadable file, a bad checkpoint, an impossible setting) prints one line
 ``error: ...`` to stderr and exits with status 2, like click's own usage errors; never a traceback.
 """
@@ -15,9 +16,13 @@ from typing import Any, TypeVar
 
 import click
 
+from . import __version__
 from .checkpoint import CheckpointError, save_checkpoint
+from .edge import convert_fp16, convert_ort_format, quantize_int8
+from .export import DEFAULT_OPSET, EXTERNAL_DATA_THRESHOLD, check_adapter_file, export_adapter, export_onnx
 from .model import ModelConfig
 from .train import adapt, load_data, pretrain
+from .validate import validate
 
 CommandT = TypeVar("CommandT", bound=Callable[..., Any])
 
@@ -144,3 +149,165 @@ def adapt_command(base: Path, output: Path, steps: int, batch_size: int, seq_len
     base_loss, adapted_loss = training["base_eval_loss"], training["adapted_eval_loss"]
     click.echo(f"eval loss on {held_out}: base {base_loss:.4f} -> adapted {adapted_loss:.4f} nats/byte "
                f"({adapted_loss - base_loss:+.4f}); wrote {output}")
+
+
+# --------------------------------------------------------------------------- lora-export
+
+
+class DefaultCommandGroup(click.Group):
+    """A group that runs its ``export`` command when the first argument is not a command name.
+
+    So ``lora-export model.pt --merge`` is ``lora-export export model.pt --merge``, while
+    ``lora-export validate ...`` and the other commands work as usual and ``--help`` lists them all.
+    """
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if args and args[0] not in self.commands and args[0] not in ("--help", "-h", "--version"):
+            args = ["export", *args]
+        return super().parse_args(ctx, args)
+
+
+def progress_printer(quiet: bool) -> Callable[[str], None]:
+    """Stage messages on stderr (so stdout holds only the summary); silent with --quiet."""
+    if quiet:
+        return lambda _message: None
+    return lambda message: click.echo(f"[lora-export] {message}", err=True)
+
+
+def run_validation(model_path: Path, checkpoint: Path, adapter: Path | None, providers: str | None,
+                   atol: float | None, rtol: float | None, report: Path | None, quiet: bool,
+                   precision_models: dict[str, Path] | None = None) -> None:
+    """Validate, print the summary and exit 0 (pass) or 1 (parity failure)."""
+    result = validate(model_path, checkpoint, adapter_path=adapter,
+                      providers=providers.split(",") if providers else None,
+                      explicit_providers=providers is not None, atol=atol, rtol=rtol, report_dir=report,
+                      progress=not quiet, precision_models=precision_models)
+    click.echo(result.summary)
+    click.echo(f"report: {result.report_files['html']}")
+    if not result.passed:
+        raise SystemExit(1)
+
+
+def validation_options(command: CommandT) -> CommandT:
+    """--providers, --atol, --rtol, --report: shared by export and validate."""
+    options = [
+        click.option("--providers", default=None,
+                     help="Comma list of cpu, cuda. Given explicitly, a provider that cannot run is an error; "
+                          "by default CPU runs and CUDA is tried, reported 'not run' when unavailable."),
+        click.option("--atol", type=float, default=None, help="Absolute tolerance [default: per precision]."),
+        click.option("--rtol", type=float, default=None, help="Relative tolerance [default: per precision]."),
+        click.option("--report", type=click.Path(path_type=Path), default=None,
+                     help="Report directory [default: <model>_parity/ beside the model]."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+@click.group(cls=DefaultCommandGroup)
+@click.version_option(__version__, prog_name="lora-export")
+def export_cli() -> None:
+    """Export lora-export checkpoints to ONNX and prove parity with PyTorch.
+
+    \b
+    lora-export model.pt --merge               merged graph -> model.onnx, then validate
+    lora-export model.pt --adapters-as-inputs  LoRA A/B as graph inputs + model.onnx_adapter
+    """
+
+
+@export_cli.command("export")
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.option("--merge", is_flag=True, help="Fold scaling*B*A into W0: a plain graph (the default form).")
+@click.option("--adapters-as-inputs", is_flag=True,
+              help="Keep every LoRA A/B as a graph input (ONNX Runtime multi-LoRA) and write the adapter file.")
+@click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
+              help="ONNX file to write [default: the checkpoint's name with .onnx].")
+@click.option("--adapter-output", type=click.Path(path_type=Path), default=None,
+              help="Adapter file to write [default: the output's name with .onnx_adapter].")
+@click.option("--opset", type=int, default=DEFAULT_OPSET, show_default=True, help="ONNX opset (18..23).")
+@click.option("--no-simplify", is_flag=True, help="Skip onnxsim.")
+@click.option("--external-data-threshold", type=int, default=EXTERNAL_DATA_THRESHOLD, show_default=True,
+              help="Above this many bytes the weights go to <output>.data.")
+@click.option("--quantize", type=click.Choice(["int8"]), default=None,
+              help="Also write <output>.int8.onnx: ONNX Runtime dynamic int8 quantization of the weight MatMuls.")
+@click.option("--fp16", is_flag=True, help="Also write <output>.fp16.onnx (fp16 weights and compute, fp32 I/O; GPU).")
+@click.option("--ort-format", is_flag=True,
+              help="Also write .ort models and their required-operators config for reduced ORT builds.")
+@click.option("--no-validate", is_flag=True, help="Skip the parity validation after export.")
+@validation_options
+@click.option("--quiet", is_flag=True, help="Only the summary.")
+@exit_on_error
+def export_command(checkpoint: Path, merge: bool, adapters_as_inputs: bool, output: Path | None,
+                   adapter_output: Path | None, opset: int, no_simplify: bool, external_data_threshold: int,
+                   quantize: str | None, fp16: bool, ort_format: bool, no_validate: bool, providers: str | None,
+                   atol: float | None, rtol: float | None, report: Path | None, quiet: bool) -> None:
+    """Export CHECKPOINT (.pt) to ONNX, merged (default) or with the adapters as inputs, then validate it."""
+    if merge and adapters_as_inputs:
+        raise click.UsageError("--merge and --adapters-as-inputs exclude each other: choose one form")
+    if fp16 and providers is not None and "cuda" not in providers.split(","):
+        raise ValueError(f"--fp16 models run on CUDA, but --providers {providers} excludes it")
+    say = progress_printer(quiet)
+    result = export_onnx(checkpoint, output, merge=not adapters_as_inputs, adapter_path=adapter_output,
+                         opset=opset, simplify_graph=not no_simplify,
+                         external_data_threshold=external_data_threshold, progress=say)
+    click.echo(result.summary())
+    models = {"fp32": result.model_path}
+    if quantize == "int8":
+        say("quantizing to int8 (onnxruntime.quantization)")
+        models["int8"] = quantize_int8(result.model_path)
+    if fp16:
+        say("converting to fp16")
+        models["fp16"] = convert_fp16(result.model_path)
+    if ort_format:
+        for path in list(models.values()):
+            say(f"converting {path.name} to ORT format")
+            convert_ort_format(path)
+    for precision, path in models.items():
+        if precision != "fp32":
+            click.echo(f"{precision + ':':<13}{path} ({path.stat().st_size / 1e6:.2f} MB)")
+    if not no_validate:
+        run_validation(result.model_path, checkpoint, result.adapter_path, providers, atol, rtol, report, quiet,
+                       precision_models=models if len(models) > 1 else None)
+
+
+@export_cli.command("adapter")
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.option("--model", "model_path", type=click.Path(path_type=Path), required=True,
+              help="The adapters-as-inputs model (.onnx) the adapter is for.")
+@click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
+              help="Adapter file [default: the checkpoint's name with .onnx_adapter].")
+@exit_on_error
+def adapter_command(checkpoint: Path, model_path: Path, output: Path | None) -> None:
+    """Write only the adapter of CHECKPOINT, which must share the model's base weights."""
+    path = export_adapter(checkpoint, model_path, output)
+    click.echo(f"wrote {path}")
+
+
+@export_cli.command("check")
+@click.argument("model_path", type=click.Path(path_type=Path))
+@click.argument("adapter", type=click.Path(path_type=Path))
+@exit_on_error
+def check_command(model_path: Path, adapter: Path) -> None:
+    """Hold ADAPTER (.onnx_adapter) against MODEL's inputs; exit 1 naming every mismatch."""
+    errors, notes = check_adapter_file(model_path, adapter)
+    for note in notes:
+        click.echo(f"note: {note}")
+    for error in errors:
+        click.echo(f"mismatch: {error}")
+    if errors:
+        raise SystemExit(1)
+    click.echo(f"ok: {adapter} fits {model_path}")
+
+
+@export_cli.command("validate")
+@click.argument("model_path", type=click.Path(path_type=Path))
+@click.option("--checkpoint", type=click.Path(path_type=Path), required=True, help="The source checkpoint (.pt).")
+@click.option("--adapter", type=click.Path(path_type=Path), default=None,
+              help="Also validate with this .onnx_adapter active (adapters-as-inputs models).")
+@validation_options
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@exit_on_error
+def validate_command(model_path: Path, checkpoint: Path, adapter: Path | None, providers: str | None,
+                     atol: float | None, rtol: float | None, report: Path | None, quiet: bool) -> None:
+    """Compare MODEL (.onnx) on ONNX Runtime with its PyTorch CHECKPOINT; exit 0 pass, 1 fail, 2 bad input."""
+    run_validation(model_path, checkpoint, adapter, providers, atol, rtol, report, quiet)

@@ -183,8 +183,11 @@ def add_rank0_defaults(model: onnx.ModelProto) -> None:
 
 
 def count_parameters_onnx(model: onnx.ModelProto) -> int:
-    """Number of elements over all initializers (the rank-0 LoRA defaults count zero)."""
-    return sum(int(np.prod(init.dims)) if init.dims else 1 for init in model.graph.initializer)
+    """Weights in the graph: elements of the floating-point initializers, leaving out the exporter's
+    one-element constants (scales, fill values); the rank-0 LoRA defaults count zero."""
+    floats = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE)
+    sizes = (int(np.prod(init.dims)) for init in model.graph.initializer if init.data_type in floats)
+    return sum(size for size in sizes if size > 1)
 
 
 def probe_feeds(model: onnx.ModelProto, config: ModelConfig, seed: int = 0) -> dict[str, np.ndarray]:

@@ -1,0 +1,131 @@
+"""The lora-export command line: the literal quick-start command, exit codes, one-line errors, no partial files."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+
+from lora_export.cli import export_cli
+from lora_export.validate import open_session
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def invoke(*args: str) -> tuple[int, str, str]:
+    result = CliRunner().invoke(export_cli, [str(a) for a in args])
+    return result.exit_code, result.stdout, result.stderr
+
+
+def assert_one_line_error(code: int, stderr: str, needle: str) -> None:
+    assert code == 2, stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], stderr
+    assert "Traceback" not in stderr
+
+
+def test_literal_quick_start_command_on_the_demo_model(tmp_path):
+    """`lora-export models/demo.pt --merge` as a new user types it, in a fresh copy of the repository files."""
+    (tmp_path / "models").mkdir()
+    shutil.copy(ROOT / "models" / "demo.pt", tmp_path / "models" / "demo.pt")
+    exe = Path(sys.executable).with_name("lora-export")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([str(exe), "models/demo.pt", "--merge"], cwd=tmp_path, capture_output=True, text=True,
+                          env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "form:        merged" in done.stdout and "PASS" in done.stdout
+    assert (tmp_path / "models" / "demo.onnx").is_file()
+    assert (tmp_path / "models" / "demo_parity" / "parity.html").is_file()
+    assert "[lora-export] exporting" in done.stderr  # progress through the stages
+
+
+def test_help_lists_every_command():
+    code, out, _ = invoke("--help")
+    assert code == 0
+    for command in ("export", "adapter", "check", "validate"):
+        assert command in out
+
+
+@pytest.mark.parametrize("content", [None, b"not a checkpoint", "pickle"])
+def test_bad_checkpoints_exit_2_with_one_line(tmp_path, content):
+    path = tmp_path / "model.pt"
+    if content == "pickle":
+        marker = tmp_path / "PWNED"
+
+        class Payload:
+            def __reduce__(self):
+                return (os.system, (f"touch {marker}",))
+
+        path.write_bytes(pickle.dumps(Payload()))
+    elif content is not None:
+        path.write_bytes(content)
+    code, _, err = invoke(path, "--merge")
+    assert_one_line_error(code, err, str(path))
+    assert not (tmp_path / "PWNED").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ([] if content is None else ["model.pt"])
+
+
+def test_conflicting_flags_and_unwritable_output(tiny_checkpoint, tmp_path):
+    code, _, err = invoke(tiny_checkpoint, "--merge", "--adapters-as-inputs")
+    assert code == 2 and "exclude each other" in err
+    code, _, err = invoke(tiny_checkpoint, "--merge", "--adapter-output", tmp_path / "x.onnx_adapter")
+    assert_one_line_error(code, err, "--adapter-output")
+    code, _, err = invoke(tiny_checkpoint, "--merge", "-o", tmp_path / "missing" / "x.onnx")
+    assert_one_line_error(code, err, "output directory does not exist")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_adapter_for_another_base_exits_2(adapter_export, tmp_path):
+    from conftest import make_lora_model
+
+    from lora_export.checkpoint import save_checkpoint
+
+    other = tmp_path / "other.pt"
+    save_checkpoint(other, make_lora_model(seed=5))
+    code, _, err = invoke("adapter", other, "--model", adapter_export.model_path, "-o", tmp_path / "o.onnx_adapter")
+    assert_one_line_error(code, err, "base weights differ")
+    assert not (tmp_path / "o.onnx_adapter").exists()
+
+
+def test_check_command(adapter_export, merged_export):
+    code, out, _ = invoke("check", adapter_export.model_path, adapter_export.adapter_path)
+    assert code == 0 and out.startswith("ok:")
+    code, out, _ = invoke("check", merged_export.model_path, adapter_export.adapter_path)
+    assert code == 1 and "has no LoRA inputs" in out
+
+
+def test_validate_exit_codes(merged_export, tiny_checkpoint, tmp_path):
+    code, out, err = invoke("validate", merged_export.model_path, "--checkpoint", tiny_checkpoint,
+                            "--report", tmp_path / "ok", "--quiet")
+    assert code == 0, err
+    assert (tmp_path / "ok" / "parity.json").is_file()
+
+    model = onnx.load(merged_export.model_path)
+    bias = next(i for i in model.graph.initializer if i.name == "lm_head.bias")
+    values = onnx.numpy_helper.to_array(bias).copy()
+    values[7] += 0.5
+    bias.CopyFrom(onnx.numpy_helper.from_array(values.astype(np.float32), bias.name))
+    broken = tmp_path / "broken.onnx"
+    onnx.save(model, broken)
+    code, out, _ = invoke("validate", broken, "--checkpoint", tiny_checkpoint, "--report", tmp_path / "bad",
+                          "--quiet")
+    assert code == 1
+    assert out.startswith("FAIL")
+
+
+
+def test_explicit_cuda_that_cannot_run_exits_2(merged_export, tiny_checkpoint, tmp_path):
+    _, status = open_session(merged_export.model_path, "CUDAExecutionProvider")
+    if status.ran:
+        pytest.skip("CUDA really runs on this machine")
+    code, _, err = invoke("validate", merged_export.model_path, "--checkpoint", tiny_checkpoint,
+                          "--providers", "cuda", "--report", tmp_path / "r", "--quiet")
+    assert_one_line_error(code, err, "CUDAExecutionProvider")
