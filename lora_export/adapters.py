@@ -23,7 +23,7 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from .checkpoint import atomic_write
+from .checkpoint import atomic_write, first_line
 from .layers import LoRALayer, lora_layers
 
 ADAPTER_VERSION = 1
@@ -67,7 +67,7 @@ def read_adapter(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], int]:
         adapter = ort.AdapterFormat.read_adapter(str(path))
         params = adapter.get_parameters()
     except Exception as err:  # ORT raises its own exception types for a malformed FlatBuffer
-        raise AdapterError(f"{path}: not a readable .onnx_adapter file: {str(err).splitlines()[0]}") from None
+        raise AdapterError(f"{path}: not a readable .onnx_adapter file: {first_line(err)}") from None
     return {k: np.array(v.numpy()) for k, v in params.items()}, adapter.get_model_version()
 
 

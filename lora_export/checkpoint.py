@@ -33,6 +33,11 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be read; the message is one line naming the file and the problem."""
 
 
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message (its type name when empty), for one-line errors."""
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     """Call write(tmp_path) on a temporary file beside ``path``, then rename it into place.
 
@@ -134,7 +139,7 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
             ) from None
         raise CheckpointError(f"{path}: not a readable checkpoint (truncated or corrupt?)") from None
     except Exception as err:  # torch.load raises many types (RuntimeError, KeyError, ...) on corrupt bytes
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0].split(". ")[0]
+        first = first_line(err).split(". ")[0]
         raise CheckpointError(f"{path}: not a readable checkpoint (truncated or corrupt?): {first}") from None
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path}: not a lora-export checkpoint (missing format '{CHECKPOINT_FORMAT}')")

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 import click
 
 from . import __version__
-from .checkpoint import CheckpointError, save_checkpoint
+from .checkpoint import CheckpointError, first_line, save_checkpoint
 from .edge import convert_fp16, convert_ort_format, quantize_int8
 from .export import DEFAULT_OPSET, EXTERNAL_DATA_THRESHOLD, check_adapter_file, export_adapter, export_onnx
 from .model import ModelConfig
@@ -41,7 +41,7 @@ def exit_on_error(command: CommandT) -> CommandT:
             if isinstance(err, OSError) and err.filename is not None:
                 message = f"{err.filename}: {err.strerror or err}"
             else:
-                message = (str(err).strip().splitlines() or [type(err).__name__])[0]
+                message = first_line(err)
             click.echo(f"error: {message}", err=True)
             raise SystemExit(2) from None
 

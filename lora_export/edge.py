@@ -45,7 +45,7 @@ import torch
 from onnx.external_data_helper import load_external_data_for_model
 
 from .adapters import AdapterError, activate_adapters, attach_adapter, lora_input_specs
-from .checkpoint import CheckpointError, build_model, read_checkpoint
+from .checkpoint import CheckpointError, build_model, first_line, read_checkpoint
 from .export import (
     EXTERNAL_DATA_THRESHOLD,
     OUTPUT_NAMES,
@@ -62,7 +62,6 @@ from .validate import (
     LATENCY_WARMUP,
     TOLERANCES,
     ParityInputError,
-    _first_line,
     check_model_matches,
     compare_logits,
     heldout_text,
@@ -159,7 +158,7 @@ def _save(model: onnx.ModelProto, source: onnx.ModelProto, output: Path, precisi
     try:
         onnx.checker.check_model(model, full_check=True)
     except Exception as err:  # onnx raises ValidationError, InferenceError, ...
-        raise EdgeExportError(f"{output}: the {precision} model fails onnx.checker: {_first_line(err)}") from None
+        raise EdgeExportError(f"{output}: the {precision} model fails onnx.checker: {first_line(err)}") from None
     try:
         save_model(model, output, EXTERNAL_DATA_THRESHOLD)
     except OSError as err:
@@ -215,7 +214,7 @@ def quantize_int8(model_path: str | os.PathLike, output_path: str | os.PathLike 
                              weight_type=QuantType.QInt8)
             quantized = onnx.load(quantized_path)
         except Exception as err:  # the quantizer raises many exception types
-            raise EdgeExportError(f"{model_path}: ONNX Runtime quantization failed: {_first_line(err)}") from None
+            raise EdgeExportError(f"{model_path}: ONNX Runtime quantization failed: {first_line(err)}") from None
     left = constant_weight_nodes(quantized)
     if left:
         raise EdgeExportError(f"{model_path}: quantization left {len(left)} weight nodes in float: {left[:3]}")
@@ -248,7 +247,7 @@ def convert_fp16(model_path: str | os.PathLike, output_path: str | os.PathLike |
             converted = convert_float_to_float16(converted, keep_io_types=True)
             OnnxModel(converted).topological_sort()
     except Exception as err:  # the converter raises many exception types
-        raise EdgeExportError(f"{model_path}: float16 conversion failed: {_first_line(err)}") from None
+        raise EdgeExportError(f"{model_path}: float16 conversion failed: {first_line(err)}") from None
     boundary = [(value.name, value.type.tensor_type.elem_type) for value in (*source.graph.input,
                                                                              *source.graph.output)]
     if [(value.name, value.type.tensor_type.elem_type)
@@ -298,7 +297,7 @@ def convert_ort_format(model_path: str | os.PathLike, output_dir: str | os.PathL
     except OSError as err:
         raise EdgeExportError(f"{directory}: cannot write: {err.strerror or err}") from None
     except Exception as err:  # the tool raises ORT's own exception types
-        raise EdgeExportError(f"{model_path}: ORT format conversion failed: {_first_line(err)}") from None
+        raise EdgeExportError(f"{model_path}: ORT format conversion failed: {first_line(err)}") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return outputs[0], outputs[1]

@@ -41,7 +41,7 @@ from .adapters import (
     read_adapter,
     write_adapter,
 )
-from .checkpoint import base_fingerprint, build_model, default_file_mode, file_sha256, read_checkpoint
+from .checkpoint import base_fingerprint, build_model, default_file_mode, file_sha256, first_line, read_checkpoint
 from .layers import LoRALayer, lora_layers, merge_lora
 from .model import LoRATransformerLM, ModelConfig
 
@@ -221,7 +221,7 @@ def simplify(model: onnx.ModelProto, config: ModelConfig) -> tuple[onnx.ModelPro
             simplified, ok = onnxsim.simplify(model, check_n=0)
         onnx.checker.check_model(simplified, full_check=True)
     except Exception as err:  # onnxsim raises many exception types
-        return model, False, f"onnxsim failed, kept the unsimplified model: {str(err).splitlines()[0][:120]}"
+        return model, False, f"onnxsim failed, kept the unsimplified model: {first_line(err)[:120]}"
     if not ok:
         return model, False, "onnxsim check failed, kept the unsimplified model"
     before, after = len(model.graph.node), len(simplified.graph.node)
@@ -400,8 +400,7 @@ def load_onnx(path: str | os.PathLike) -> onnx.ModelProto:
     try:
         return onnx.load(path, load_external_data=False)
     except Exception as err:  # protobuf's DecodeError and friends
-        reason = (str(err).splitlines() or [type(err).__name__])[0]
-        raise ExportError(f"{path}: not a readable ONNX model: {reason}") from None
+        raise ExportError(f"{path}: not a readable ONNX model: {first_line(err)}") from None
 
 
 def check_adapter_file(model_path: str | os.PathLike, adapter_path: str | os.PathLike) -> tuple[list[str], list[str]]:

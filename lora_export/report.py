@@ -1,7 +1,8 @@
 """Parity reports of a ``validate()`` result, written atomically into one directory.
 
 * ``parity.json``: machine-readable, ``"schema_version": 1``, described by ``lora_export/parity_schema.json``;
-  non-finite metrics (NaN / Inf outputs) are written as null.
+  non-finite metrics (NaN / Inf outputs) are written as null. ``status`` is passed / failed / not run (no provider
+  could run the model); ``precisions``, the table across fp32 / fp16 / int8 builds, only when it was measured.
 * ``parity.md``: the same tables for people and code review.
 * ``parity.html``: self-contained (inline CSS, no links out): the tables plus an error histogram per provider
   and latency bars, drawn with matplotlib's Agg canvas and embedded as ``data:image/png;base64`` URIs.
@@ -33,6 +34,8 @@ REPORT_FILES = {"json": "parity.json", "markdown": "parity.md", "html": "parity.
 #: Bin edges of log10 |onnx - torch| for the error histogram: quarter decades from 1e-12 (exact matches are
 #: counted in the first bin) to 1e2 (larger errors in the last).
 ERROR_HISTOGRAM_EDGES = np.linspace(-12.0, 2.0, 57)
+#: The headline word of each ParityResult.status.
+VERDICTS = {"passed": "PASS", "failed": "FAIL", "not run": "NOT RUN"}
 
 
 @dataclass
@@ -62,11 +65,12 @@ def _plain(value: Any) -> Any:
 
 
 def report_json(result: ParityResult) -> dict:
-    """The parity.json document (schema_version 1)."""
-    return _plain({
+    """The parity.json document (schema_version 1); ``precisions`` only when the result has them."""
+    document = {
         "schema_version": SCHEMA_VERSION,
         "tool": {"name": "lora-export", "version": result.tool_version},
         "created": result.created,
+        "status": result.status,
         "passed": result.passed,
         "summary": result.summary,
         "model": {"path": result.model_path, "form": result.form, "metadata": result.model_metadata},
@@ -85,18 +89,53 @@ def report_json(result: ParityResult) -> dict:
         "worst": None if result.worst is None else asdict(result.worst),
         "failures": result.failures,
         "notes": result.notes,
-    })
+    }
+    if result.precisions is not None:
+        document["precisions"] = result.precisions
+    return _plain(document)
 
 
 def _sci(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.2e}"
 
 
+def precision_section(rows: list[dict]) -> Section:
+    """The table across precisions from ``lora_export.edge.compare_precisions`` rows."""
+    shapes = list(dict.fromkeys((t["batch"], t["seq_len"]) for row in rows for t in row["latency"]))
+    fp32_size = next((row["file_size"] for row in rows if row["precision"] == "fp32"), None)
+    section = Section(
+        "Precisions",
+        paragraphs=["Each build against the PyTorch fp32 checkpoint on held-out prose. File sizes include external "
+                    "data. p50: milliseconds per forward pass on the row's provider (CPU for fp32 and int8, CUDA "
+                    "for fp16), the builds taking turns. Eval loss: next-byte cross-entropy in nats/byte, "
+                    "torch -> onnx (change)."],
+        headers=["Precision", "File size MB", "Size vs fp32", "Provider", *(f"p50 ms ({b} x {n})" for b, n in shapes),
+                 "Top-1", "Eval loss", "Verdict"],
+        bullets=[f"{row['precision']} limits: {row['tolerance']}" for row in rows],
+    )
+    for row in rows:
+        p50 = {(t["batch"], t["seq_len"]): t["p50_ms"] for t in row["latency"]}
+        loss = ("n/a" if row["eval_loss"] is None else f"{row['eval_loss_ref']:.4f} -> {row['eval_loss']:.4f} "
+                f"({row['eval_loss_change_pct']:+.2f}%)")
+        if row["passed"] is None:
+            verdict = "not run"
+        else:
+            verdict = "pass" if row["passed"] else "FAIL: " + "; ".join(row["failures"])
+        section.rows.append([
+            row["precision"], f"{row['file_size'] / 1e6:,.2f}",
+            "n/a" if fp32_size is None else f"{row['file_size'] / fp32_size:.0%}",
+            f"{row['provider']}: {row['status']}",
+            *("-" if shape not in p50 else f"{p50[shape]:.3f}" for shape in shapes),
+            "n/a" if row["top1_agreement"] is None else f"{row['top1_agreement']:.2%}", loss, verdict,
+        ])
+    return section
+
+
 def report_sections(result: ParityResult) -> list[Section]:
     """The report's content, shared by the Markdown and HTML renderings."""
     tol = result.tolerance
     overview = Section("Overview", headers=["", ""], rows=[
-        ["Result", "PASS" if result.passed else "FAIL"],
+        ["Result", VERDICTS[result.status]],
         ["Summary", result.summary],
         ["Model", f"{result.model_path} (form {result.form}, opset {result.model_metadata.get('opset', '?')})"],
         ["Checkpoint", str(result.checkpoint_path)],
@@ -148,6 +187,8 @@ def report_sections(result: ParityResult) -> list[Section]:
                              f"{t.runs} ({t.warmup})"] for t in result.latencies])
     sections = [overview, Section("Pass rule", paragraphs=[result.pass_rule]), providers, cases, comparisons,
                 generations, latency]
+    if result.precisions is not None:
+        sections.append(precision_section(result.precisions))
     if result.failures:
         sections.append(Section("Failures", bullets=result.failures))
     if result.notes:
@@ -161,7 +202,7 @@ def _md_cell(text: str) -> str:
 
 def render_markdown(result: ParityResult) -> str:
     """parity.md: a title line and the sections as Markdown tables."""
-    lines = [f"# Parity report: {result.model_path.name} - {'PASS' if result.passed else 'FAIL'}", ""]
+    lines = [f"# Parity report: {result.model_path.name} - {VERDICTS[result.status]}", ""]
     for section in report_sections(result):
         lines += [f"## {section.title}", ""]
         for paragraph in section.paragraphs:
@@ -218,9 +259,9 @@ def latency_png(result: ParityResult) -> bytes:
 
 def render_html(result: ParityResult) -> str:
     """parity.html: self-contained page with the sections and the two plots embedded as PNG data URIs."""
-    verdict = "PASS" if result.passed else "FAIL"
+    verdict = VERDICTS[result.status]
     body = [f"<h1>Parity report: {html.escape(result.model_path.name)} "
-            f"<span class='{verdict.lower()}'>{verdict}</span></h1>"]
+            f"<span class='{result.status.replace(' ', '-')}'>{verdict}</span></h1>"]
     for section in report_sections(result):
         body.append(f"<h2>{html.escape(section.title)}</h2>")
         body += [f"<p>{html.escape(paragraph)}</p>" for paragraph in section.paragraphs]
@@ -240,7 +281,7 @@ def render_html(result: ParityResult) -> str:
                     f"<figcaption>{title}</figcaption></figure>")
     style = ("body{font-family:sans-serif;margin:2em;max-width:1400px}table{border-collapse:collapse;margin:1em 0}"
              "td,th{border:1px solid #ccc;padding:3px 6px;font-size:13px;text-align:left}th{background:#f3f3f3}"
-             ".pass{color:#187a18}.fail{color:#b00}img{max-width:100%}")
+             ".passed{color:#187a18}.failed{color:#b00}.not-run{color:#a60}img{max-width:100%}")
     return ("<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
             f"<title>Parity report: {html.escape(result.model_path.name)} - {verdict}</title>"
             f"<style>{style}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")

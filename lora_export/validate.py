@@ -13,6 +13,10 @@ runs seeded cases on ONNX Runtime's CPU provider (and CUDA when asked for or pre
 
 Which provider ran is read from the created session's ``get_providers()``. A provider that did not run is
 reported as ``not run: <reason>``; when the user asked for it explicitly that is a ``ProviderUnavailableError``.
+fp16 models (``lora_export.precision`` metadata) are measured on CUDA only: ONNX Runtime's CPU provider has few
+float16 kernels, so it is reported as not run. When no provider ran, the result's ``status`` is ``'not run'``:
+neither passed nor failed. Given the edge builds of the model (``precision_models``), the report also carries
+``lora_export.edge.compare_precisions``'s table across fp32 / fp16 / int8.
 ``torch`` is imported at module load, before any session is created: a PyTorch built for the same CUDA major
 version then lets ONNX Runtime's CUDA provider find its libraries. Reports are written by ``lora_export.report``.
 """
@@ -28,7 +32,7 @@ import re
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -41,7 +45,7 @@ from tqdm import tqdm
 
 from . import __version__
 from .adapters import AdapterError, attach_adapter, check_adapter, model_version_from_fingerprint, read_adapter
-from .checkpoint import CheckpointError, base_fingerprint, build_model, file_sha256, read_checkpoint
+from .checkpoint import CheckpointError, base_fingerprint, build_model, file_sha256, first_line, read_checkpoint
 from .export import FORMS, INPUT_NAMES, OUTPUT_NAMES, ExportError, load_onnx, read_metadata
 from .layers import merge_lora
 from .model import VOCAB_SIZE, LoRATransformerLM, ModelConfig
@@ -56,6 +60,9 @@ LATENCY_WARMUP = 3
 LATENCY_RUNS = 20
 LATENCY_MAX_SEQ = 256
 POLYGRAPHY_EPSILON = 2.220446049250313e-16
+FP16_CPU_REASON = "ONNX Runtime's CPU provider has few float16 kernels; fp16 parity is measured on CUDA"
+#: ParityResult.status values: 'not run' when no provider could run the model (neither passed nor failed).
+STATUSES = ("passed", "failed", "not run")
 
 
 class ParityInputError(ValueError):
@@ -198,9 +205,9 @@ class Latency:
 
 @dataclass
 class ParityResult:
-    """Everything validate() measured; ``passed`` is the verdict, ``report_files`` what it wrote."""
+    """Everything validate() measured; ``status`` is the verdict, ``report_files`` what it wrote."""
 
-    passed: bool
+    status: str  # one of STATUSES
     summary: str  # one line naming the worst case and output when failing
     model_path: Path
     checkpoint_path: Path
@@ -223,8 +230,15 @@ class ParityResult:
     error_histograms: dict[str, np.ndarray]  # provider -> counts of log10 |onnx - torch| in ERROR_HISTOGRAM_EDGES
     created: str
     tool_version: str = __version__
+    #: rows of ``lora_export.edge.compare_precisions`` (validate's precision_models), None when not measured
+    precisions: list[dict] | None = None
     report_dir: Path | None = None
     report_files: dict[str, Path] = field(default_factory=dict)
+
+    @property
+    def passed(self) -> bool:
+        """Parity holds on every provider that ran, and at least one ran."""
+        return self.status == "passed"
 
 
 @dataclass
@@ -238,11 +252,6 @@ class _Variant:
 
 
 # --------------------------------------------------------------------------- inputs
-
-
-def _first_line(err: BaseException) -> str:
-    """The first line of an exception's message (its type name when empty), for one-line errors."""
-    return (str(err).strip().splitlines() or [type(err).__name__])[0]
 
 
 def _dims(value: onnx.ValueInfoProto) -> list[int | str]:
@@ -420,7 +429,7 @@ def open_session(model_path: str | os.PathLike, provider: str) -> tuple[ort.Infe
         try:
             session = ort.InferenceSession(str(model_path), options, providers=[name])
         except Exception as err:  # ORT raises its own exception types (InvalidGraph, Fail, ...)
-            raise ParityInputError(f"{model_path}: ONNX Runtime cannot load the model: {_first_line(err)}"
+            raise ParityInputError(f"{model_path}: ONNX Runtime cannot load the model: {first_line(err)}"
                                    ) from None
         return session, ProviderStatus(provider, name, True, session.get_providers())
 
@@ -436,7 +445,7 @@ def open_session(model_path: str | os.PathLike, provider: str) -> tuple[ort.Infe
         try:
             session = ort.InferenceSession(str(model_path), options, providers=[name, PROVIDERS["cpu"]])
         except Exception as err:  # e.g. a CUDA driver error raised instead of a fallback
-            session, error = None, _first_line(err)
+            session, error = None, first_line(err)
     if session is None:
         return None, ProviderStatus(provider, name, False, [], f"session creation failed: {error}")
     ran = session.get_providers()
@@ -647,12 +656,14 @@ def _variants(form: str, adapter_path: Path | None, tensors: dict[str, np.ndarra
     return variants
 
 
-def _summary(passed: bool, comparisons: list[Comparison], worst: Comparison | None, failures: list[str],
+def _summary(status: str, comparisons: list[Comparison], worst: Comparison | None, failures: list[str],
              providers: list[ProviderStatus], tolerance: Tolerance) -> str:
-    """One line: PASS with the tolerance headroom, or FAIL naming the worst case and output."""
+    """One line: PASS with the tolerance headroom, FAIL naming the worst case and output, or NOT RUN."""
     not_run = "; ".join(f"{p.name} not run: {p.reason}" for p in providers if not p.ran)
     ran = [p.name for p in providers if p.ran]
-    if passed:
+    if status == "not run":
+        return f"NOT RUN: no execution provider could run the model; {not_run}"
+    if status == "passed":
         used = [c.metrics.tolerance_used for c in comparisons if c.metrics.tolerance_used is not None]
         headroom = f", worst {max(used):.1%} of the tolerance" if used else ""
         line = (f"PASS: {len(comparisons)} comparisons on {', '.join(ran)} within {tolerance.describe()}"
@@ -695,6 +706,7 @@ def validate(
     progress: bool | Callable[[int, int, str], None] = False,
     generate_bytes: int = GENERATE_BYTES,
     latency_runs: int = LATENCY_RUNS,
+    precision_models: Mapping[str, str | os.PathLike] | None = None,
 ) -> ParityResult:
     """Check an exported ONNX model against its checkpoint on ONNX Runtime and write the parity reports.
 
@@ -702,11 +714,15 @@ def validate(
     CUDA session really gets CUDAExecutionProvider. explicit_providers: the user named the providers
     (``--providers``): one that cannot run raises ProviderUnavailableError instead of a 'not run' line.
     atol / rtol override the precision's TOLERANCES entry (the precision is the model's
-    ``lora_export.precision`` metadata, fp32 when absent). report_dir defaults to ``<model stem>_parity/``
-    beside the model. progress: True for a tqdm bar on stderr, or a callback(done, total, label) per case.
+    ``lora_export.precision`` metadata, fp32 when absent). An fp16 model is run on CUDA only: CPU is reported
+    as not run (FP16_CPU_REASON), CUDA is always tried, and an explicit CPU-only request is a ParityInputError.
+    report_dir defaults to ``<model stem>_parity/`` beside the model. progress: True for a tqdm bar on stderr,
+    or a callback(done, total, label) per case. precision_models: {precision: .onnx path} of builds of the
+    same export (e.g. fp32 / fp16 / int8) for the report's precision table, measured by
+    ``lora_export.edge.compare_precisions`` with ``latency_runs`` timed runs.
 
-    Returns the ParityResult (``passed``, ``summary``, ``report_files``); raises ParityInputError for inputs
-    that cannot be validated (CLI exit 2).
+    Returns the ParityResult (``status`` 'passed' / 'failed' / 'not run' when no provider could run the model,
+    ``summary``, ``report_files``); raises ParityInputError for inputs that cannot be validated (CLI exit 2).
     """
     if generate_bytes < 1 or latency_runs < 1:
         raise ParityInputError(f"generate_bytes and latency_runs must be >= 1, got {generate_bytes}, {latency_runs}")
@@ -727,6 +743,10 @@ def validate(
         tensors, adapter_notes = load_adapter_for(adapter_path, proto, metadata)
         notes += adapter_notes
     requested = normalize_providers(providers)
+    if precision == "fp16":
+        if explicit_providers and requested == ["cpu"]:
+            raise ParityInputError(f"fp16 models run on CUDA: {FP16_CPU_REASON}; ask for cuda, not cpu only")
+        requested = ["cpu", "cuda"]  # CPU is reported as not run; CUDA is where fp16 is measured
     report_dir = Path(report_dir) if report_dir is not None else model_path.with_name(f"{model_path.stem}_parity")
     try:
         report_dir.mkdir(parents=True, exist_ok=True)
@@ -735,12 +755,25 @@ def validate(
 
     sessions, statuses = {}, []
     for provider in requested:
+        if provider == "cpu" and precision == "fp16":
+            statuses.append(ProviderStatus("cpu", PROVIDERS["cpu"], False, [], FP16_CPU_REASON))
+            continue
         session, status = open_session(model_path, provider)
         if not status.ran and explicit_providers:
             raise ProviderUnavailableError(f"{status.name} was requested but cannot run: {status.reason}")
         statuses.append(status)
         if session is not None:
             sessions[status.name] = session
+
+    precisions = None
+    if precision_models:
+        from .edge import EdgeExportError, compare_precisions  # edge imports this module
+
+        try:
+            precisions = compare_precisions(checkpoint_path, precision_models, adapter_path=adapter_path,
+                                            runs=latency_runs)
+        except EdgeExportError as err:
+            raise ParityInputError(str(err)) from None
 
     model = build_model(payload, checkpoint_path)
     if form == "merged":
@@ -758,7 +791,7 @@ def validate(
     total = len(variants) * len(sessions) * len(cases)
     report_progress, close_progress = _progress_callback(progress, total)
     try:
-        for variant in variants:
+        for variant in variants if sessions else []:  # no provider ran: nothing to compare or time
             if form == "adapters":
                 attach_adapter(model, variant.tensors)
             references = [_reference(model, case.input_ids, case.attention_mask) for case in cases]
@@ -794,15 +827,16 @@ def validate(
     failing = [c for c in comparisons if not c.passed]
     worst = max(failing, key=lambda c: (not c.metrics.finite, c.metrics.tolerance_used or 0.0,
                                         -c.metrics.top1_agreement), default=None)
-    passed = not failures
+    verdict = "not run" if not sessions else "failed" if failures else "passed"
     result = ParityResult(
-        passed=passed, summary=_summary(passed, comparisons, worst, failures, statuses, tolerance),
+        status=verdict, summary=_summary(verdict, comparisons, worst, failures, statuses, tolerance),
         model_path=model_path, checkpoint_path=checkpoint_path, adapter_path=adapter_path, form=form,
         precision=precision, tolerance=tolerance, pass_rule=pass_rule(tolerance, generate_bytes), seed=seed,
         model_metadata=metadata, providers=statuses, variants=[v.name for v in variants], cases=cases,
         comparisons=comparisons, generations=generations, latencies=latencies, failures=failures, worst=worst,
         notes=notes, error_histograms=histograms,
-        created=datetime.now(timezone.utc).isoformat(timespec="seconds"), report_dir=report_dir,
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"), precisions=precisions,
+        report_dir=report_dir,
     )
     result.report_files = write_reports(result, report_dir)
     return result

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lora_export.checkpoint import save_checkpoint
+from lora_export.checkpoint import read_checkpoint, save_checkpoint
 from lora_export.export import ExportResult, export_onnx
 from lora_export.model import LoRATransformerLM, ModelConfig
 
@@ -35,6 +35,19 @@ def make_lora_model(seed: int = 0, **overrides: object) -> LoRATransformerLM:
                 param.normal_(0.0, 0.2)
             elif "norm" in name:  # distinct values, so no exporter pass can deduplicate them
                 param.add_(torch.randn_like(param) * 0.1)
+    return model
+
+
+def same_base_other_rank(checkpoint: Path, r: int, seed: int) -> LoRATransformerLM:
+    """A model with the checkpoint's base weights and a different, random LoRA of rank r."""
+    payload = read_checkpoint(checkpoint)
+    torch.manual_seed(seed)
+    model = LoRATransformerLM(ModelConfig.from_dict({**payload["config"], "r": r})).eval()
+    model.load_state_dict(payload["base"], strict=False)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("lora_B"):
+                param.normal_(0.0, 0.3)
     return model
 
 

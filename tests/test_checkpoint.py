@@ -131,8 +131,8 @@ def test_save_leaves_no_temp_file(tmp_path: Path) -> None:
 def test_failing_write_leaves_no_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """torch.save raising half way (after writing some bytes) leaves neither the file nor a temp file."""
 
-    def broken_save(obj: object, f: str, *args: object, **kwargs: object) -> None:
-        Path(f).write_bytes(b"partial")
+    def broken_save(obj: object, f: Any, *args: object, **kwargs: object) -> None:
+        f.write(b"partial")
         raise OSError("disk full")
 
     monkeypatch.setattr(torch, "save", broken_save)

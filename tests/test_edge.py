@@ -6,6 +6,7 @@ the models where a test needs the default output beside its input), never beside
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -15,8 +16,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from conftest import make_lora_model
-from test_export import same_base_other_rank
+from conftest import make_lora_model, same_base_other_rank
 
 from lora_export.adapters import activate_adapters, attach_adapter, lora_input_specs, read_adapter
 from lora_export.checkpoint import load_checkpoint, save_checkpoint
@@ -30,7 +30,7 @@ from lora_export.edge import (
     quantize_int8,
 )
 from lora_export.export import ExportResult, export_adapter, read_metadata
-from lora_export.validate import TOLERANCES, compare_logits, judge
+from lora_export.validate import TOLERANCES, ParityInputError, compare_logits, judge, validate
 
 FAST = {"warmup": 1, "runs": 3}
 
@@ -259,3 +259,17 @@ def test_compare_refuses_models_that_do_not_fit(merged_copy, tiny_checkpoint, tm
     save_checkpoint(other, make_lora_model(seed=99))
     with pytest.raises(EdgeExportError, match="do not belong together"):
         compare_precisions(other, {"fp32": merged_copy})
+
+
+def test_validate_reports_the_precision_table(merged_copy, merged_int8, tiny_checkpoint, tmp_path):
+    with pytest.raises(ParityInputError, match="is fp32, given as int8"):
+        validate(merged_copy, tiny_checkpoint, precision_models={"int8": merged_copy}, report_dir=tmp_path)
+    result = validate(merged_copy, tiny_checkpoint, providers=["cpu"], report_dir=tmp_path, latency_runs=2,
+                      precision_models={"fp32": merged_copy, "int8": merged_int8})
+    assert result.passed, result.summary
+    assert [(row["precision"], row["status"], row["passed"]) for row in result.precisions] == [
+        ("fp32", "ran", True), ("int8", "ran", True)]
+    assert json.loads(result.report_files["json"].read_text())["precisions"][1]["precision"] == "int8"
+    markdown = result.report_files["markdown"].read_text()
+    assert "## Precisions" in markdown and "| int8 | " in markdown
+    assert "<td>int8</td>" in result.report_files["html"].read_text()

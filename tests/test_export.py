@@ -9,7 +9,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from conftest import TINY_CONFIG
+from conftest import TINY_CONFIG, same_base_other_rank
 
 from lora_export.adapters import (
     activate_adapters,
@@ -44,21 +44,6 @@ def torch_logits(model: torch.nn.Module, inputs: dict[str, np.ndarray]) -> np.nd
         return model(torch.from_numpy(inputs["input_ids"]), torch.from_numpy(inputs["attention_mask"])).numpy()
 
 
-def same_base_other_rank(checkpoint: Path, r: int, seed: int) -> torch.nn.Module:
-    """A model with the checkpoint's base weights and a different, random LoRA of rank r."""
-    payload = read_checkpoint(checkpoint)
-    from lora_export.model import LoRATransformerLM, ModelConfig
-
-    torch.manual_seed(seed)
-    model = LoRATransformerLM(ModelConfig.from_dict({**payload["config"], "r": r})).eval()
-    model.load_state_dict(payload["base"], strict=False)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("lora_B"):
-                param.normal_(0.0, 0.3)
-    return model
-
-
 @pytest.mark.parametrize("batch,n", SHAPES)
 def test_merged_matches_pytorch(merged_export, tiny_checkpoint, batch, n):
     model = load_checkpoint(tiny_checkpoint)
@@ -77,7 +62,7 @@ def test_merged_graph_has_no_lora_and_base_parameter_count(merged_export, tiny_c
     base_params = sum(v.numel() for k, v in read_checkpoint(tiny_checkpoint)["base"].items())
     weights = sum(int(np.prod(i.dims)) for i in model.graph.initializer
                   if i.data_type == onnx.TensorProto.FLOAT and int(np.prod(i.dims)) > 1)
-    assert weights == base_params
+    assert weights == base_params == merged_export.parameters
 
 
 def test_metadata(merged_export, adapter_export, tiny_checkpoint):

@@ -55,7 +55,8 @@ def make_result(failing: bool) -> ParityResult:
                                       judge(nan_metrics, tolerance)))
     failures = [f"case '{c.case}': {reason}" for c in comparisons for reason in c.failures]
     return ParityResult(
-        passed=not failing, summary="FAIL: worst case 'padding', output 'logits'" if failing else "PASS: all good",
+        status="failed" if failing else "passed",
+        summary="FAIL: worst case 'padding', output 'logits'" if failing else "PASS: all good",
         model_path=Path("/models/tiny.onnx"), checkpoint_path=Path("/models/tiny.pt"), adapter_path=None,
         form="merged", precision="fp32", tolerance=tolerance, pass_rule=pass_rule(tolerance, 24), seed=0,
         model_metadata={"form": "merged", "opset": "18"},
@@ -70,6 +71,24 @@ def make_result(failing: bool) -> ParityResult:
         error_histograms={"CPUExecutionProvider": np.arange(len(ERROR_HISTOGRAM_EDGES) - 1)},
         created="2026-01-01T00:00:00+00:00",
     )
+
+
+def precision_rows() -> list[dict]:
+    """compare_precisions rows as it writes them: fp32 and int8 ran on CPU, fp16 did not run."""
+    def row(precision: str, size: int, provider: str, status: str, top1: float | None, loss: float | None,
+            p50: float | None) -> dict:
+        ran = top1 is not None
+        return {"precision": precision, "model": f"/models/tiny.{precision}.onnx", "file_size": size,
+                "provider": provider, "status": status, "tolerance": TOLERANCES[precision].describe(),
+                "top1_agreement": top1, "top1_exact": top1, "max_abs": 1e-6 if ran else None,
+                "eval_loss_ref": 5.5 if ran else None, "eval_loss": loss,
+                "eval_loss_change_pct": 100.0 * (loss - 5.5) / 5.5 if ran else None,
+                "latency": [{"batch": 1, "seq_len": 32, "p50_ms": p50, "p90_ms": p50 * 1.2}] if ran else [],
+                "passed": True if ran else None, "failures": []}
+
+    return [row("fp32", 2_000_000, "CPUExecutionProvider", "ran", 1.0, 5.5, 0.41),
+            row("int8", 600_000, "CPUExecutionProvider", "ran", 0.97, 5.533, 0.25),
+            row("fp16", 1_000_000, "CUDAExecutionProvider", "not run: no GPU", None, None, None)]
 
 
 class ImageCollector(HTMLParser):
@@ -148,3 +167,37 @@ def test_markdown_has_the_tables_pass_rule_and_worst_case() -> None:
 def test_passing_report_has_no_failures_section() -> None:
     text = render_markdown(make_result(failing=False))
     assert "## Failures" not in text and "PASS" in text.splitlines()[0]
+
+
+def test_precision_table_in_json_markdown_and_html(tmp_path: Path, schema: dict) -> None:
+    result = make_result(failing=False)
+    assert "precisions" not in report_json(result)  # optional: only when measured
+    result.precisions = precision_rows()
+    paths = write_reports(result, tmp_path)
+    document = json.loads(paths["json"].read_text())
+    jsonschema.validate(document, schema, cls=jsonschema.Draft202012Validator)
+    assert [row["precision"] for row in document["precisions"]] == ["fp32", "int8", "fp16"]
+    markdown = paths["markdown"].read_text()
+    assert "## Precisions" in markdown
+    assert "| Precision | File size MB | Size vs fp32 | Provider | p50 ms (1 x 32) | Top-1 | Eval loss | Verdict |" \
+        in markdown
+    assert "| int8 | 0.60 | 30% | CPUExecutionProvider: ran | 0.250 | 97.00% | 5.5000 -> 5.5330 (+0.60%) | pass |" \
+        in markdown
+    assert "| fp16 | 1.00 | 50% | CUDAExecutionProvider: not run: no GPU | - | n/a | n/a | not run |" in markdown
+    page = paths["html"].read_text()
+    assert "<h2>Precisions</h2>" in page
+    assert "<td>int8</td><td>0.60</td><td>30%</td><td>CPUExecutionProvider: ran</td><td>0.250</td>" in page
+
+
+def test_not_run_report_is_neither_pass_nor_fail(tmp_path: Path, schema: dict) -> None:
+    result = make_result(failing=False)
+    result.status, result.summary = "not run", "NOT RUN: no execution provider could run the model; ..."
+    result.comparisons, result.generations, result.latencies, result.error_histograms = [], [], [], {}
+    assert not result.passed
+    paths = write_reports(result, tmp_path)
+    document = json.loads(paths["json"].read_text())
+    jsonschema.validate(document, schema, cls=jsonschema.Draft202012Validator)
+    assert document["status"] == "not run" and document["passed"] is False
+    assert paths["markdown"].read_text().startswith("# Parity report: tiny.onnx - NOT RUN")
+    assert "| Result | NOT RUN |" in paths["markdown"].read_text()
+    assert "<span class='not-run'>NOT RUN</span>" in paths["html"].read_text()

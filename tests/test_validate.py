@@ -21,10 +21,12 @@ from onnx import numpy_helper
 
 from lora_export.adapters import read_adapter, write_adapter
 from lora_export.checkpoint import read_checkpoint, save_checkpoint
+from lora_export.edge import convert_fp16
 from lora_export.export import ExportResult
 from lora_export.model import LoRATransformerLM, ModelConfig
 from lora_export.report import SCHEMA_PATH
 from lora_export.validate import (
+    FP16_CPU_REASON,
     TOLERANCES,
     ParityInputError,
     ParityResult,
@@ -62,6 +64,11 @@ def one_torch_thread() -> Iterator[None]:
 
 
 @pytest.fixture(scope="module")
+def schema() -> dict:
+    return json.loads(SCHEMA_PATH.read_text())
+
+
+@pytest.fixture(scope="module")
 def cuda(merged_export: ExportResult) -> ProviderStatus:
     """Whether a CUDA session on this machine really gets CUDAExecutionProvider."""
     return open_session(merged_export.model_path, "cuda")[1]
@@ -86,6 +93,7 @@ def merged_result(merged_copy: Path, tiny_checkpoint: Path) -> ParityResult:
 
 def test_untouched_merged_export_passes(merged_result: ParityResult, merged_copy: Path) -> None:
     assert merged_result.passed, merged_result.summary
+    assert merged_result.status == "passed" and merged_result.precisions is None
     assert merged_result.summary.startswith("PASS")
     assert merged_result.variants == ["merged"]
     assert [case.name for case in merged_result.cases] == FULL_CASES
@@ -98,11 +106,10 @@ def test_untouched_merged_export_passes(merged_result: ParityResult, merged_copy
     assert merged_result.report_files["html"].read_text().count("src='data:image/png;base64,") == 2
 
 
-def test_report_json_validates_against_schema(merged_result: ParityResult) -> None:
+def test_report_json_validates_against_schema(merged_result: ParityResult, schema: dict) -> None:
     document = json.loads(merged_result.report_files["json"].read_text())
-    schema = json.loads(SCHEMA_PATH.read_text())
     jsonschema.validate(document, schema, cls=jsonschema.Draft202012Validator)
-    assert document["schema_version"] == 1 and document["passed"] is True
+    assert document["schema_version"] == 1 and document["passed"] is True and document["status"] == "passed"
     assert [case["name"] for case in document["cases"]] == FULL_CASES
 
 
@@ -135,6 +142,30 @@ def test_cuda_parity(merged_export: ExportResult, tiny_checkpoint: Path, cuda: P
     assert result.passed, result.summary
     assert {c.provider for c in result.comparisons} == {"CPUExecutionProvider", "CUDAExecutionProvider"}
     assert "ORT CUDAExecutionProvider" in {t.backend for t in result.latencies}
+
+
+def test_fp16_model_is_not_run_on_cpu(merged_export: ExportResult, tiny_checkpoint: Path, cuda: ProviderStatus,
+                                      tmp_path: Path, schema: dict) -> None:
+    if cuda.ran:
+        pytest.skip("CUDA runs on this machine")
+    fp16 = convert_fp16(merged_export.model_path, tmp_path / "tiny.fp16.onnx")
+    with pytest.raises(ParityInputError, match="fp16 models run on CUDA: ONNX Runtime's CPU provider"):
+        validate(fp16, tiny_checkpoint, providers=["cpu"], explicit_providers=True, report_dir=tmp_path)
+    with pytest.raises(ProviderUnavailableError, match="CUDAExecutionProvider was requested but cannot run"):
+        validate(fp16, tiny_checkpoint, providers=["cuda"], explicit_providers=True, report_dir=tmp_path)
+
+    result = validate(fp16, tiny_checkpoint, providers=["cpu"], report_dir=tmp_path, **FAST)
+    assert result.status == "not run" and not result.passed
+    assert result.summary.startswith("NOT RUN: ")
+    assert [(p.requested, p.ran) for p in result.providers] == [("cpu", False), ("cuda", False)]
+    assert result.providers[0].reason == FP16_CPU_REASON
+    assert result.comparisons == [] and result.generations == [] and result.latencies == []
+    document = json.loads(result.report_files["json"].read_text())
+    jsonschema.validate(document, schema, cls=jsonschema.Draft202012Validator)
+    assert document["status"] == "not run" and document["precision"] == "fp16"
+    markdown = result.report_files["markdown"].read_text()
+    assert markdown.startswith("# Parity report: tiny.fp16.onnx - NOT RUN")
+    assert f"not run: {FP16_CPU_REASON}" in markdown
 
 
 def test_perturbed_weight_fails_and_names_the_worst_case(merged_export: ExportResult, tiny_checkpoint: Path,
