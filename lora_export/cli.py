@@ -177,13 +177,16 @@ def progress_printer(quiet: bool) -> Callable[[str], None]:
 def run_validation(model_path: Path, checkpoint: Path, adapter: Path | None, providers: str | None,
                    atol: float | None, rtol: float | None, report: Path | None, quiet: bool,
                    precision_models: dict[str, Path] | None = None) -> None:
-    """Validate, print the summary and exit 0 (pass) or 1 (parity failure)."""
+    """Validate, print the summary and exit 0 (pass), 1 (parity failure) or 2 (no provider could run it)."""
     result = validate(model_path, checkpoint, adapter_path=adapter,
                       providers=providers.split(",") if providers else None,
                       explicit_providers=providers is not None, atol=atol, rtol=rtol, report_dir=report,
                       progress=not quiet, precision_models=precision_models)
     click.echo(result.summary)
     click.echo(f"report: {result.report_files['html']}")
+    if result.status == "not run":  # e.g. an fp16 model on a machine without CUDA: nothing was checked
+        click.echo(f"error: no execution provider here can run this {result.precision} model", err=True)
+        raise SystemExit(2)
     if not result.passed:
         raise SystemExit(1)
 

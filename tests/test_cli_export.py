@@ -15,6 +15,7 @@ import pytest
 from click.testing import CliRunner
 
 from lora_export.cli import export_cli
+from lora_export.edge import convert_fp16
 from lora_export.validate import open_session
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -27,7 +28,7 @@ def invoke(*args: str) -> tuple[int, str, str]:
 
 def assert_one_line_error(code: int, stderr: str, needle: str) -> None:
     assert code == 2, stderr
-    lines = stderr.strip().splitlines()
+    lines = [line for line in stderr.strip().splitlines() if not line.startswith("[lora-export]")]  # progress
     assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], stderr
     assert "Traceback" not in stderr
 
@@ -123,9 +124,30 @@ def test_validate_exit_codes(merged_export, tiny_checkpoint, tmp_path):
 
 
 def test_explicit_cuda_that_cannot_run_exits_2(merged_export, tiny_checkpoint, tmp_path):
-    _, status = open_session(merged_export.model_path, "CUDAExecutionProvider")
+    _, status = open_session(merged_export.model_path, "cuda")
     if status.ran:
         pytest.skip("CUDA really runs on this machine")
     code, _, err = invoke("validate", merged_export.model_path, "--checkpoint", tiny_checkpoint,
                           "--providers", "cuda", "--report", tmp_path / "r", "--quiet")
     assert_one_line_error(code, err, "CUDAExecutionProvider")
+
+
+def test_fp16_model_without_cuda_exits_2(merged_export, tiny_checkpoint, tmp_path):
+    _, status = open_session(merged_export.model_path, "cuda")
+    if status.ran:
+        pytest.skip("CUDA really runs on this machine")
+    fp16 = convert_fp16(merged_export.model_path, tmp_path / "tiny.fp16.onnx")
+    code, out, err = invoke("validate", fp16, "--checkpoint", tiny_checkpoint, "--report", tmp_path / "r", "--quiet")
+    assert code == 2
+    assert out.startswith("NOT RUN") and "error: no execution provider here can run this fp16 model" in err
+
+
+def test_export_with_int8_and_ort_format(tiny_checkpoint, tmp_path):
+    code, out, err = invoke(tiny_checkpoint, "--merge", "--quantize", "int8", "--ort-format", "-o", tmp_path / "m.onnx",
+                            "--quiet")
+    assert code == 0, err
+    names = {p.name for p in tmp_path.iterdir()}
+    assert {"m.onnx", "m.int8.onnx", "m.ort", "m.int8.ort", "m_parity"} <= names
+    assert (tmp_path / "m.int8.onnx").stat().st_size < (tmp_path / "m.onnx").stat().st_size
+    report = (tmp_path / "m_parity" / "parity.md").read_text()
+    assert "int8" in report and "Precisions" in report
