@@ -630,7 +630,7 @@ def greedy_generation(session: ort.InferenceSession, variant: _Variant, model: L
     return reference, ids[0, prompt.shape[1]:]
 
 
-def _percentiles_ms(step: Callable[[], object], warmup: int, runs: int) -> tuple[float, float]:
+def percentiles_ms(step: Callable[[], object], warmup: int, runs: int) -> tuple[float, float]:
     """(p50, p90) in milliseconds of ``runs`` timed calls after ``warmup`` untimed ones."""
     for _ in range(warmup):
         step()
@@ -797,7 +797,7 @@ def validate(
             references = [_reference(model, case.input_ids, case.attention_mask) for case in cases]
             step = functools.partial(_reference, model, latency_ids, latency_mask)
             latencies.append(Latency(variant.name, "PyTorch eager (CPU)", 1, latency_seq, LATENCY_WARMUP,
-                                     latency_runs, *_percentiles_ms(step, LATENCY_WARMUP, latency_runs)))
+                                     latency_runs, *percentiles_ms(step, LATENCY_WARMUP, latency_runs)))
             for name, session in sessions.items():
                 for case, reference in zip(cases, references, strict=True):
                     got = _run(session, variant, case.input_ids, case.attention_mask)
@@ -815,7 +815,7 @@ def validate(
                                               int(mismatch[0]) if mismatch.size else None))
                 step = functools.partial(_run, session, variant, latency_ids, latency_mask)
                 latencies.append(Latency(variant.name, f"ORT {name}", 1, latency_seq, LATENCY_WARMUP, latency_runs,
-                                         *_percentiles_ms(step, LATENCY_WARMUP, latency_runs)))
+                                         *percentiles_ms(step, LATENCY_WARMUP, latency_runs)))
     finally:
         close_progress()
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -25,19 +24,13 @@ import torch
 from lora_export.adapters import activate_adapters
 from lora_export.checkpoint import load_checkpoint
 from lora_export.export import export_onnx
+from lora_export.validate import percentiles_ms
 
 
-def time_call(fn, repeats: int, warmup: int = 3) -> dict[str, float]:
-    """p50 / p90 wall time in milliseconds after warm-up."""
-    for _ in range(warmup):
-        fn()
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - start) * 1e3)
-    samples.sort()
-    return {"p50_ms": statistics.median(samples), "p90_ms": samples[int(0.9 * (len(samples) - 1))]}
+def time_call(step, repeats: int) -> dict[str, float]:
+    """p50 / p90 wall time in milliseconds after 3 warm-up calls."""
+    p50, p90 = percentiles_ms(step, warmup=3, runs=repeats)
+    return {"p50_ms": p50, "p90_ms": p90}
 
 
 def main() -> None:
