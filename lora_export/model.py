@@ -123,7 +123,10 @@ class LoRATransformerLM(nn.Module):
         self.token_emb = LoRAEmbedding(VOCAB_SIZE, config.dim, r=emb_r, lora_alpha=config.lora_alpha,
                                        use_rslora=config.use_rslora)
         nn.init.normal_(self.token_emb.weight, std=0.02)
-        self.pos_emb = nn.Parameter(torch.randn(config.max_seq_len, config.dim) * 0.02)
+        # An embedding table (looked up with a Gather) rather than a sliced parameter: ONNX Runtime's dynamic
+        # int8 quantization quantizes Gathers on constant tables, not Slices.
+        self.pos_emb = nn.Embedding(config.max_seq_len, config.dim)
+        nn.init.normal_(self.pos_emb.weight, std=0.02)
         self.dropout = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.depth))
         self.norm = nn.LayerNorm(config.dim)
@@ -131,7 +134,10 @@ class LoRATransformerLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         n = input_ids.shape[1]
-        x = self.dropout(self.token_emb(input_ids) + self.pos_emb[:n])
+        if n > self.config.max_seq_len:
+            raise ValueError(f"sequence length {n} exceeds max_seq_len {self.config.max_seq_len}")
+        positions = torch.arange(n, device=input_ids.device)
+        x = self.dropout(self.token_emb(input_ids) + self.pos_emb(positions))
         mask = None if attention_mask is None else attention_mask.bool()
         for block in self.blocks:
             x = block(x, mask)

@@ -58,7 +58,7 @@ def test_forward_shape_every_length() -> None:
 
 def test_forward_longer_than_max_seq_len_fails() -> None:
     model = _model(torch.float32)
-    with pytest.raises(RuntimeError):
+    with pytest.raises(ValueError, match="exceeds max_seq_len"):
         model(_ids(1, MAX_LEN + 1))
 
 
