@@ -2,11 +2,12 @@
 
 Export wall time per stage for both forms, then latency of ONNX Runtime CPU (merged, adapters-as-inputs
 with the trained adapter active) against PyTorch eager (unmerged model, fp32, no_grad) at
-(batch, N) = (1, 256) and (8, 256), all measured side by side in this process, reported as ratios.
+(batch, N) = (1, 256) and (8, 256), all measured side by side in this process (in alternating rounds, so
+drifting load from other processes skews all three alike), reported as ratios.
 
 Targets: merged ORT / PyTorch <= 0.6 at (1, 256); adapters-as-inputs / merged <= 1.10.
 
-    python tools/bench_export.py [models/demo.pt] [--repeats 30] [--json out.json]
+    python tools/bench_export.py [models/demo.pt] [--rounds 5] [--repeats 10] [--json out.json]
 """
 
 from __future__ import annotations
@@ -24,19 +25,31 @@ import torch
 from lora_export.adapters import activate_adapters
 from lora_export.checkpoint import load_checkpoint
 from lora_export.export import export_onnx
-from lora_export.validate import percentiles_ms
 
 
-def time_call(step, repeats: int) -> dict[str, float]:
-    """p50 / p90 wall time in milliseconds after 3 warm-up calls."""
-    p50, p90 = percentiles_ms(step, warmup=3, runs=repeats)
-    return {"p50_ms": p50, "p90_ms": p90}
+def rounds_percentiles_ms(steps: dict, rounds: int, per_round: int) -> dict[str, tuple[float, float]]:
+    """{name: (p50, p90) ms} over ``rounds`` rounds of ``per_round`` timed calls of each step in turn.
+
+    Blocks of calls rather than single calls: the thread pools of PyTorch and of each ORT session spin for a
+    while after a call and would slow a different backend called right after. One untimed call follows each
+    switch; the rounds spread slow drifts of machine load over all backends alike.
+    """
+    samples: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, step in steps.items():
+            step()
+            for _ in range(per_round):
+                start = time.perf_counter()
+                step()
+                samples[name].append((time.perf_counter() - start) * 1e3)
+    return {name: (float(np.percentile(t, 50)), float(np.percentile(t, 90))) for name, t in samples.items()}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", nargs="?", default="models/demo.pt")
-    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--repeats", type=int, default=10, help="timed calls per backend per round")
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=0, help="intra-op threads for ORT and torch (0 = default)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
@@ -78,12 +91,13 @@ def main() -> None:
                 with torch.no_grad():
                     model(ids_t, mask_t)
 
-            row = {
-                "pytorch": time_call(pytorch, args.repeats),
-                "ort_merged": time_call(lambda feeds=feeds: sessions["merged"].run(None, feeds), args.repeats),
-                "ort_adapters": time_call(
-                    lambda feeds=feeds: sessions["adapters"].run(None, feeds, run_options), args.repeats),
+            steps = {
+                "pytorch": pytorch,
+                "ort_merged": lambda feeds=feeds: sessions["merged"].run(None, feeds),
+                "ort_adapters": lambda feeds=feeds: sessions["adapters"].run(None, feeds, run_options),
             }
+            row = {name: {"p50_ms": p50, "p90_ms": p90}
+                   for name, (p50, p90) in rounds_percentiles_ms(steps, args.rounds, args.repeats).items()}
             row["merged_over_pytorch"] = row["ort_merged"]["p50_ms"] / row["pytorch"]["p50_ms"]
             row["adapters_over_merged"] = row["ort_adapters"]["p50_ms"] / row["ort_merged"]["p50_ms"]
             results["latency"][f"{batch}x{n}"] = row
