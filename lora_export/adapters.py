@@ -14,6 +14,7 @@ is the base model. An adapter file (``.onnx_adapter``) holds exactly these named
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -67,7 +68,8 @@ def read_adapter(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], int]:
         adapter = ort.AdapterFormat.read_adapter(str(path))
         params = adapter.get_parameters()
     except Exception as err:  # ORT raises its own exception types for a malformed FlatBuffer
-        raise AdapterError(f"{path}: not a readable .onnx_adapter file: {first_line(err)}") from None
+        detail = re.sub(r"^\S+\.cc:\d+ .*?\) ", "", first_line(err))  # drop ORT's C++ source location
+        raise AdapterError(f"{path}: not a readable .onnx_adapter file: {detail}") from None
     return {k: np.array(v.numpy()) for k, v in params.items()}, adapter.get_model_version()
 
 
@@ -140,13 +142,6 @@ def attach_adapter(model: nn.Module, tensors: Mapping[str, np.ndarray] | None) -
         if a is None or b is None:
             a, b = np.zeros((layer.in_features, 0), np.float32), np.zeros((0, layer.out_features), np.float32)
         layer.use_external_lora(torch.from_numpy(np.asarray(a)), torch.from_numpy(np.asarray(b)))
-
-
-def detach_adapter(model: nn.Module) -> None:
-    """Undo attach_adapter: every layer uses its own LoRA weights again."""
-    for module in model.modules():
-        if isinstance(module, LoRALayer):
-            module.use_external_lora(None, None)
 
 
 def activate_adapters(*paths: str | os.PathLike) -> tuple[ort.RunOptions, list[ort.LoraAdapter]]:

@@ -139,8 +139,8 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
             ) from None
         raise CheckpointError(f"{path}: not a readable checkpoint (truncated or corrupt?)") from None
     except Exception as err:  # torch.load raises many types (RuntimeError, KeyError, ...) on corrupt bytes
-        first = first_line(err).split(". ")[0]
-        raise CheckpointError(f"{path}: not a readable checkpoint (truncated or corrupt?): {first}") from None
+        detail = f"{type(err).__name__}: {first_line(err).split('. ')[0]}"
+        raise CheckpointError(f"{path}: not a readable checkpoint (truncated or corrupt?): {detail}") from None
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path}: not a lora-export checkpoint (missing format '{CHECKPOINT_FORMAT}')")
     version = payload.get("format_version")

@@ -22,7 +22,7 @@ from .edge import convert_fp16, convert_ort_format, quantize_int8
 from .export import DEFAULT_OPSET, EXTERNAL_DATA_THRESHOLD, check_adapter_file, export_adapter, export_onnx
 from .model import ModelConfig
 from .train import adapt, load_data, pretrain
-from .validate import validate
+from .validate import normalize_providers, validate
 
 CommandT = TypeVar("CommandT", bound=Callable[..., Any])
 
@@ -84,7 +84,10 @@ def training_options(steps: int, lr: float, eval_every: int) -> Callable[[Comman
     return decorate
 
 
-@click.group()
+HELP_OPTIONS = {"help_option_names": ["-h", "--help"]}
+
+
+@click.group(context_settings=HELP_OPTIONS)
 def train_cli() -> None:
     """Train byte-level LoRA attention language models."""
 
@@ -207,7 +210,7 @@ def validation_options(command: CommandT) -> CommandT:
     return command
 
 
-@click.group(cls=DefaultCommandGroup)
+@click.group(cls=DefaultCommandGroup, context_settings=HELP_OPTIONS)
 @click.version_option(__version__, prog_name="lora-export")
 def export_cli() -> None:
     """Export lora-export checkpoints to ONNX and prove parity with PyTorch.
@@ -230,7 +233,7 @@ def export_cli() -> None:
 @click.option("--opset", type=int, default=DEFAULT_OPSET, show_default=True, help="ONNX opset (18..23).")
 @click.option("--no-simplify", is_flag=True, help="Skip onnxsim.")
 @click.option("--external-data-threshold", type=int, default=EXTERNAL_DATA_THRESHOLD, show_default=True,
-              help="Above this many bytes the weights go to <output>.data.")
+              help="Above this many bytes the fp32 model's weights go to <output>.data.")
 @click.option("--quantize", type=click.Choice(["int8"]), default=None,
               help="Also write <output>.int8.onnx: ONNX Runtime dynamic int8 quantization of the weight MatMuls.")
 @click.option("--fp16", is_flag=True, help="Also write <output>.fp16.onnx (fp16 weights and compute, fp32 I/O; GPU).")
@@ -247,7 +250,7 @@ def export_command(checkpoint: Path, merge: bool, adapters_as_inputs: bool, outp
     """Export CHECKPOINT (.pt) to ONNX, merged (default) or with the adapters as inputs, then validate it."""
     if merge and adapters_as_inputs:
         raise click.UsageError("--merge and --adapters-as-inputs exclude each other: choose one form")
-    if fp16 and providers is not None and "cuda" not in providers.split(","):
+    if fp16 and providers is not None and "cuda" not in normalize_providers(providers.split(",")):
         raise ValueError(f"--fp16 models run on CUDA, but --providers {providers} excludes it")
     say = progress_printer(quiet)
     result = export_onnx(checkpoint, output, merge=not adapters_as_inputs, adapter_path=adapter_output,

@@ -275,12 +275,25 @@ def save_model(model: onnx.ModelProto, path: Path, external_data_threshold: int)
             os.replace(tmp_dir / data_path.name, data_path)
         else:
             onnx.save_model(model, tmp_dir / path.name)
-            data_path.unlink(missing_ok=True)
         os.chmod(tmp_dir / path.name, default_file_mode())
         os.replace(tmp_dir / path.name, path)
+        if not external:
+            data_path.unlink(missing_ok=True)  # a previous export's weights, now stale
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
     return external
+
+
+def check_output_path(path: Path, suffix: str, model_path: Path | None = None) -> None:
+    """Refuse, before any work, an output that cannot be written or would overwrite ``model_path``."""
+    if path.suffix != suffix:
+        raise ExportError(f"{path}: the output must end in {suffix}")
+    if not path.parent.is_dir():
+        raise ExportError(f"{path.parent}: output directory does not exist")
+    if not os.access(path.parent, os.W_OK):
+        raise ExportError(f"{path.parent}: output directory is not writable")
+    if model_path is not None and path.resolve() == Path(model_path).resolve():
+        raise ExportError(f"{path}: the adapter would overwrite the model")
 
 
 def default_output_path(checkpoint_path: str | os.PathLike) -> Path:
@@ -309,19 +322,15 @@ def export_onnx(
     checkpoint_path = Path(checkpoint_path)
     output = Path(output_path) if output_path is not None else default_output_path(checkpoint_path)
     form = "merged" if merge else "adapters"
-    if output.suffix != ".onnx":
-        raise ExportError(f"{output}: the output must end in .onnx")
-    if not output.parent.is_dir():
-        raise ExportError(f"{output.parent}: output directory does not exist")
-    if not os.access(output.parent, os.W_OK):
-        raise ExportError(f"{output.parent}: output directory is not writable")
+    check_output_path(output, ".onnx")
     if not 18 <= opset <= 23:
         raise ExportError(f"opset {opset} is not supported: choose 18..23 (the dynamo exporter needs >= 18)")
     adapter_out = None
     if not merge:
         adapter_out = Path(adapter_path) if adapter_path is not None else output.with_suffix(".onnx_adapter")
+        check_output_path(adapter_out, ".onnx_adapter", model_path=output)
     elif adapter_path is not None:
-        raise ExportError("--adapter-output only applies to the adapters-as-inputs form, not --merge")
+        raise ExportError("an adapter output only applies to the adapters-as-inputs form (merge=False)")
 
     stages: dict[str, float] = {}
     start = time.perf_counter()
@@ -337,7 +346,7 @@ def export_onnx(
     fingerprint = base_fingerprint(payload["base"])
     adapter = adapter_tensors(model)
     if not merge and not adapter:
-        raise ExportError(f"{checkpoint_path}: has no LoRA layers (r = 0): export it with --merge")
+        raise ExportError(f"{checkpoint_path}: has no LoRA layers (r = 0): export it merged")
     stage_done("load")
 
     say(f"exporting ({form}, opset {opset}) with torch.onnx dynamo")
@@ -377,10 +386,13 @@ def export_onnx(
     say(f"writing {output}")
     try:
         external = save_model(proto, output, external_data_threshold)
-        if adapter_out is not None:
-            write_adapter(adapter_out, adapter, model_version_from_fingerprint(fingerprint))
     except OSError as err:
         raise ExportError(f"{output}: cannot write: {err.strerror or err}") from None
+    if adapter_out is not None:
+        try:
+            write_adapter(adapter_out, adapter, model_version_from_fingerprint(fingerprint))
+        except OSError as err:
+            raise ExportError(f"{adapter_out}: cannot write: {err.strerror or err}") from None
     stage_done("save")
 
     file_size = output.stat().st_size + (output.with_name(output.name + ".data").stat().st_size if external else 0)
@@ -427,6 +439,7 @@ def export_adapter(
     LoRA tensors do not fit the model's inputs (every mismatch named). Returns the adapter path.
     """
     output = Path(output_path) if output_path is not None else Path(checkpoint_path).with_suffix(".onnx_adapter")
+    check_output_path(output, ".onnx_adapter", model_path=Path(model_path))
     model = load_onnx(model_path)
     metadata = read_metadata(model)
     if metadata.get("form") != "adapters":

@@ -62,7 +62,6 @@ LATENCY_MAX_SEQ = 256
 POLYGRAPHY_EPSILON = 2.220446049250313e-16
 FP16_CPU_REASON = "ONNX Runtime's CPU provider has few float16 kernels; fp16 parity is measured on CUDA"
 #: ParityResult.status values: 'not run' when no provider could run the model (neither passed nor failed).
-STATUSES = ("passed", "failed", "not run")
 
 
 class ParityInputError(ValueError):
@@ -207,7 +206,7 @@ class Latency:
 class ParityResult:
     """Everything validate() measured; ``status`` is the verdict, ``report_files`` what it wrote."""
 
-    status: str  # one of STATUSES
+    status: str  # 'passed', 'failed' or 'not run'
     summary: str  # one line naming the worst case and output when failing
     model_path: Path
     checkpoint_path: Path

@@ -78,7 +78,7 @@ def test_conflicting_flags_and_unwritable_output(tiny_checkpoint, tmp_path):
     code, _, err = invoke(tiny_checkpoint, "--merge", "--adapters-as-inputs")
     assert code == 2 and "exclude each other" in err
     code, _, err = invoke(tiny_checkpoint, "--merge", "--adapter-output", tmp_path / "x.onnx_adapter")
-    assert_one_line_error(code, err, "--adapter-output")
+    assert_one_line_error(code, err, "adapter output only applies")
     code, _, err = invoke(tiny_checkpoint, "--merge", "-o", tmp_path / "missing" / "x.onnx")
     assert_one_line_error(code, err, "output directory does not exist")
     assert list(tmp_path.iterdir()) == []
@@ -151,3 +151,21 @@ def test_export_with_int8_and_ort_format(tiny_checkpoint, tmp_path):
     assert (tmp_path / "m.int8.onnx").stat().st_size < (tmp_path / "m.onnx").stat().st_size
     report = (tmp_path / "m_parity" / "parity.md").read_text()
     assert "int8" in report and "Precisions" in report
+
+
+def test_adapter_outputs_that_would_destroy_or_half_write_are_refused(adapter_export, tiny_checkpoint, tmp_path):
+    model = tmp_path / "m.onnx"
+    shutil.copy(adapter_export.model_path, model)
+    before = model.read_bytes()
+    code, _, err = invoke("adapter", tiny_checkpoint, "--model", model, "-o", model)
+    assert_one_line_error(code, err, "must end in .onnx_adapter")
+    code, _, err = invoke(tiny_checkpoint, "--adapters-as-inputs", "-o", tmp_path / "x.onnx",
+                          "--adapter-output", tmp_path / "missing" / "x.onnx_adapter")
+    assert_one_line_error(code, err, "output directory does not exist")
+    assert model.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+
+
+def test_short_help_option():
+    code, out, _ = invoke("-h")
+    assert code == 0 and "validate" in out

@@ -297,10 +297,7 @@ def test_merge_lora_safe_merge_names_layer_path() -> None:
 
 
 def test_merge_lora_refused_leaves_model_unmerged() -> None:
-    """A refused safe merge must not leave the model half merged (all-or-nothing).
-
-    Fails today: merge_lora merges layer by layer, so every layer before the bad one stays merged.
-    """
+    """A refused safe merge must not leave the model half merged (all-or-nothing)."""
     model = _tiny_model()
     base = {k: v.clone() for k, v in base_state_dict(model).items()}
     with torch.no_grad():
@@ -397,7 +394,7 @@ def test_external_lora_on_merged_layer_does_not_double_count(kind: str) -> None:
     """A merged layer fed an external adapter must not add it on top of the merged delta.
 
     Either the combination is refused, or the output is W0 + external delta (the documented
-    "instead of lora_A / lora_B"). Fails today: forward adds the external delta to W0 + own delta.
+    "instead of lora_A / lora_B").
     """
     layer = _linear() if kind == "linear" else _embedding()
     inputs = torch.randn(5, 12) if kind == "linear" else torch.randint(0, 20, (5,))
