@@ -44,7 +44,14 @@ import torch
 from tqdm import tqdm
 
 from . import __version__
-from .adapters import AdapterError, attach_adapter, check_adapter, model_version_from_fingerprint, read_adapter
+from .adapters import (
+    AdapterError,
+    activate_adapters,
+    attach_adapter,
+    check_adapter,
+    model_version_from_fingerprint,
+    read_adapter,
+)
 from .checkpoint import CheckpointError, base_fingerprint, build_model, file_sha256, first_line, read_checkpoint
 from .export import FORMS, INPUT_NAMES, OUTPUT_NAMES, ExportError, load_onnx, read_metadata
 from .layers import merge_lora
@@ -647,10 +654,7 @@ def _variants(form: str, adapter_path: Path | None, tensors: dict[str, np.ndarra
         return [_Variant("merged", None, None)]
     variants = [_Variant("base", None, None)]
     if adapter_path is not None:
-        adapter = ort.LoraAdapter()
-        adapter.Load(str(adapter_path))
-        run_options = ort.RunOptions()
-        run_options.add_active_adapter(adapter)
+        run_options, (adapter,) = activate_adapters(adapter_path)
         variants.append(_Variant("adapter", tensors, run_options, adapter))
     return variants
 
