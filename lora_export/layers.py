@@ -32,6 +32,7 @@ class LoRALayer:
     weight: nn.Parameter  # W0, frozen once r > 0; merge() updates it in place
 
     def init_lora(self, r: int, lora_alpha: float, use_rslora: bool) -> None:
+        """Set rank, alpha and scaling (alpha / r, or alpha / sqrt(r) with rsLoRA; 0 when r = 0)."""
         if r < 0:
             raise ValueError(f"LoRA rank r must be >= 0, got {r}")
         self.r = r
@@ -81,6 +82,7 @@ class LoRALayer:
         self.external_lora = None if lora_a_t is None else (lora_a_t, lora_b_t)
 
     def layer_name(self) -> str:
+        """A short name for error messages (the module path is only known to the model)."""
         return f"{type(self).__name__}(r={self.r})"
 
 

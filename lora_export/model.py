@@ -50,6 +50,7 @@ class ModelConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
     def to_dict(self) -> dict:
+        """Plain values only, as stored in checkpoints and ONNX metadata."""
         return asdict(self)
 
     @classmethod
@@ -76,6 +77,7 @@ class FeedForward(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, N, dim] -> [B, N, dim]."""
         return self.dropout(self.fc2(self.act(self.fc1(x))))
 
 
@@ -106,6 +108,7 @@ class Block(nn.Module):
         self.ff = FeedForward(config)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B, N, dim], mask [B, N] bool (True = real token) or None -> [B, N, dim]."""
         x = x + self.attn(self.norm1(x), mask)
         return x + self.ff(self.norm2(x))
 
