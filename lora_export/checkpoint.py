@@ -16,6 +16,7 @@ import os
 import pickle
 import pickletools
 import tempfile
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -129,7 +130,9 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     if path.is_dir():
         raise CheckpointError(f"{path}: is a directory, expected a .pt checkpoint")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about pickle protocols before refusing; we say it in one line
+            warnings.simplefilter("ignore")
+            payload = torch.load(path, map_location="cpu", weights_only=True)
     except PermissionError:
         raise CheckpointError(f"{path}: permission denied") from None
     except pickle.UnpicklingError as err:
