@@ -56,6 +56,15 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
         raise
 
 
+def output_dir_problem(directory: Path) -> str | None:
+    """Why files cannot be written into ``directory`` (checked before any work is done), or None."""
+    if not directory.is_dir():
+        return f"{directory}: output directory does not exist"
+    if not os.access(directory, os.W_OK):
+        return f"{directory}: output directory is not writable"
+    return None
+
+
 def default_file_mode() -> int:
     """0o666 minus the process umask: the mode open() would give a new file."""
     mask = os.umask(0)

@@ -9,7 +9,6 @@ Bad input (a missing or unreadable file, a bad checkpoint, an impossible setting
 from __future__ import annotations
 
 import functools
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -17,7 +16,7 @@ from typing import Any, TypeVar
 import click
 
 from . import __version__
-from .checkpoint import CheckpointError, first_line, save_checkpoint
+from .checkpoint import CheckpointError, first_line, output_dir_problem, save_checkpoint
 from .edge import convert_fp16, convert_ort_format, quantize_int8
 from .export import DEFAULT_OPSET, EXTERNAL_DATA_THRESHOLD, check_adapter_file, export_adapter, export_onnx
 from .model import ModelConfig
@@ -50,13 +49,11 @@ def exit_on_error(command: CommandT) -> CommandT:
 
 def check_output(path: Path) -> None:
     """Fail before training, not after, when the output cannot be written."""
-    parent = path.parent
     if path.is_dir():
         raise ValueError(f"{path}: is a directory, expected a checkpoint file path")
-    if not parent.is_dir():
-        raise ValueError(f"{path}: directory {parent} does not exist")
-    if not os.access(parent, os.W_OK):
-        raise ValueError(f"{path}: directory {parent} is not writable")
+    problem = output_dir_problem(path.parent)
+    if problem:
+        raise ValueError(problem)
 
 
 def training_options(steps: int, lr: float, eval_every: int) -> Callable[[CommandT], CommandT]:

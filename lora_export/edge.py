@@ -34,8 +34,7 @@ import logging
 import os
 import shutil
 import tempfile
-import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -45,12 +44,14 @@ import torch
 from onnx.external_data_helper import load_external_data_for_model
 
 from .adapters import AdapterError, activate_adapters, attach_adapter, lora_input_specs
-from .checkpoint import CheckpointError, build_model, first_line, read_checkpoint
+from .checkpoint import CheckpointError, build_model, first_line, output_dir_problem, read_checkpoint
 from .export import (
     EXTERNAL_DATA_THRESHOLD,
     OUTPUT_NAMES,
     ExportError,
+    check_output_path,
     load_onnx,
+    model_file_size,
     read_metadata,
     save_model,
     set_metadata,
@@ -65,6 +66,7 @@ from .validate import (
     check_model_matches,
     compare_logits,
     heldout_text,
+    interleaved_percentiles_ms,
     judge,
     load_adapter_for,
     open_session,
@@ -119,22 +121,13 @@ def _read_fp32_source(model_path: str | os.PathLike) -> onnx.ModelProto:
     return model
 
 
-def _check_output_dir(directory: Path) -> None:
-    """Refuse an output directory that is missing or not writable (before any work is done)."""
-    if not directory.is_dir():
-        raise EdgeExportError(f"{directory}: output directory does not exist")
-    if not os.access(directory, os.W_OK):
-        raise EdgeExportError(f"{directory}: output directory is not writable")
-
-
 def _output_path(model_path: Path, output_path: str | os.PathLike | None, precision: str) -> Path:
     """``output_path`` checked, or ``<stem>.<precision>.onnx`` beside the model."""
     output = Path(output_path) if output_path is not None else model_path.with_suffix(f".{precision}.onnx")
-    if output.suffix != ".onnx":
-        raise EdgeExportError(f"{output}: the output must end in .onnx")
-    if output.resolve() == model_path.resolve():
-        raise EdgeExportError(f"{output}: the output would overwrite its source model")
-    _check_output_dir(output.parent)
+    try:
+        check_output_path(output, ".onnx", source=model_path)
+    except ExportError as err:
+        raise EdgeExportError(str(err)) from None
     return output
 
 
@@ -280,7 +273,9 @@ def convert_ort_format(model_path: str | os.PathLike, output_dir: str | os.PathL
     except ExportError as err:
         raise EdgeExportError(str(err)) from None
     directory = Path(output_dir) if output_dir is not None else model_path.parent
-    _check_output_dir(directory)
+    problem = output_dir_problem(directory)
+    if problem:
+        raise EdgeExportError(problem)
     names = (model_path.with_suffix(".ort").name, model_path.with_suffix(".required_operators.config").name)
     try:
         tmp = Path(tempfile.mkdtemp(prefix=f".{model_path.stem}.ort.", dir=directory))
@@ -311,31 +306,6 @@ def heldout_windows(count: int, seq_len: int) -> np.ndarray:
     data = np.frombuffer(heldout_text(), dtype=np.uint8)
     starts = np.linspace(0, len(data) - seq_len - 1, count).astype(np.int64)
     return np.stack([data[s: s + seq_len] for s in starts]).astype(np.int64)
-
-
-def file_size(model_path: Path) -> int:
-    """Bytes of a model file plus its external-data file ``<name>.data`` when there is one."""
-    data = model_path.with_name(model_path.name + ".data")
-    return model_path.stat().st_size + (data.stat().st_size if data.is_file() else 0)
-
-
-def interleaved_percentiles_ms(steps: Mapping[str, Callable[[], object]], warmup: int, runs: int
-                               ) -> dict[str, tuple[float, float]]:
-    """{name: (p50, p90) in milliseconds} of ``runs`` timed calls of each step, after ``warmup`` untimed ones.
-
-    The steps take turns (one call of each per round), so load from other processes on a shared machine drifts
-    over all of them alike and their ratios stay fair.
-    """
-    for step in steps.values():
-        for _ in range(warmup):
-            step()
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(runs):
-        for name, step in steps.items():
-            start = time.perf_counter()
-            step()
-            times[name].append((time.perf_counter() - start) * 1e3)
-    return {name: (float(np.percentile(t, 50)), float(np.percentile(t, 90))) for name, t in times.items()}
 
 
 def _check_models(models: Mapping[str, str | os.PathLike], payload: dict, checkpoint_path: Path
@@ -418,7 +388,7 @@ def compare_precisions(
             session, status = open_session(path, "cuda" if precision == "fp16" else "cpu")
         except ParityInputError as err:
             raise EdgeExportError(str(err)) from None
-        row = {"precision": precision, "model": str(path), "file_size": file_size(path), "provider": status.name,
+        row = {"precision": precision, "model": str(path), "file_size": model_file_size(path), "provider": status.name,
                "status": status.status(), "tolerance": tolerance.describe(), "top1_agreement": None,
                "top1_exact": None, "max_abs": None, "eval_loss_ref": None, "eval_loss": None,
                "eval_loss_change_pct": None, "latency": [], "passed": None, "failures": []}

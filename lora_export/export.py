@@ -41,7 +41,15 @@ from .adapters import (
     read_adapter,
     write_adapter,
 )
-from .checkpoint import base_fingerprint, build_model, default_file_mode, file_sha256, first_line, read_checkpoint
+from .checkpoint import (
+    base_fingerprint,
+    build_model,
+    default_file_mode,
+    file_sha256,
+    first_line,
+    output_dir_problem,
+    read_checkpoint,
+)
 from .layers import LoRALayer, lora_layers, merge_lora
 from .model import LoRATransformerLM, ModelConfig
 
@@ -284,16 +292,21 @@ def save_model(model: onnx.ModelProto, path: Path, external_data_threshold: int)
     return external
 
 
-def check_output_path(path: Path, suffix: str, model_path: Path | None = None) -> None:
-    """Refuse, before any work, an output that cannot be written or would overwrite ``model_path``."""
+def check_output_path(path: Path, suffix: str, source: Path | None = None) -> None:
+    """Refuse, before any work, an output that cannot be written or would overwrite its ``source`` model."""
     if path.suffix != suffix:
         raise ExportError(f"{path}: the output must end in {suffix}")
-    if not path.parent.is_dir():
-        raise ExportError(f"{path.parent}: output directory does not exist")
-    if not os.access(path.parent, os.W_OK):
-        raise ExportError(f"{path.parent}: output directory is not writable")
-    if model_path is not None and path.resolve() == Path(model_path).resolve():
-        raise ExportError(f"{path}: the adapter would overwrite the model")
+    problem = output_dir_problem(path.parent)
+    if problem:
+        raise ExportError(problem)
+    if source is not None and path.resolve() == Path(source).resolve():
+        raise ExportError(f"{path}: the output would overwrite its source model")
+
+
+def model_file_size(path: Path) -> int:
+    """Bytes of a model file plus its external-data file ``<name>.data`` when there is one."""
+    data = path.with_name(path.name + ".data")
+    return path.stat().st_size + (data.stat().st_size if data.is_file() else 0)
 
 
 def default_output_path(checkpoint_path: str | os.PathLike) -> Path:
@@ -328,7 +341,7 @@ def export_onnx(
     adapter_out = None
     if not merge:
         adapter_out = Path(adapter_path) if adapter_path is not None else output.with_suffix(".onnx_adapter")
-        check_output_path(adapter_out, ".onnx_adapter", model_path=output)
+        check_output_path(adapter_out, ".onnx_adapter", source=output)
     elif adapter_path is not None:
         raise ExportError("an adapter output only applies to the adapters-as-inputs form (merge=False)")
 
@@ -395,11 +408,10 @@ def export_onnx(
             raise ExportError(f"{adapter_out}: cannot write: {err.strerror or err}") from None
     stage_done("save")
 
-    file_size = output.stat().st_size + (output.with_name(output.name + ".data").stat().st_size if external else 0)
     return ExportResult(
         model_path=output, adapter_path=adapter_out, form=form, opset=opset, nodes_exported=nodes_exported,
         nodes_final=len(proto.graph.node), simplified=simplified, simplify_note=note,
-        parameters=count_parameters_onnx(proto), file_size=file_size, external_data=external,
+        parameters=count_parameters_onnx(proto), file_size=model_file_size(output), external_data=external,
         stage_seconds=stages,
     )
 
@@ -439,7 +451,7 @@ def export_adapter(
     LoRA tensors do not fit the model's inputs (every mismatch named). Returns the adapter path.
     """
     output = Path(output_path) if output_path is not None else Path(checkpoint_path).with_suffix(".onnx_adapter")
-    check_output_path(output, ".onnx_adapter", model_path=Path(model_path))
+    check_output_path(output, ".onnx_adapter", source=Path(model_path))
     model = load_onnx(model_path)
     metadata = read_metadata(model)
     if metadata.get("form") != "adapters":

@@ -6,6 +6,7 @@ an exported model uses these instead of exporting its own.
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -69,3 +70,12 @@ def merged_export(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactor
 def adapter_export(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> ExportResult:
     """tiny.pt exported with the adapters as graph inputs, plus tiny.onnx_adapter."""
     return export_onnx(tiny_checkpoint, tmp_path_factory.mktemp("adapters") / "tiny.onnx", merge=False)
+
+
+@pytest.fixture(scope="session")
+def merged_copy(merged_export: ExportResult, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The merged export copied to a folder of its own, so outputs written beside it by default (int8 builds,
+    parity reports) never touch the shared export."""
+    path = tmp_path_factory.mktemp("merged_copy") / "tiny.onnx"
+    shutil.copyfile(merged_export.model_path, path)
+    return path

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -50,13 +49,6 @@ def torch_logits(model: torch.nn.Module, feeds: dict[str, np.ndarray]) -> np.nda
     with torch.no_grad():
         return model(torch.from_numpy(feeds["input_ids"]), torch.from_numpy(feeds["attention_mask"])).numpy()
 
-
-@pytest.fixture(scope="module")
-def merged_copy(merged_export: ExportResult, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The shared merged export copied to a private folder, so default outputs land there."""
-    path = tmp_path_factory.mktemp("edge_merged") / "tiny.onnx"
-    shutil.copyfile(merged_export.model_path, path)
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ write beside the shared files.
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -74,13 +73,6 @@ def cuda(merged_export: ExportResult) -> ProviderStatus:
     return open_session(merged_export.model_path, "cuda")[1]
 
 
-@pytest.fixture(scope="module")
-def merged_copy(merged_export: ExportResult, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The shared merged export copied to a private folder, so its default report folder lands there."""
-    path = tmp_path_factory.mktemp("validate") / "merged.onnx"
-    shutil.copyfile(merged_export.model_path, path)
-    return path
-
 
 @pytest.fixture(scope="module")
 def merged_result(merged_copy: Path, tiny_checkpoint: Path) -> ParityResult:
@@ -101,7 +93,7 @@ def test_untouched_merged_export_passes(merged_result: ParityResult, merged_copy
     assert merged_result.generations and all(g.identical for g in merged_result.generations)
     backends = {t.backend for t in merged_result.latencies}
     assert {"PyTorch eager (CPU)", "ORT CPUExecutionProvider"} <= backends
-    assert merged_result.report_dir == merged_copy.with_name("merged_parity")
+    assert merged_result.report_dir == merged_copy.with_name("tiny_parity")
     assert {p.name for p in merged_result.report_files.values()} == {"parity.json", "parity.md", "parity.html"}
     assert merged_result.report_files["html"].read_text().count("src='data:image/png;base64,") == 2
 
