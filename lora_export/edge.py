@@ -44,6 +44,7 @@ import torch
 from onnx.external_data_helper import load_external_data_for_model
 
 from .adapters import AdapterError, activate_adapters, attach_adapter, lora_input_specs
+from .cases import heldout_text
 from .checkpoint import CheckpointError, build_model, first_line, output_dir_problem, read_checkpoint
 from .export import (
     EXTERNAL_DATA_THRESHOLD,
@@ -57,20 +58,18 @@ from .export import (
     set_metadata,
 )
 from .layers import merge_lora
-from .validate import (
+from .lineage import check_model_matches, load_adapter_for
+from .metrics import (
     LATENCY_MAX_SEQ,
     LATENCY_RUNS,
     LATENCY_WARMUP,
     TOLERANCES,
     ParityInputError,
-    check_model_matches,
     compare_logits,
-    heldout_text,
     interleaved_percentiles_ms,
     judge,
-    load_adapter_for,
-    open_session,
 )
+from .providers import open_session
 
 PRECISIONS = ("fp32", "fp16", "int8")
 #: Operators whose constant weights dynamic quantization turns into int8. ORT's dynamic (IntegerOps) mode has no

@@ -24,6 +24,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from .checkpoint import atomic_write
+from .metrics import ERROR_HISTOGRAM_EDGES
 
 if TYPE_CHECKING:
     from .validate import ParityResult
@@ -31,9 +32,6 @@ if TYPE_CHECKING:
 SCHEMA_VERSION = 1
 SCHEMA_PATH = Path(__file__).with_name("parity_schema.json")
 REPORT_FILES = {"json": "parity.json", "markdown": "parity.md", "html": "parity.html"}
-#: Bin edges of log10 |onnx - torch| for the error histogram: quarter decades from 1e-12 (exact matches are
-#: counted in the first bin) to 1e2 (larger errors in the last).
-ERROR_HISTOGRAM_EDGES = np.linspace(-12.0, 2.0, 57)
 #: The headline word of each ParityResult.status.
 VERDICTS = {"passed": "PASS", "failed": "FAIL", "not run": "NOT RUN"}
 

@@ -16,7 +16,7 @@ from click.testing import CliRunner
 
 from lora_export.cli import export_cli
 from lora_export.edge import convert_fp16
-from lora_export.validate import open_session
+from lora_export.providers import open_session
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -29,7 +29,8 @@ from lora_export.edge import (
     quantize_int8,
 )
 from lora_export.export import ExportResult, export_adapter, read_metadata
-from lora_export.validate import TOLERANCES, ParityInputError, compare_logits, judge, validate
+from lora_export.metrics import TOLERANCES, ParityInputError, compare_logits, judge
+from lora_export.validate import validate
 
 FAST = {"warmup": 1, "runs": 3}
 

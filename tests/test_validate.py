@@ -19,24 +19,15 @@ import torch
 from onnx import numpy_helper
 
 from lora_export.adapters import read_adapter, write_adapter
+from lora_export.cases import parity_cases
 from lora_export.checkpoint import read_checkpoint, save_checkpoint
 from lora_export.edge import convert_fp16
 from lora_export.export import ExportResult
+from lora_export.metrics import TOLERANCES, ParityInputError, compare_logits, judge
 from lora_export.model import LoRATransformerLM, ModelConfig
+from lora_export.providers import ProviderStatus, ProviderUnavailableError, open_session
 from lora_export.report import SCHEMA_PATH
-from lora_export.validate import (
-    FP16_CPU_REASON,
-    TOLERANCES,
-    ParityInputError,
-    ParityResult,
-    ProviderStatus,
-    ProviderUnavailableError,
-    compare_logits,
-    judge,
-    open_session,
-    parity_cases,
-    validate,
-)
+from lora_export.validate import FP16_CPU_REASON, ParityResult, validate
 
 CONFIG = ModelConfig(dim=32, depth=1, heads=2, dim_head=16, n_local_attn_heads=1, local_attn_window_size=8,
                      max_seq_len=32, r=4)

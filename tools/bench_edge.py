@@ -27,7 +27,7 @@ from onnx import numpy_helper
 from lora_export.checkpoint import load_checkpoint
 from lora_export.edge import compare_precisions, quantize_int8
 from lora_export.export import export_onnx
-from lora_export.validate import LATENCY_MAX_SEQ
+from lora_export.metrics import LATENCY_MAX_SEQ
 
 TARGETS = {"size_ratio": 0.30, "latency_ratio": 0.70, "top1_agreement": 0.98, "eval_loss_change_pct": 2.0}
 

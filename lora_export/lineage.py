@@ -1,0 +1,111 @@
+"""Lineage: does an exported model (and an adapter file) come from a given checkpoint?
+
+Checked before anything runs, from the ``lora_export.*`` metadata the exporter writes (form, model config,
+base-weights fingerprint) and the graph interface; a mismatch is one ``ParityInputError`` line.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from .adapters import AdapterError, check_adapter, model_version_from_fingerprint, read_adapter
+from .checkpoint import base_fingerprint, file_sha256
+from .export import FORMS, INPUT_NAMES, OUTPUT_NAMES
+from .metrics import ParityInputError
+from .model import VOCAB_SIZE
+
+REQUIRED_METADATA = ("form", "base_sha256", "model_config")
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def _dims(value: onnx.ValueInfoProto) -> list[int | str]:
+    return [d.dim_param if d.HasField("dim_param") else d.dim_value for d in value.type.tensor_type.shape.dim]
+
+
+def check_model_matches(proto: onnx.ModelProto, metadata: dict[str, str], payload: dict, model_path: Path,
+                        checkpoint_path: Path) -> list[str]:
+    """Refuse (ParityInputError) a model that the checkpoint did not produce; return notes for the report.
+
+    Checks the lora_export metadata (form, model_config, base weights fingerprint) against the checkpoint,
+    then the graph interface: input_ids / attention_mask int64 [batch, seq] with a dynamic seq axis, logits
+    [batch, seq, 256], LoRA inputs present exactly in the adapter form, no other required input.
+    ``metadata``: the model's lora_export.* metadata_props (``export.read_metadata``).
+    """
+    missing = [key for key in REQUIRED_METADATA if key not in metadata]
+    if missing:
+        raise ParityInputError(f"{model_path}: no lora_export metadata ({', '.join(missing)} missing): "
+                               "validate checks models written by `lora-export`")
+    form = metadata["form"]
+    if form not in FORMS:
+        raise ParityInputError(f"{model_path}: unknown lora_export.form {form!r}, expected one of {FORMS}")
+    mismatch = f"{model_path} and {checkpoint_path} do not belong together"
+    try:
+        model_config = json.loads(metadata["model_config"])
+    except json.JSONDecodeError:
+        raise ParityInputError(f"{model_path}: lora_export.model_config is not valid JSON") from None
+    if model_config != payload["config"]:
+        keys = sorted(k for k in set(model_config) | set(payload["config"])
+                      if model_config.get(k) != payload["config"].get(k))
+        detail = ", ".join(f"{k} (model {model_config.get(k)!r}, checkpoint {payload['config'].get(k)!r})"
+                           for k in keys[:3])
+        raise ParityInputError(f"{mismatch}: model config differs in {detail}")
+    if metadata["base_sha256"] != base_fingerprint(payload["base"]):
+        raise ParityInputError(f"{mismatch}: the model was exported from different base weights (base_sha256)")
+
+    graph_inputs = {value.name: value for value in proto.graph.input}
+    initializers = {init.name for init in proto.graph.initializer}
+    for name in INPUT_NAMES:
+        value = graph_inputs.get(name)
+        if value is None:
+            raise ParityInputError(f"{model_path}: graph input {name!r} is missing")
+        dims = _dims(value)
+        if value.type.tensor_type.elem_type != onnx.TensorProto.INT64 or len(dims) != 2:
+            raise ParityInputError(f"{model_path}: graph input {name!r} must be int64 [batch, seq], got {dims}")
+        if isinstance(dims[1], int) and dims[1] > 0:
+            raise ParityInputError(f"{model_path}: graph input {name!r} has a fixed sequence length {dims[1]}; "
+                                   "validate needs the dynamic seq axis lora-export writes")
+    outputs = {value.name: _dims(value) for value in proto.graph.output}
+    logits = outputs.get(OUTPUT_NAMES[0])
+    if logits is None or len(logits) != 3 or logits[2] not in (VOCAB_SIZE, "", 0):
+        raise ParityInputError(f"{model_path}: expected output 'logits' [batch, seq, {VOCAB_SIZE}], got {outputs}")
+    lora_inputs = [name for name in graph_inputs if name.endswith((".lora_A", ".lora_B"))]
+    if (form == "adapters") != bool(lora_inputs):
+        raise ParityInputError(f"{model_path}: lora_export.form is {form!r} but the graph has "
+                               f"{len(lora_inputs)} LoRA inputs")
+    extra = sorted(set(graph_inputs) - set(INPUT_NAMES) - set(lora_inputs) - initializers)
+    if extra:
+        raise ParityInputError(f"{model_path}: unexpected required graph inputs {extra[:3]}")
+
+    notes = []
+    recorded = metadata.get("checkpoint_sha256")
+    if recorded is not None and recorded != file_sha256(checkpoint_path):
+        notes.append(f"{checkpoint_path.name} is not the file the model was exported from (checkpoint_sha256 "
+                     "differs); base weights and config match" + (", but merged LoRA weights may differ"
+                                                                  if form == "merged" else ""))
+    return notes
+
+
+def load_adapter_for(adapter_path: Path, proto: onnx.ModelProto, metadata: dict[str, str]
+                     ) -> tuple[dict[str, np.ndarray], list[str]]:
+    """Read an .onnx_adapter and hold it against the model before any run; returns (tensors, notes)."""
+    if metadata["form"] != "adapters":
+        raise ParityInputError(f"--adapter needs an adapter-form model; this one was exported {metadata['form']}")
+    try:
+        tensors, version = read_adapter(adapter_path)
+    except AdapterError as err:
+        raise ParityInputError(str(err)) from None
+    errors, notes = check_adapter(proto, tensors)
+    expected = model_version_from_fingerprint(metadata["base_sha256"])
+    if version != expected:
+        errors.append(f"written for a different base model (model version {version}, this model is {expected})")
+    if errors:
+        raise ParityInputError(f"{adapter_path}: adapter does not fit the model: {'; '.join(errors)}")
+    return tensors, notes
+
+
