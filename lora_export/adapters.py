@@ -2,17 +2,22 @@
 
 For every LoRA layer at module path ``P`` the adapters-as-inputs graph has two inputs:
 
-* ``P.lora_A``: float32 [in_features, lora_rank] = lora_A.T   (for the embedding: [256, lora_rank])
-* ``P.lora_B``: float32 [lora_rank, out_features] = scaling * lora_B.T
+* ``P.lora_A``: float32 [in_features, P.lora_rank] = lora_A.T   (for the embedding: [256, P.lora_rank])
+* ``P.lora_B``: float32 [P.lora_rank, out_features] = scaling * lora_B.T
 
 so the layer computes ``x @ P.lora_A @ P.lora_B`` with no Transpose and no rank-dependent constant.
-``lora_rank`` is symbolic; each input also has a same-named rank-0 initializer, so a run with no adapter
+``P.lora_rank`` is a symbolic dimension of its own per layer, so layers may differ in rank, and each input also
+has a same-named rank-0 initializer: a layer the adapter leaves out runs as the base, and a run with no adapter
 is the base model. An adapter file (``.onnx_adapter``) holds exactly these named tensors, written with
-``onnxruntime.AdapterFormat``; its model version is derived from the base-weights fingerprint.
+``onnxruntime.AdapterFormat``; its model version is derived from the base-weights fingerprint. Beside it,
+``<adapter>.json`` records the sha256 of every tensor (the format has no checksum of its own): reading the
+adapter verifies it, so damaged bytes are refused naming the tensor.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import re
 from collections.abc import Mapping
@@ -24,12 +29,13 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from .checkpoint import atomic_write, first_line
+from .checkpoint import first_line
+from .files import StagedOutputs, staged_outputs
 from .layers import LoRALayer, lora_layers
 
 ADAPTER_VERSION = 1
-LORA_RANK_AXIS = "lora_rank"
 LORA_SUFFIXES = (".lora_A", ".lora_B")
+RECORD_FORMAT = "lora-export-adapter-record"
 
 
 class AdapterError(ValueError):
@@ -50,27 +56,103 @@ def adapter_tensors(model: nn.Module) -> dict[str, np.ndarray]:
     return tensors
 
 
-def write_adapter(path: str | os.PathLike, tensors: Mapping[str, np.ndarray], model_version: int) -> None:
-    """Write ``tensors`` as an ``.onnx_adapter`` file atomically (adapter version ADAPTER_VERSION)."""
+def rank_axis(layer_name: str) -> str:
+    """The symbolic rank dimension of one layer's LoRA inputs: ``<layer path>.lora_rank``."""
+    return f"{layer_name}.lora_rank"
+
+
+def adapter_record_path(path: str | os.PathLike) -> Path:
+    """The integrity record beside an adapter file: ``<adapter>.json``."""
+    path = Path(path)
+    return path.with_name(path.name + ".json")
+
+
+def _array_sha256(array: np.ndarray) -> str:
+    array = np.ascontiguousarray(array)
+    digest = hashlib.sha256(f"{array.dtype.str}|{list(array.shape)}|".encode())
+    digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
+def adapter_record(tensors: Mapping[str, np.ndarray], model_version: int) -> dict:
+    """The integrity record of an adapter: versions and every tensor's dtype, shape and sha256."""
+    return {
+        "format": RECORD_FORMAT,
+        "adapter_version": ADAPTER_VERSION,
+        "model_version": model_version,
+        "tensors": {name: {"dtype": str(np.asarray(a).dtype), "shape": list(np.shape(a)), "sha256": _array_sha256(a)}
+                    for name, a in sorted(tensors.items())},
+    }
+
+
+def write_adapter(path: str | os.PathLike, tensors: Mapping[str, np.ndarray], model_version: int,
+                  stage: StagedOutputs | None = None) -> None:
+    """Write ``tensors`` as an ``.onnx_adapter`` file and its integrity record ``<adapter>.json``.
+
+    Both land together or not at all: in ``stage`` when given (moved in with the rest of its files), else in a
+    stage of their own. ONNX Runtime's own write errors (RuntimeError, e.g. on a full disk) become OSError.
+    """
+    if stage is None:
+        with staged_outputs() as own_stage:
+            write_adapter(path, tensors, model_version, own_stage)
+        return
     adapter = ort.AdapterFormat()
     adapter.set_adapter_version(ADAPTER_VERSION)
     adapter.set_model_version(model_version)
     adapter.set_parameters({k: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v)) for k, v in tensors.items()})
-    atomic_write(path, adapter.export_adapter)
+    try:
+        adapter.export_adapter(str(stage.path(path)))
+    except RuntimeError as err:  # ORT reports a failed write as RuntimeError
+        raise OSError(f"ONNX Runtime could not write the adapter: {_ort_message(err)}") from None
+    record = json.dumps(adapter_record(tensors, model_version), indent=1, sort_keys=True) + "\n"
+    stage.path(adapter_record_path(path)).write_text(record, encoding="utf-8")
+
+
+def _ort_message(err: BaseException) -> str:
+    """ONNX Runtime's first message line without its C++ source location."""
+    return re.sub(r"^\S+\.cc:\d+ .*?\) ", "", first_line(err))
+
+
+def _verify_record(path: Path, tensors: Mapping[str, np.ndarray], model_version: int) -> None:
+    """Hold the adapter's tensors against its integrity record, when it has one. Raises AdapterError."""
+    record_path = adapter_record_path(path)
+    if not record_path.is_file():
+        return
+    try:
+        record = json.loads(record_path.read_text(encoding="utf-8"))
+        recorded = record["tensors"]
+        if record.get("format") != RECORD_FORMAT or not isinstance(recorded, dict):
+            raise ValueError("not a lora-export adapter record")
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise AdapterError(f"{record_path}: unreadable integrity record: {first_line(err)}") from None
+    if record.get("model_version") != model_version:
+        raise AdapterError(f"{path}: damaged or altered: model version {model_version} differs from its record "
+                           f"({record_path.name})")
+    for name in sorted(set(recorded) | set(tensors)):
+        if name not in tensors or name not in recorded:
+            raise AdapterError(f"{path}: damaged or altered: tensor {name[:80]} is "
+                               f"{'missing from the adapter' if name not in tensors else 'not in its record'}")
+        entry = recorded[name]
+        if not isinstance(entry, dict) or entry.get("sha256") != _array_sha256(tensors[name]):
+            raise AdapterError(f"{path}: damaged or altered: tensor {name} does not match its recorded sha256 "
+                               f"({record_path.name})")
 
 
 def read_adapter(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], int]:
-    """(tensors by name, model version) of an ``.onnx_adapter`` file. Raises AdapterError."""
+    """(tensors by name, model version) of an ``.onnx_adapter`` file, verified against its integrity record
+    when there is one. Raises AdapterError."""
     path = Path(path)
     if not path.is_file():
         raise AdapterError(f"{path}: no such adapter file")
     try:
         adapter = ort.AdapterFormat.read_adapter(str(path))
         params = adapter.get_parameters()
+        tensors = {k: np.array(v.numpy()) for k, v in params.items()}
+        model_version = adapter.get_model_version()
     except Exception as err:  # ORT raises its own exception types for a malformed FlatBuffer
-        detail = re.sub(r"^\S+\.cc:\d+ .*?\) ", "", first_line(err))  # drop ORT's C++ source location
-        raise AdapterError(f"{path}: not a readable .onnx_adapter file: {detail}") from None
-    return {k: np.array(v.numpy()) for k, v in params.items()}, adapter.get_model_version()
+        raise AdapterError(f"{path}: not a readable .onnx_adapter file: {_ort_message(err)}") from None
+    _verify_record(path, tensors, model_version)
+    return tensors, model_version
 
 
 def lora_input_specs(model: onnx.ModelProto) -> dict[str, tuple[int, list[int | str]]]:
@@ -88,7 +170,7 @@ def check_adapter(model: onnx.ModelProto, tensors: Mapping[str, np.ndarray]) -> 
     """Hold adapter tensors against a model's LoRA inputs before any run.
 
     Returns (errors, notes). Errors: a name the model has no input for, a dtype other than the input's,
-    a fixed dimension that differs, a non-2-D tensor, A and B of one layer with different ranks.
+    a fixed dimension that differs, a non-2-D tensor, A and B of one layer with different ranks, NaN or Inf.
     Notes: model LoRA inputs the adapter leaves out (those layers run as the base model).
     """
     specs = lora_input_specs(model)
@@ -96,6 +178,10 @@ def check_adapter(model: onnx.ModelProto, tensors: Mapping[str, np.ndarray]) -> 
     if not specs:
         errors.append("the model has no LoRA inputs (was it exported with --merge?)")
         return errors, notes
+    for name in sorted(tensors):
+        array = tensors[name]
+        if array.dtype.kind == "f" and not np.isfinite(array).all():
+            errors.append(f"{name}: holds NaN or Inf")
     for name in sorted(set(tensors) - set(specs)):
         errors.append(f"{name}: not an input of the model (extra name)")
     for name in sorted(set(specs) - set(tensors)):
@@ -158,3 +244,20 @@ def activate_adapters(*paths: str | os.PathLike) -> tuple[ort.RunOptions, list[o
         run_options.add_active_adapter(adapter)
         adapters.append(adapter)
     return run_options, adapters
+
+
+def run_adapter(model_path: str | os.PathLike, adapter_path: str | os.PathLike) -> str | None:
+    """Run the model once on ONNX Runtime's CPU provider with the adapter active (one short input); returns
+    why it failed (one line), or None when it ran and gave finite logits."""
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    try:
+        session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+        run_options, _adapters = activate_adapters(adapter_path)
+        ids = np.array([[72, 105]], dtype=np.int64)
+        logits = session.run(None, {"input_ids": ids, "attention_mask": np.ones_like(ids)}, run_options)[0]
+    except Exception as err:  # ORT raises its own exception types
+        return f"ONNX Runtime cannot run the model with this adapter: {_ort_message(err)}"
+    if not np.isfinite(logits).all():
+        return "the model gives NaN or Inf logits with this adapter"
+    return None

@@ -15,16 +15,16 @@ import hashlib
 import os
 import pickle
 import pickletools
-import tempfile
 import warnings
-from collections.abc import Callable
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from .files import atomic_write
 from .layers import base_state_dict, lora_state_dict
-from .model import LoRATransformerLM, ModelConfig
+from .model import LoRATransformerLM, ModelConfig, short_repr
 
 CHECKPOINT_FORMAT = "lora-export-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -39,45 +39,11 @@ def first_line(err: BaseException) -> str:
     return (str(err).strip().splitlines() or [type(err).__name__])[0]
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
-    """Call write(tmp_path) on a temporary file beside ``path``, then rename it into place.
-
-    A failure leaves no partial file behind. Raises OSError if the directory is not writable.
-    """
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, default_file_mode())  # mkstemp makes the file private; give it the usual mode
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def output_dir_problem(directory: Path) -> str | None:
-    """Why files cannot be written into ``directory`` (checked before any work is done), or None."""
-    if not directory.is_dir():
-        return f"{directory}: output directory does not exist"
-    if not os.access(directory, os.W_OK):
-        return f"{directory}: output directory is not writable"
-    return None
-
-
-def default_file_mode() -> int:
-    """0o666 minus the process umask: the mode open() would give a new file."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """Hex sha256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
+def tensor_sha256(tensor: torch.Tensor) -> str:
+    """sha256 of a tensor's dtype, shape and bytes (contiguous, CPU)."""
+    tensor = tensor.detach().cpu().contiguous()
+    digest = hashlib.sha256(f"{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+    digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
 
@@ -99,40 +65,152 @@ def _torch_save(payload: dict[str, Any], path: str) -> None:
 
 
 def save_checkpoint(path: str | os.PathLike, model: LoRATransformerLM, training: dict[str, Any] | None = None) -> None:
-    """Write model config, base weights, LoRA weights and training metadata atomically.
+    """Write model config, base weights, LoRA weights, training metadata and tensor hashes atomically.
 
-    The model must be unmerged (base and LoRA kept apart); a merged one is refused.
+    The model must be unmerged (base and LoRA kept apart); a merged one is refused. Every tensor must be finite.
     """
     merged = any(getattr(m, "merged", False) for m in model.modules())
     if merged:
         raise ValueError("save_checkpoint needs an unmerged model: call unmerge_lora(model) first")
+    base = {k: v.detach().cpu().clone() for k, v in base_state_dict(model).items()}
+    lora = {k: v.detach().cpu().clone() for k, v in lora_state_dict(model).items()}
+    for name, tensor in {**base, **lora}.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise ValueError(f"save_checkpoint refused: {name} holds NaN or Inf")
     payload = {
         "format": CHECKPOINT_FORMAT,
         "format_version": CHECKPOINT_VERSION,
         "config": model.config.to_dict(),
-        "base": {k: v.detach().cpu().clone() for k, v in base_state_dict(model).items()},
-        "lora": {k: v.detach().cpu().clone() for k, v in lora_state_dict(model).items()},
+        "base": base,
+        "lora": lora,
         "training": dict(training or {}),
+        "tensor_sha256": {name: tensor_sha256(tensor) for name, tensor in sorted({**base, **lora}.items())},
     }
+    check_plain_values(payload["training"], "training")
     atomic_write(path, lambda tmp: _torch_save(payload, tmp))
 
 
-def pickle_imports_objects(path: Path) -> bool:
-    """Whether a raw pickle file imports globals or builds objects, scanned with pickletools, never run.
+# --------------------------------------------------------------------------- reading, never trusting
 
-    Called only after torch's weights-only unpickler refused the file, to tell code-carrying pickles
-    (which it reports as an unsupported opcode for protocols 4 and 5) from corrupt bytes.
+
+#: Limits of the plain values (config, training record) a checkpoint may hold, checked before any of them is
+#: compared, hashed or formatted: a few hundred bytes of shared references can otherwise expand to 2^40 items.
+MAX_PLAIN_DEPTH = 16
+MAX_PLAIN_ITEMS = 1_000_000
+MAX_STRING_CHARS = 1 << 20
+MAX_INT_MAGNITUDE = 1 << 64
+
+
+def check_plain_values(value: Any, where: str) -> None:
+    """Refuse (ValueError, one line) anything but a bounded tree of None, bool, int, float, str, tensors, and
+    lists, tuples and str-keyed dicts of them: too deep, too many items counted with repeats (shared
+    references), a huge int or string, or another type."""
+    stack: list[tuple[Any, str, int]] = [(value, where, 0)]
+    visited = 0
+    while stack:
+        item, path, depth = stack.pop()
+        visited += 1
+        if visited > MAX_PLAIN_ITEMS:
+            raise ValueError(f"{where}: more than {MAX_PLAIN_ITEMS:,} values (or references that expand to as many)")
+        if item is None or isinstance(item, bool | float | torch.Tensor):
+            continue
+        if isinstance(item, int):
+            if abs(item) > MAX_INT_MAGNITUDE:
+                raise ValueError(f"{path}: integer too large")
+            continue
+        if isinstance(item, str):
+            if len(item) > MAX_STRING_CHARS:
+                raise ValueError(f"{path}: string of {len(item):,} characters is too long")
+            continue
+        if not isinstance(item, dict | list | tuple):
+            raise ValueError(f"{path}: unexpected value of type {type(item).__name__}")
+        if depth >= MAX_PLAIN_DEPTH:
+            raise ValueError(f"{path}: nested deeper than {MAX_PLAIN_DEPTH} levels")
+        if isinstance(item, dict):
+            for key, child in item.items():
+                if not isinstance(key, str) or len(key) > 256:
+                    raise ValueError(f"{path}: a key that is not a short string ({type(key).__name__})")
+                stack.append((child, f"{path}.{key}", depth + 1))
+        else:
+            stack.extend((child, f"{path}[{i}]", depth + 1) for i, child in enumerate(item))
+
+
+def _is_tensor_global(module: str, name: str) -> bool:
+    """The globals a plain torch checkpoint imports: tensor rebuild functions, storage types, OrderedDict."""
+    if module == "collections" and name == "OrderedDict":
+        return True
+    return module.split(".")[0] == "torch" and (name.startswith("_rebuild_") or name.endswith("Storage"))
+
+
+def pickle_imports_objects(path: Path) -> bool:
+    """Whether a checkpoint's pickle imports anything but tensor machinery, scanned with pickletools, never run.
+
+    Reads the raw file, or the ``data.pkl`` member of a torch zip checkpoint. Called only after torch's
+    weights-only unpickler refused the file, to tell code-carrying pickles (which it reports as an unsupported
+    opcode for protocols 4 and 5) from corrupt bytes.
     """
-    code_ops = {"GLOBAL", "STACK_GLOBAL", "INST", "OBJ", "REDUCE", "NEWOBJ", "NEWOBJ_EX"}
     try:
-        with open(path, "rb") as f:
-            return any(op.name in code_ops for op, _, _ in pickletools.genops(f))
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                member = next(name for name in archive.namelist() if name.endswith("data.pkl"))
+                data = archive.read(member)
+        else:
+            data = path.read_bytes()
+        strings: list[str] = []
+        for op, arg, _ in pickletools.genops(data):
+            if isinstance(arg, str):
+                strings.append(arg)
+            if op.name in ("GLOBAL", "INST"):
+                module, _, name = arg.partition(" ")
+            elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                module, name = strings[-2], strings[-1]
+            else:
+                continue
+            if not _is_tensor_global(module, name):
+                return True
+        return False
     except Exception:  # not a parsable pickle stream: corrupt, not code
         return False
 
 
+def check_zip_integrity(path: Path) -> None:
+    """Verify every member of a torch zip checkpoint against the zip's own CRC-32 (CheckpointError if not)."""
+    if not zipfile.is_zipfile(path):
+        return
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except Exception as err:  # BadZipFile, zlib.error, EOFError, ...
+        raise CheckpointError(f"{path}: corrupt checkpoint archive: {first_line(err)}") from None
+    if bad is not None:
+        raise CheckpointError(f"{path}: corrupt checkpoint: {bad} fails its CRC-32 check (damaged bytes)")
+
+
+def _check_tensors(payload: dict[str, Any], path: Path) -> None:
+    """Names are strings, values float tensors; each matches its recorded sha256 where the file has them."""
+    recorded = payload.get("tensor_sha256")
+    if recorded is not None and not isinstance(recorded, dict):
+        raise CheckpointError(f"{path}: malformed checkpoint: 'tensor_sha256' is not a dict")
+    for section in ("base", "lora"):
+        for name, tensor in payload[section].items():
+            if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
+                kind = str(tensor.dtype) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+                raise CheckpointError(f"{path}: {section} weight {name} is {kind}, not a float tensor")
+            if recorded is not None and name in recorded and recorded[name] != tensor_sha256(tensor):
+                raise CheckpointError(f"{path}: corrupt checkpoint: tensor {name} does not match its recorded "
+                                      "sha256 (damaged or altered bytes)")
+    if recorded is not None:
+        missing = sorted(set(recorded) - set(payload["base"]) - set(payload["lora"]))
+        if missing:
+            raise CheckpointError(f"{path}: corrupt checkpoint: recorded tensor {short_repr(missing[0])} is missing")
+
+
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Load and validate the raw checkpoint dict. Raises CheckpointError with one clear line."""
+    """Load and validate the raw checkpoint dict. Raises CheckpointError with one clear line.
+
+    Refused: pickled code (never run), bytes that fail the zip's CRC-32 or a tensor's recorded sha256, plain
+    values that are not a small tree of plain types, and a layout other than this module's.
+    """
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such file")
@@ -144,41 +222,50 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
             payload = torch.load(path, map_location="cpu", weights_only=True)
     except PermissionError:
         raise CheckpointError(f"{path}: permission denied") from None
-    except pickle.UnpicklingError as err:
+    except Exception as err:  # torch.load raises many types (UnpicklingError, RuntimeError, KeyError, ...)
         if "GLOBAL" in str(err) or pickle_imports_objects(path):
             raise CheckpointError(
                 f"{path}: refused: it contains pickled code or objects, not only tensors (weights_only=True)"
             ) from None
-        raise CheckpointError(f"{path}: not a readable checkpoint (truncated or corrupt?)") from None
-    except Exception as err:  # torch.load raises many types (RuntimeError, KeyError, ...) on corrupt bytes
-        detail = f"{type(err).__name__}: {first_line(err).split('. ')[0]}"
+        if isinstance(err, pickle.UnpicklingError):
+            raise CheckpointError(f"{path}: not a readable checkpoint (truncated or corrupt?)") from None
+        detail = f"{type(err).__name__}: {first_line(err).split('. ')[0][:200]}"
         raise CheckpointError(f"{path}: not a readable checkpoint (truncated or corrupt?): {detail}") from None
+    check_zip_integrity(path)
+    try:
+        check_plain_values(payload, "checkpoint")
+    except ValueError as err:
+        raise CheckpointError(f"{path}: refused: {err}") from None
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path}: not a lora-export checkpoint (missing format '{CHECKPOINT_FORMAT}')")
     version = payload.get("format_version")
-    if version != CHECKPOINT_VERSION:
-        raise CheckpointError(
-            f"{path}: unsupported checkpoint format_version {version!r} (this tool reads {CHECKPOINT_VERSION})"
-        )
+    if version != CHECKPOINT_VERSION or isinstance(version, bool):
+        raise CheckpointError(f"{path}: unsupported checkpoint format_version {short_repr(version)} "
+                              f"(this tool reads {CHECKPOINT_VERSION})")
     for key, kind in (("config", dict), ("base", dict), ("lora", dict), ("training", dict)):
         if not isinstance(payload.get(key), kind):
             raise CheckpointError(f"{path}: malformed checkpoint: '{key}' missing or not a {kind.__name__}")
+    _check_tensors(payload, path)
     return payload
 
 
 def build_model(payload: dict[str, Any], path: str | os.PathLike = "checkpoint") -> LoRATransformerLM:
-    """Rebuild the model from a validated checkpoint dict, in eval mode."""
+    """Rebuild the model from a validated checkpoint dict, in eval mode. Raises CheckpointError.
+
+    The config is validated and the weights' names and shapes compared on a meta-device skeleton before any
+    memory is allocated; every weight must be finite.
+    """
     try:
         config = ModelConfig.from_dict(payload["config"])
-    except (TypeError, ValueError) as err:
-        raise CheckpointError(f"{path}: malformed model config: {err}") from None
-    model = LoRATransformerLM(config)
-    expected = model.state_dict()
+        with torch.device("meta"):
+            expected = LoRATransformerLM(config).state_dict()
+    except Exception as err:  # any failure to build from a file's values is the file's problem
+        raise CheckpointError(f"{path}: malformed model config: {first_line(err)}") from None
     state = {**payload["base"], **payload["lora"]}
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
-        detail = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
+        detail = f"missing {missing[:3]}" if missing else f"unexpected {[short_repr(n) for n in unexpected[:3]]}"
         raise CheckpointError(f"{path}: weights do not match the model config: {detail}")
     for name, tensor in state.items():
         if not isinstance(tensor, torch.Tensor) or tensor.shape != expected[name].shape:
@@ -186,7 +273,13 @@ def build_model(payload: dict[str, Any], path: str | os.PathLike = "checkpoint")
             raise CheckpointError(
                 f"{path}: shape mismatch for {name}: checkpoint has {got}, config needs {tuple(expected[name].shape)}"
             )
-    model.load_state_dict(state)
+        if not torch.isfinite(tensor).all():
+            raise CheckpointError(f"{path}: weight {name} holds NaN or Inf")
+    try:
+        model = LoRATransformerLM(config)
+        model.load_state_dict(state)
+    except Exception as err:  # e.g. out of memory for a config that matched its (huge) tensors
+        raise CheckpointError(f"{path}: cannot build the model: {first_line(err)}") from None
     return model.eval()
 
 

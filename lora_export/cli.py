@@ -2,8 +2,10 @@
 
 The commands only parse options and call the library (:mod:`lora_export.train`, :mod:`lora_export.export`,
 :mod:`lora_export.validate`).
-Bad input (a missing or unreadable file, a bad checkpoint, an impossible setting) prints one line
-``error: ...`` to stderr and exits with status 2, like click's own usage errors; never a traceback.
+Bad input (a missing or unreadable file, a bad checkpoint, an impossible setting, an output that would replace
+an input) prints one line ``error: ...`` to stderr and exits with status 2, like click's own usage errors; never a
+traceback. Every output and option is checked before any work starts. An interrupt (Ctrl-C) prints
+``error: interrupted`` and exits with 130, leaving no partial file (writes are staged, see ``lora_export.files``).
 """
 
 from __future__ import annotations
@@ -16,18 +18,38 @@ from typing import Any, TypeVar
 import click
 
 from . import __version__
-from .checkpoint import CheckpointError, first_line, output_dir_problem, save_checkpoint
-from .edge import convert_fp16, convert_ort_format, quantize_int8
-from .export import DEFAULT_OPSET, EXTERNAL_DATA_THRESHOLD, check_adapter_file, export_adapter, export_onnx
+from .checkpoint import CheckpointError, first_line, save_checkpoint
+from .edge import (
+    convert_fp16,
+    convert_ort_format,
+    ort_format_outputs,
+    precision_output_path,
+    quantize_int8,
+)
+from .export import (
+    DEFAULT_OPSET,
+    EXTERNAL_DATA_THRESHOLD,
+    check_adapter_file,
+    export_adapter,
+    export_onnx,
+    export_outputs,
+    model_files,
+)
+from .files import check_output_dir, check_outputs
+from .launch import INTERRUPTED_EXIT, TERMINATED_EXIT, Terminated
+from .metrics import resolve_tolerance
 from .model import ModelConfig
-from .train import adapt, load_data, pretrain
-from .validate import normalize_providers, validate
+from .providers import normalize_providers
+from .report import REPORT_FILES
+from .train import adapt, check_hyperparameters, load_data, pretrain
+from .validate import default_report_dir, validate
 
 CommandT = TypeVar("CommandT", bound=Callable[..., Any])
 
 
 def exit_on_error(command: CommandT) -> CommandT:
-    """Decorate a click command: CheckpointError, ValueError and OSError become 'error: ...' + exit 2.
+    """Decorate a click command: CheckpointError, ValueError and OSError become 'error: ...' + exit 2; an
+    interrupt becomes 'error: interrupted' + exit 130 (click's own would print 'Aborted!' and exit 1).
 
     click's own usage errors (unknown option, bad choice) are left to click, which also exits with 2.
     """
@@ -36,6 +58,12 @@ def exit_on_error(command: CommandT) -> CommandT:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return command(*args, **kwargs)
+        except Terminated:
+            click.echo("error: terminated", err=True)
+            raise SystemExit(TERMINATED_EXIT) from None
+        except KeyboardInterrupt:
+            click.echo("error: interrupted", err=True)
+            raise SystemExit(INTERRUPTED_EXIT) from None
         except (CheckpointError, ValueError, OSError) as err:
             if isinstance(err, OSError) and err.filename is not None:
                 message = f"{err.filename}: {err.strerror or err}"
@@ -47,13 +75,11 @@ def exit_on_error(command: CommandT) -> CommandT:
     return wrapper  # type: ignore[return-value]
 
 
-def check_output(path: Path) -> None:
-    """Fail before training, not after, when the output cannot be written."""
-    if path.is_dir():
-        raise ValueError(f"{path}: is a directory, expected a checkpoint file path")
-    problem = output_dir_problem(path.parent)
-    if problem:
-        raise ValueError(problem)
+def check_training_output(output: Path, inputs: list[Path]) -> None:
+    """Fail before training, not after, when the output cannot be written or would replace an input."""
+    if output.suffix != ".pt":
+        raise ValueError(f"{output}: the checkpoint output must end in .pt")
+    check_outputs([output], inputs)
 
 
 def training_options(steps: int, lr: float, eval_every: int) -> Callable[[CommandT], CommandT]:
@@ -111,7 +137,8 @@ def pretrain_command(output: Path, steps: int, batch_size: int, seq_len: int | N
 
     Default data: the Python standard library's source (first 4 MB, sorted paths).
     """
-    check_output(output)
+    check_training_output(output, list(data))
+    check_hyperparameters(steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr, eval_every=eval_every)
     config = ModelConfig(dim=dim, depth=depth, heads=heads, dim_head=dim_head, n_local_attn_heads=local_heads,
                          local_attn_window_size=window, global_attn=global_attn, blindspot_size=blindspot,
                          max_seq_len=max_seq_len, dropout=dropout, r=0)
@@ -138,7 +165,9 @@ def adapt_command(base: Path, output: Path, steps: int, batch_size: int, seq_len
 
     Default data: English prose (pydoc topics). Prints the held-out loss of the base and the adapted model.
     """
-    check_output(output)
+    check_training_output(output, [base, *data])
+    check_hyperparameters(steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr, eval_every=eval_every, r=r,
+                          lora_alpha=alpha, lora_dropout=lora_dropout)
     lora_targets = [t.strip() for t in targets.split(",") if t.strip()]
     model, training = adapt(base, r=r, lora_alpha=alpha, lora_targets=lora_targets, lora_dropout=lora_dropout,
                             use_rslora=rslora, data=load_data(data, default="prose"), steps=steps,
@@ -247,10 +276,24 @@ def export_command(checkpoint: Path, merge: bool, adapters_as_inputs: bool, outp
     """Export CHECKPOINT (.pt) to ONNX, merged (default) or with the adapters as inputs, then validate it."""
     if merge and adapters_as_inputs:
         raise click.UsageError("--merge and --adapters-as-inputs exclude each other: choose one form")
-    if fp16 and providers is not None and "cuda" not in normalize_providers(providers.split(",")):
-        raise ValueError(f"--fp16 models run on CUDA, but --providers {providers} excludes it")
+    model_path, adapter_path = export_outputs(checkpoint, output, merge=not adapters_as_inputs,
+                                              adapter_path=adapter_output)
+    if not no_validate:  # the validation options, checked before the export rather than after it
+        resolve_tolerance("fp32", atol, rtol)
+        if providers is not None:
+            wanted = normalize_providers(providers.split(","))
+            if fp16 and "cuda" not in wanted:
+                raise ValueError(f"--fp16 models run on CUDA, but --providers {providers} excludes it")
+    builds = [model_path] + [precision_output_path(model_path, name) for name, wanted_build
+                             in (("int8", quantize == "int8"), ("fp16", fp16)) if wanted_build]
+    files = model_files(model_path, adapter_path) + [f for build in builds[1:] for f in model_files(build)]
+    if ort_format:
+        files += [f for build in builds for f in ort_format_outputs(build)]
+    check_outputs(files, [checkpoint])
+    if not no_validate:
+        check_output_dir(report or default_report_dir(model_path), REPORT_FILES.values(), [checkpoint, *files])
     say = progress_printer(quiet)
-    result = export_onnx(checkpoint, output, merge=not adapters_as_inputs, adapter_path=adapter_output,
+    result = export_onnx(checkpoint, model_path, merge=not adapters_as_inputs, adapter_path=adapter_path,
                          opset=opset, simplify_graph=not no_simplify,
                          external_data_threshold=external_data_threshold, progress=say)
     click.echo(result.summary())

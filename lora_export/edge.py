@@ -32,7 +32,6 @@ import functools
 import io
 import logging
 import os
-import shutil
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -45,7 +44,7 @@ from onnx.external_data_helper import load_external_data_for_model
 
 from .adapters import AdapterError, activate_adapters, attach_adapter, lora_input_specs
 from .cases import heldout_text
-from .checkpoint import CheckpointError, build_model, first_line, output_dir_problem, read_checkpoint
+from .checkpoint import CheckpointError, build_model, first_line, read_checkpoint
 from .export import (
     EXTERNAL_DATA_THRESHOLD,
     OUTPUT_NAMES,
@@ -53,10 +52,12 @@ from .export import (
     check_output_path,
     load_onnx,
     model_file_size,
+    model_files,
     read_metadata,
     save_model,
     set_metadata,
 )
+from .files import OutputError, check_outputs, staged_outputs
 from .layers import merge_lora
 from .lineage import check_model_matches, load_adapter_for
 from .metrics import (
@@ -120,12 +121,24 @@ def _read_fp32_source(model_path: str | os.PathLike) -> onnx.ModelProto:
     return model
 
 
+def precision_output_path(model_path: Path, precision: str) -> Path:
+    """The default output of an edge build: ``<stem>.<precision>.onnx`` beside the model."""
+    return model_path.with_suffix(f".{precision}.onnx")
+
+
+def ort_format_outputs(model_path: Path, output_dir: Path | None = None) -> tuple[Path, Path]:
+    """(``<stem>.ort``, ``<stem>.required_operators.config``) that ``convert_ort_format`` writes."""
+    directory = output_dir if output_dir is not None else model_path.parent
+    return directory / model_path.with_suffix(".ort").name, directory / f"{model_path.stem}.required_operators.config"
+
+
 def _output_path(model_path: Path, output_path: str | os.PathLike | None, precision: str) -> Path:
-    """``output_path`` checked, or ``<stem>.<precision>.onnx`` beside the model."""
-    output = Path(output_path) if output_path is not None else model_path.with_suffix(f".{precision}.onnx")
+    """``output_path`` checked (it must not replace the model or its data), or ``<stem>.<precision>.onnx``."""
+    output = Path(output_path) if output_path is not None else precision_output_path(model_path, precision)
     try:
-        check_output_path(output, ".onnx", source=model_path)
-    except ExportError as err:
+        check_output_path(output, ".onnx")
+        check_outputs(model_files(output), model_files(model_path))
+    except (ExportError, OutputError) as err:
         raise EdgeExportError(str(err)) from None
     return output
 
@@ -267,34 +280,25 @@ def convert_ort_format(model_path: str | os.PathLike, output_dir: str | os.PathL
     model_path = Path(model_path)
     if model_path.suffix != ".onnx":
         raise EdgeExportError(f"{model_path}: the model must end in .onnx")
+    outputs = ort_format_outputs(model_path, Path(output_dir) if output_dir is not None else None)
     try:
         load_onnx(model_path)
-    except ExportError as err:
+        check_outputs(outputs, model_files(model_path))
+    except (ExportError, OutputError) as err:
         raise EdgeExportError(str(err)) from None
-    directory = Path(output_dir) if output_dir is not None else model_path.parent
-    problem = output_dir_problem(directory)
-    if problem:
-        raise EdgeExportError(problem)
-    names = (model_path.with_suffix(".ort").name, model_path.with_suffix(".required_operators.config").name)
     try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{model_path.stem}.ort.", dir=directory))
-    except OSError as err:
-        raise EdgeExportError(f"{directory}: cannot write: {err.strerror or err}") from None
-    try:
-        with _quiet_onnxruntime():
+        with staged_outputs() as stage, _quiet_onnxruntime():
+            tmp = stage.path(outputs[0]).parent
             convert_onnx_models_to_ort(model_path, output_dir=tmp, optimization_styles=[OptimizationStyle.Fixed])
-        config = tmp / names[1]  # its header names the .ort it was generated from: the final path, not the temp one
-        config.write_text(config.read_text().replace(str(tmp.resolve()), str(directory.resolve())))
-        outputs = [directory / name for name in names]
-        for name, output in zip(names, outputs, strict=True):
-            os.replace(tmp / name, output)
+            for output in outputs:
+                stage.path(output)
+            config = stage.path(outputs[1])  # its header names the .ort it was made from: the final path, not tmp
+            config.write_text(config.read_text().replace(str(tmp.resolve()), str(outputs[1].parent.resolve())))
     except OSError as err:
-        raise EdgeExportError(f"{directory}: cannot write: {err.strerror or err}") from None
+        raise EdgeExportError(f"{err.filename or outputs[0]}: cannot write: {err.strerror or err}") from None
     except Exception as err:  # the tool raises ORT's own exception types
         raise EdgeExportError(f"{model_path}: ORT format conversion failed: {first_line(err)}") from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return outputs[0], outputs[1]
+    return outputs
 
 
 # --------------------------------------------------------------------------- comparison

@@ -17,8 +17,6 @@ import io
 import json
 import logging
 import os
-import shutil
-import tempfile
 import time
 import warnings
 from collections.abc import Callable
@@ -33,23 +31,18 @@ from torch import nn
 
 from . import __version__
 from .adapters import (
-    LORA_RANK_AXIS,
+    adapter_record_path,
     adapter_tensors,
     check_adapter,
     lora_input_specs,
     model_version_from_fingerprint,
+    rank_axis,
     read_adapter,
+    run_adapter,
     write_adapter,
 )
-from .checkpoint import (
-    base_fingerprint,
-    build_model,
-    default_file_mode,
-    file_sha256,
-    first_line,
-    output_dir_problem,
-    read_checkpoint,
-)
+from .checkpoint import base_fingerprint, build_model, first_line, read_checkpoint
+from .files import OutputError, StagedOutputs, check_outputs, file_sha256, staged_outputs
 from .layers import LoRALayer, lora_layers, merge_lora
 from .model import LoRATransformerLM, ModelConfig
 
@@ -166,16 +159,27 @@ def trace_to_onnx(model: LoRATransformerLM, form: str, opset: int) -> tuple[onnx
 
     names = [name for name, _ in lora_layers(model)]
     base = base_model_of(model, {k: v for k, v in model.state_dict().items() if "lora_" not in k})
-    rank = torch.export.Dim(LORA_RANK_AXIS, min=1, max=4096)
     lora_args, lora_names, lora_shapes = [], [], []
     example_rank = 3  # any rank > 1: torch.export specialises 0 and 1
-    for name, layer in lora_layers(model):
+    for index, (name, layer) in enumerate(lora_layers(model)):
+        rank = torch.export.Dim(f"lora_rank_{index}", min=1, max=4096)  # one rank per layer
         lora_args += [torch.zeros(layer.in_features, example_rank), torch.zeros(example_rank, layer.out_features)]
         lora_names += [f"{name}.lora_A", f"{name}.lora_B"]
         lora_shapes += [{1: rank}, {0: rank}]
     proto = _torch_export(AdaptersAsInputs(base, names), (ids, mask, *lora_args), INPUT_NAMES + lora_names,
                           (*io_shapes, tuple(lora_shapes)), opset)
+    name_rank_axes(proto, names)
     return proto, names
+
+
+def name_rank_axes(model: onnx.ModelProto, layer_names: list[str]) -> None:
+    """Rename the exporter's per-layer rank symbols (``lora_rank_<i>``) to ``<layer path>.lora_rank``."""
+    renames = {f"lora_rank_{index}": rank_axis(name) for index, name in enumerate(layer_names)}
+    values = [*model.graph.input, *model.graph.output, *model.graph.value_info]
+    for value in values:
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.HasField("dim_param") and dim.dim_param in renames:
+                dim.dim_param = renames[dim.dim_param]
 
 
 def add_rank0_defaults(model: onnx.ModelProto) -> None:
@@ -266,52 +270,79 @@ def read_metadata(model: onnx.ModelProto) -> dict[str, str]:
     return {p.key[len(METADATA_PREFIX):]: p.value for p in model.metadata_props if p.key.startswith(METADATA_PREFIX)}
 
 
-def save_model(model: onnx.ModelProto, path: Path, external_data_threshold: int) -> bool:
-    """Save atomically; weights go to ``<name>.data`` beside it when the model exceeds the threshold.
+def data_path_of(path: Path) -> Path:
+    """The external-data file of a model: ``<name>.data`` beside it."""
+    return path.with_name(path.name + ".data")
 
-    Returns whether external data was used. Both files are written in a temporary directory beside
-    ``path`` and renamed into place (data first), so a failure leaves neither half-written.
+
+def write_model_files(model: onnx.ModelProto, path: Path, stage: StagedOutputs, external_data_threshold: int) -> bool:
+    """Save ``model`` into ``stage`` (moved to ``path`` with the stage); weights go to ``<name>.data`` beside it
+    when the model exceeds the threshold, and a previous export's ``.data`` is removed otherwise.
+
+    Returns whether external data was used.
     """
     external = model.ByteSize() > external_data_threshold
-    data_path = path.with_name(path.name + ".data")
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
-        if external:
-            onnx.save_model(model, tmp_dir / path.name, save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=data_path.name, size_threshold=1024)
-            os.chmod(tmp_dir / data_path.name, default_file_mode())
-            os.replace(tmp_dir / data_path.name, data_path)
-        else:
-            onnx.save_model(model, tmp_dir / path.name)
-        os.chmod(tmp_dir / path.name, default_file_mode())
-        os.replace(tmp_dir / path.name, path)
-        if not external:
-            data_path.unlink(missing_ok=True)  # a previous export's weights, now stale
-    finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
+    data_path = data_path_of(path)
+    if external:
+        stage.path(data_path)
+        onnx.save_model(model, stage.path(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=data_path.name, size_threshold=1024)
+    else:
+        onnx.save_model(model, stage.path(path))
+        stage.remove(data_path)
     return external
 
 
-def check_output_path(path: Path, suffix: str, source: Path | None = None) -> None:
-    """Refuse, before any work, an output that cannot be written or would overwrite its ``source`` model."""
+def save_model(model: onnx.ModelProto, path: Path, external_data_threshold: int) -> bool:
+    """Save atomically (model and external data together, or neither); returns whether external data was used."""
+    with staged_outputs() as stage:
+        return write_model_files(model, path, stage, external_data_threshold)
+
+
+def check_output_path(path: Path, suffix: str, sources: list[Path | None] | tuple = ()) -> None:
+    """Refuse, before any work, an output without ``suffix``, one that cannot be written, or one that would
+    replace one of ``sources`` (the command's input files)."""
     if path.suffix != suffix:
         raise ExportError(f"{path}: the output must end in {suffix}")
-    problem = output_dir_problem(path.parent)
-    if problem:
-        raise ExportError(problem)
-    if source is not None and path.resolve() == Path(source).resolve():
-        raise ExportError(f"{path}: the output would overwrite its source model")
+    try:
+        check_outputs([path], sources)
+    except OutputError as err:
+        raise ExportError(str(err)) from None
 
 
 def model_file_size(path: Path) -> int:
     """Bytes of a model file plus its external-data file ``<name>.data`` when there is one."""
-    data = path.with_name(path.name + ".data")
+    data = data_path_of(path)
     return path.stat().st_size + (data.stat().st_size if data.is_file() else 0)
 
 
 def default_output_path(checkpoint_path: str | os.PathLike) -> Path:
     """``model.pt`` -> ``model.onnx`` beside it."""
     return Path(checkpoint_path).with_suffix(".onnx")
+
+
+def export_outputs(checkpoint_path: str | os.PathLike, output_path: str | os.PathLike | None = None, *,
+                   merge: bool = True, adapter_path: str | os.PathLike | None = None) -> tuple[Path, Path | None]:
+    """(model path, adapter path or None) that ``export_onnx`` writes with these arguments, suffixes checked.
+
+    Every file they stand for (``model_files``) is checked before the export starts.
+    """
+    output = Path(output_path) if output_path is not None else default_output_path(checkpoint_path)
+    check_output_path(output, ".onnx")
+    if merge:
+        if adapter_path is not None:
+            raise ExportError("an adapter output only applies to the adapters-as-inputs form (merge=False)")
+        return output, None
+    adapter_out = Path(adapter_path) if adapter_path is not None else output.with_suffix(".onnx_adapter")
+    check_output_path(adapter_out, ".onnx_adapter")
+    return output, adapter_out
+
+
+def model_files(model_path: Path | None = None, adapter_path: Path | None = None) -> list[Path]:
+    """Every file a model and an adapter written by lora-export occupy: model, external data, adapter, its
+    integrity record."""
+    files = [] if model_path is None else [model_path, data_path_of(model_path)]
+    return files + ([] if adapter_path is None else [adapter_path, adapter_record_path(adapter_path)])
 
 
 def export_onnx(
@@ -333,17 +364,14 @@ def export_onnx(
     """
     say = progress or (lambda _msg: None)
     checkpoint_path = Path(checkpoint_path)
-    output = Path(output_path) if output_path is not None else default_output_path(checkpoint_path)
     form = "merged" if merge else "adapters"
-    check_output_path(output, ".onnx")
+    output, adapter_out = export_outputs(checkpoint_path, output_path, merge=merge, adapter_path=adapter_path)
+    try:
+        check_outputs(model_files(output, adapter_out), [checkpoint_path])
+    except OutputError as err:
+        raise ExportError(str(err)) from None
     if not 18 <= opset <= 23:
         raise ExportError(f"opset {opset} is not supported: choose 18..23 (the dynamo exporter needs >= 18)")
-    adapter_out = None
-    if not merge:
-        adapter_out = Path(adapter_path) if adapter_path is not None else output.with_suffix(".onnx_adapter")
-        check_output_path(adapter_out, ".onnx_adapter", source=output)
-    elif adapter_path is not None:
-        raise ExportError("an adapter output only applies to the adapters-as-inputs form (merge=False)")
 
     stages: dict[str, float] = {}
     start = time.perf_counter()
@@ -392,20 +420,17 @@ def export_onnx(
             "r": model.config.r, "lora_alpha": model.config.lora_alpha, "lora_targets": model.config.lora_targets,
             "use_rslora": model.config.use_rslora, "merged": merge, "lora_layers": layer_names,
         }, sort_keys=True),
-        "lora_rank_axis": LORA_RANK_AXIS,
     })
     onnx.checker.check_model(proto, full_check=True)
 
-    say(f"writing {output}")
+    say(f"writing {output}" + (f" and {adapter_out}" if adapter_out is not None else ""))
     try:
-        external = save_model(proto, output, external_data_threshold)
+        with staged_outputs() as stage:  # model, data and adapter land together or not at all
+            external = write_model_files(proto, output, stage, external_data_threshold)
+            if adapter_out is not None:
+                write_adapter(adapter_out, adapter, model_version_from_fingerprint(fingerprint), stage)
     except OSError as err:
-        raise ExportError(f"{output}: cannot write: {err.strerror or err}") from None
-    if adapter_out is not None:
-        try:
-            write_adapter(adapter_out, adapter, model_version_from_fingerprint(fingerprint))
-        except OSError as err:
-            raise ExportError(f"{adapter_out}: cannot write: {err.strerror or err}") from None
+        raise ExportError(f"{err.filename or output}: cannot write: {err.strerror or first_line(err)}") from None
     stage_done("save")
 
     return ExportResult(
@@ -428,10 +453,13 @@ def load_onnx(path: str | os.PathLike) -> onnx.ModelProto:
 
 
 def check_adapter_file(model_path: str | os.PathLike, adapter_path: str | os.PathLike) -> tuple[list[str], list[str]]:
-    """check_adapter() on files, plus the base check: the adapter's model version must match the model's base.
+    """check_adapter() on files, plus the base check (the adapter's model version must match the model's base),
+    then, when nothing is wrong, a real ONNX Runtime run of the model with the adapter active.
 
-    Returns (errors, notes); raises ExportError / AdapterError if a file cannot be read.
+    Returns (errors, notes); raises ExportError / AdapterError if a file cannot be read or fails its integrity
+    record.
     """
+    model_path, adapter_path = Path(model_path), Path(adapter_path)
     model = load_onnx(model_path)
     tensors, model_version = read_adapter(adapter_path)
     errors, notes = check_adapter(model, tensors)
@@ -439,6 +467,13 @@ def check_adapter_file(model_path: str | os.PathLike, adapter_path: str | os.Pat
     if base is not None and model_version != model_version_from_fingerprint(base):
         errors.insert(0, f"model version {model_version} != {model_version_from_fingerprint(base)}: "
                          "the adapter was written for another base model")
+    if not adapter_record_path(adapter_path).is_file():
+        notes.append(f"{adapter_path.name} has no integrity record ({adapter_record_path(adapter_path).name}): "
+                     "its tensor bytes could not be verified")
+    if not errors:
+        problem = run_adapter(model_path, adapter_path)
+        if problem:
+            errors.append(problem)
     return errors, notes
 
 
@@ -451,7 +486,11 @@ def export_adapter(
     LoRA tensors do not fit the model's inputs (every mismatch named). Returns the adapter path.
     """
     output = Path(output_path) if output_path is not None else Path(checkpoint_path).with_suffix(".onnx_adapter")
-    check_output_path(output, ".onnx_adapter", source=Path(model_path))
+    check_output_path(output, ".onnx_adapter")
+    try:
+        check_outputs(model_files(adapter_path=output), [checkpoint_path, *model_files(Path(model_path))])
+    except OutputError as err:
+        raise ExportError(str(err)) from None
     model = load_onnx(model_path)
     metadata = read_metadata(model)
     if metadata.get("form") != "adapters":
@@ -468,7 +507,8 @@ def export_adapter(
     if errors:
         raise ExportError(f"{checkpoint_path}: adapter does not fit {model_path}: " + "; ".join(errors))
     try:
-        write_adapter(output, tensors, model_version_from_fingerprint(fingerprint))
+        with staged_outputs() as stage:
+            write_adapter(output, tensors, model_version_from_fingerprint(fingerprint), stage)
     except OSError as err:
-        raise ExportError(f"{output}: cannot write: {err.strerror or err}") from None
+        raise ExportError(f"{output}: cannot write: {err.strerror or first_line(err)}") from None
     return output

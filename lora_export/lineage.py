@@ -13,8 +13,9 @@ import numpy as np
 import onnx
 
 from .adapters import AdapterError, check_adapter, model_version_from_fingerprint, read_adapter
-from .checkpoint import base_fingerprint, file_sha256
+from .checkpoint import base_fingerprint
 from .export import FORMS, INPUT_NAMES, OUTPUT_NAMES
+from .files import file_sha256
 from .metrics import ParityInputError
 from .model import VOCAB_SIZE
 

@@ -7,6 +7,7 @@ LoRA goes on the layers named in ``ModelConfig.lora_targets``; r = 0 gives the p
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, fields
 
 import torch
@@ -19,9 +20,37 @@ VOCAB_SIZE = 256
 LORA_TARGETS = (*LORA_PROJECTIONS, "ff", "emb")
 
 
+def short_repr(value: object, limit: int = 60) -> str:
+    """repr() of a plain value for a one-line error, cut at ``limit`` characters; never expands a container
+    (it may hold shared references that expand to billions of items) or converts a huge int."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > 10**18:
+        return "a huge integer"
+    if value is None or isinstance(value, bool | int | float | str):
+        text = repr(value)
+        return text if len(text) <= limit else text[: limit - 3] + "..."
+    return f"a {type(value).__name__}"
+
+
+#: Inclusive bounds of the integer fields: generous for real models, small enough that no value overflows or
+#: allocates without limit. Cross-field bounds (local heads <= heads, window <= max_seq_len) are checked too.
+INT_RANGES = {
+    "dim": (1, 1 << 16), "depth": (1, 1024), "heads": (1, 1024), "dim_head": (1, 1 << 12),
+    "n_local_attn_heads": (0, 1024), "local_attn_window_size": (1, 1 << 20), "max_seq_len": (1, 1 << 20),
+    "ff_mult": (1, 64), "r": (0, 1 << 12),
+}
+GLOBAL_ATTN = ("softmax", "linear")
+MAX_LORA_ALPHA = 1e6
+
+
 @dataclass
 class ModelConfig:
-    """Everything needed to rebuild the model; stored verbatim in checkpoints."""
+    """Everything needed to rebuild the model; stored verbatim in checkpoints.
+
+    Validated on construction (ValueError with one line): integer fields are ints in ``INT_RANGES``, with
+    n_local_attn_heads <= heads and local_attn_window_size, blindspot_size <= max_seq_len; dropouts in [0, 1);
+    lora_alpha finite in [0, MAX_LORA_ALPHA]; global_attn one of GLOBAL_ATTN; lora_targets a list of
+    LORA_TARGETS names; use_rslora a bool.
+    """
 
     dim: int = 128
     depth: int = 4
@@ -41,13 +70,33 @@ class ModelConfig:
     use_rslora: bool = False
 
     def __post_init__(self) -> None:
+        for name, (low, high) in INT_RANGES.items():
+            _check_int(name, getattr(self, name), low, high)
+        if self.n_local_attn_heads > self.heads:
+            raise ValueError(f"n_local_attn_heads must be <= heads ({self.heads}), got {self.n_local_attn_heads}")
+        if self.local_attn_window_size > self.max_seq_len:
+            raise ValueError(f"local_attn_window_size must be <= max_seq_len ({self.max_seq_len}), "
+                             f"got {self.local_attn_window_size}")
+        if self.blindspot_size is not None:
+            _check_int("blindspot_size", self.blindspot_size, 1, self.max_seq_len)
+        if not isinstance(self.global_attn, str) or self.global_attn not in GLOBAL_ATTN:
+            raise ValueError(f"global_attn must be one of {', '.join(GLOBAL_ATTN)}, got {short_repr(self.global_attn)}")
+        for name in ("dropout", "lora_dropout"):
+            _check_float(name, getattr(self, name), 0.0, 1.0, high_open=True)
+        _check_float("lora_alpha", self.lora_alpha, 0.0, MAX_LORA_ALPHA)
+        self.lora_alpha = float(self.lora_alpha)
+        if not isinstance(self.use_rslora, bool):
+            raise ValueError(f"use_rslora must be true or false, got {short_repr(self.use_rslora)}")
+        if not isinstance(self.lora_targets, list | tuple) or len(self.lora_targets) > len(LORA_TARGETS):
+            raise ValueError(f"lora_targets must be a list of {', '.join(LORA_TARGETS)}, "
+                             f"got {short_repr(self.lora_targets)}")
+        for target in self.lora_targets:
+            if not isinstance(target, str) or target not in LORA_TARGETS:
+                raise ValueError(f"lora_targets: unknown {short_repr(target)}, "
+                                 f"expected any of {', '.join(LORA_TARGETS)}")
+        if len(set(self.lora_targets)) != len(self.lora_targets):
+            raise ValueError(f"lora_targets names a layer twice: {self.lora_targets}")
         self.lora_targets = list(self.lora_targets)
-        unknown = set(self.lora_targets) - set(LORA_TARGETS)
-        if unknown:
-            raise ValueError(f"lora_targets: unknown {sorted(unknown)}, expected any of {', '.join(LORA_TARGETS)}")
-        for name in ("dim", "depth", "heads", "dim_head", "max_seq_len", "ff_mult", "local_attn_window_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
     def to_dict(self) -> dict:
         """Plain values only, as stored in checkpoints and ONNX metadata."""
@@ -55,12 +104,29 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> ModelConfig:
-        """Build from a stored dict; unknown keys are an error, not silently dropped."""
+        """Build from a stored dict; unknown keys are an error, not silently dropped. Raises ValueError."""
+        if not isinstance(values, dict):
+            raise ValueError(f"model config must be a dict, got {short_repr(values)}")
         known = {f.name for f in fields(cls)}
-        unknown = set(values) - known
+        unknown = [key for key in values if key not in known]
         if unknown:
-            raise ValueError(f"unknown model config keys: {sorted(unknown)}")
+            raise ValueError(f"unknown model config keys: {[short_repr(k) for k in unknown[:3]]}")
         return cls(**values)
+
+
+def _check_int(name: str, value: object, low: int, high: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ValueError(f"{name} must be an integer, got {short_repr(value)}")
+    if not low <= value <= high:
+        raise ValueError(f"{name} must be in {low}..{high}, got {short_repr(value)}")
+
+
+def _check_float(name: str, value: object, low: float, high: float, high_open: bool = False) -> None:
+    if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {short_repr(value)}")
+    if not low <= value <= high or (high_open and value == high):
+        interval = f"[{low:g}, {high:g}" + (")" if high_open else "]")
+        raise ValueError(f"{name} must be in {interval}, got {short_repr(value)}")
 
 
 class FeedForward(nn.Module):

@@ -23,7 +23,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from .checkpoint import atomic_write
+from .files import staged_outputs
 from .metrics import ERROR_HISTOGRAM_EDGES
 
 if TYPE_CHECKING:
@@ -286,7 +286,7 @@ def render_html(result: ParityResult) -> str:
 
 
 def write_reports(result: ParityResult, report_dir: str | Path) -> dict[str, Path]:
-    """Write parity.json, parity.md and parity.html into ``report_dir`` atomically; returns their paths by kind."""
+    """Write parity.json, parity.md and parity.html into ``report_dir``, all three or none; returns their paths."""
     report_dir = Path(report_dir)
     texts = {
         "json": json.dumps(report_json(result), indent=2, allow_nan=False) + "\n",
@@ -294,6 +294,7 @@ def write_reports(result: ParityResult, report_dir: str | Path) -> dict[str, Pat
         "html": render_html(result),
     }
     paths = {kind: report_dir / REPORT_FILES[kind] for kind in texts}
-    for kind, text in texts.items():
-        atomic_write(paths[kind], lambda tmp, text=text: Path(tmp).write_text(text, encoding="utf-8"))
+    with staged_outputs() as stage:  # the three files land together
+        for kind, text in texts.items():
+            stage.path(paths[kind]).write_text(text, encoding="utf-8")
     return paths

@@ -30,7 +30,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .checkpoint import base_fingerprint, build_model, file_sha256, read_checkpoint
+from .checkpoint import base_fingerprint, build_model, read_checkpoint
+from .files import file_sha256
 from .layers import count_parameters, lora_state_dict, mark_only_lora_as_trainable
 from .model import LoRATransformerLM, ModelConfig
 
@@ -158,15 +159,30 @@ def lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
     return lr / 10 + (lr - lr / 10) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def check_hyperparameters(*, steps: int, batch_size: int, seq_len: int | None, lr: float, eval_every: int,
+                          r: int | None = None, lora_alpha: float | None = None,
+                          lora_dropout: float | None = None) -> None:
+    """Raise ValueError with one clear line for training settings out of range (checked before any work).
+
+    steps, batch_size, eval_every, seq_len (when given) and r (when given) >= 1; lr finite and > 0; lora_alpha
+    finite and > 0; lora_dropout in [0, 1).
+    """
+    for name, value in (("steps", steps), ("batch_size", batch_size), ("seq_len", seq_len),
+                        ("eval_every", eval_every), ("r", r)):
+        if value is not None and value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    if not (math.isfinite(lr) and lr > 0):
+        raise ValueError(f"lr must be a finite number > 0, got {lr}")
+    if lora_alpha is not None and not (math.isfinite(lora_alpha) and lora_alpha > 0):
+        raise ValueError(f"lora_alpha must be a finite number > 0, got {lora_alpha}")
+    if lora_dropout is not None and not 0 <= lora_dropout < 1:
+        raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout}")
+
+
 def check_settings(config: ModelConfig, data: TextData, steps: int, batch_size: int, seq_len: int,
                    lr: float, eval_every: int) -> None:
     """Raise ValueError with one clear line for settings that cannot train."""
-    for name, value in (("steps", steps), ("batch_size", batch_size), ("seq_len", seq_len),
-                        ("eval_every", eval_every)):
-        if value < 1:
-            raise ValueError(f"{name} must be >= 1, got {value}")
-    if not lr > 0:
-        raise ValueError(f"lr must be > 0, got {lr}")
+    check_hyperparameters(steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr, eval_every=eval_every)
     if seq_len > config.max_seq_len:
         raise ValueError(f"seq_len {seq_len} exceeds the model's max_seq_len {config.max_seq_len}")
     for part in ("train", "val"):
@@ -304,8 +320,8 @@ def adapt(
     the held-out loss of the base model (as loaded, no LoRA) and of the adapted model on the same bytes:
     ``base_eval_loss`` and ``adapted_eval_loss``. Raises CheckpointError for an unreadable base.
     """
-    if r < 1:
-        raise ValueError(f"LoRA rank r must be >= 1, got {r}")
+    check_hyperparameters(steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr, eval_every=eval_every, r=r,
+                          lora_alpha=lora_alpha, lora_dropout=lora_dropout)
     if not lora_targets:
         raise ValueError("lora_targets is empty: name at least one of q, k, v, o, ff, emb")
     payload = read_checkpoint(base_checkpoint_path)

@@ -36,7 +36,8 @@ from .adapters import activate_adapters, attach_adapter
 from .cases import Case, generation_prompt, parity_cases
 from .checkpoint import CheckpointError, build_model, read_checkpoint
 from .edge import EdgeExportError, compare_precisions
-from .export import OUTPUT_NAMES, ExportError, load_onnx, read_metadata
+from .export import OUTPUT_NAMES, ExportError, load_onnx, model_files, read_metadata
+from .files import OutputError, check_output_dir
 from .layers import merge_lora
 from .lineage import check_model_matches, load_adapter_for
 from .metrics import (
@@ -54,7 +55,7 @@ from .metrics import (
 )
 from .model import VOCAB_SIZE, LoRATransformerLM
 from .providers import PROVIDERS, ProviderStatus, ProviderUnavailableError, normalize_providers, open_session
-from .report import write_reports
+from .report import REPORT_FILES, write_reports
 
 GENERATE_BYTES = 24
 PROMPT_BYTES = 16
@@ -251,6 +252,11 @@ def _progress_callback(progress: bool | Callable[[int, int, str], None], total: 
     return report, bar.close
 
 
+def default_report_dir(model_path: Path) -> Path:
+    """``<model stem>_parity/`` beside the model."""
+    return model_path.with_name(f"{model_path.stem}_parity")
+
+
 def validate(
     model_path: str | os.PathLike,
     checkpoint_path: str | os.PathLike,
@@ -306,11 +312,12 @@ def validate(
         if explicit_providers and requested == ["cpu"]:
             raise ParityInputError(f"fp16 models run on CUDA: {FP16_CPU_REASON}; ask for cuda, not cpu only")
         requested = ["cpu", "cuda"]  # CPU is reported as not run; CUDA is where fp16 is measured
-    report_dir = Path(report_dir) if report_dir is not None else model_path.with_name(f"{model_path.stem}_parity")
+    report_dir = Path(report_dir) if report_dir is not None else default_report_dir(model_path)
+    inputs = [*model_files(model_path), checkpoint_path, *model_files(adapter_path=adapter_path)]
     try:
-        report_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise ParityInputError(f"{report_dir}: cannot create the report directory: {err.strerror or err}") from None
+        check_output_dir(report_dir, REPORT_FILES.values(), inputs)
+    except OutputError as err:
+        raise ParityInputError(str(err)) from None
 
     sessions, statuses = {}, []
     for provider in requested:
@@ -397,5 +404,9 @@ def validate(
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"), precisions=precisions,
         report_dir=report_dir,
     )
-    result.report_files = write_reports(result, report_dir)
+    try:
+        report_dir.mkdir(parents=True, exist_ok=True)
+        result.report_files = write_reports(result, report_dir)
+    except OSError as err:
+        raise ParityInputError(f"{report_dir}: cannot write the report: {err.strerror or err}") from None
     return result

@@ -68,7 +68,7 @@ def test_progress_prints_parameter_counts(base: Path, corpus: dict[str, Path], t
     [
         (["adapt", "{missing}", "--data", "{prose}"], "no such file"),
         (["adapt", "{prose}", "--data", "{prose}"], "prose.txt: not a readable checkpoint"),
-        (["adapt", "{base}", "--data", "{prose}", "--targets", "q,mlp"], "lora_targets: unknown ['mlp']"),
+        (["adapt", "{base}", "--data", "{prose}", "--targets", "q,mlp"], "lora_targets: unknown 'mlp'"),
         (["adapt", "{base}", "--data", "{prose}", "--targets", ","], "lora_targets is empty"),
         (["adapt", "{base}", "--data", "{prose}", "--seq-len", "64"], "exceeds the model's max_seq_len 32"),
         (["adapt", "{base}", "--data", "{empty}"], "data file is empty"),
@@ -76,7 +76,7 @@ def test_progress_prints_parameter_counts(base: Path, corpus: dict[str, Path], t
         (["adapt", "{base}", "--data", "{prose}", "--r", "0"], "r must be >= 1"),
         (["pretrain", "--data", "{prose}", "--steps", "0"], "steps must be >= 1"),
         (["pretrain", "--data", "{prose}", "--heads", "2", "--local-heads", "3"], "n_local_attn_heads"),
-        (["pretrain", "--data", "{prose}", "--dim", "0"], "dim must be >= 1"),
+        (["pretrain", "--data", "{prose}", "--dim", "0"], "dim must be in 1..65536, got 0"),
         (["pretrain", "--data", "{prose}", "-o", "{missing}/x.pt"], "does not exist"),
     ],
 )

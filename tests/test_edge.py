@@ -211,7 +211,7 @@ def test_bad_outputs_and_sources_are_refused(merged_export, merged_int8, tmp_pat
         convert_ort_format(merged_export.model_path, tmp_path / "missing")
     with pytest.raises(EdgeExportError, match="must end in .onnx"):
         convert_fp16(merged_export.model_path, tmp_path / "x.bin")
-    with pytest.raises(EdgeExportError, match="would overwrite its source"):
+    with pytest.raises(EdgeExportError, match="would overwrite the input"):
         quantize_int8(merged_int8, merged_int8)
     with pytest.raises(EdgeExportError, match="is already int8"):
         convert_fp16(merged_int8, tmp_path / "x.onnx")

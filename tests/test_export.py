@@ -20,8 +20,9 @@ from lora_export.adapters import (
     read_adapter,
     write_adapter,
 )
-from lora_export.checkpoint import file_sha256, load_checkpoint, read_checkpoint, save_checkpoint
+from lora_export.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
 from lora_export.export import ExportError, check_adapter_file, export_adapter, export_onnx, read_metadata
+from lora_export.files import file_sha256
 from lora_export.layers import merge_lora
 
 SHAPES = [(1, 1), (2, 5), (2, 9), (1, 8), (3, TINY_CONFIG["max_seq_len"])]  # window 8: 9 is not a multiple
@@ -103,7 +104,8 @@ def test_adapter_inputs_contract(adapter_export):
     for value in lora_inputs:
         dims = value.type.tensor_type.shape.dim
         rank_axis = 1 if value.name.endswith("lora_A") else 0
-        assert dims[rank_axis].dim_param == "lora_rank"
+        layer = value.name.rsplit(".", 1)[0]
+        assert dims[rank_axis].dim_param == f"{layer}.lora_rank"  # a rank of its own per layer
         assert 0 in initializers[value.name].dims  # rank-0 default
     transposes = [n for n in model.graph.node if n.op_type == "Transpose"
                   and any(i.endswith((".lora_A", ".lora_B")) for i in n.input)]

@@ -42,8 +42,8 @@ hostile = st.sampled_from([
 small_ints = st.integers(1, 8)
 
 
-def field_values(name: str, hostile: st.SearchStrategy[Any] = hostile) -> st.SearchStrategy[Any]:
-    """Good values for one field (small, the default) mixed with ``hostile`` ones."""
+def field_values(name: str, bad: st.SearchStrategy[Any] = hostile) -> st.SearchStrategy[Any]:
+    """Good values for one field (small, the default) mixed with ``bad`` ones."""
     default = getattr(DEFAULTS, name)
     good: dict[str, st.SearchStrategy[Any]] = {
         "dropout": st.sampled_from([0.0, 0.1, 0.5, 0.99, 1.0, -0.1]),
@@ -56,7 +56,7 @@ def field_values(name: str, hostile: st.SearchStrategy[Any] = hostile) -> st.Sea
         "use_rslora": st.booleans(),
         "max_seq_len": st.sampled_from([1, 2, 5, 16, 64, 256]),
     }
-    return st.one_of(good.get(name, small_ints), st.just(default), hostile)
+    return st.one_of(good.get(name, small_ints), st.just(default), bad)
 
 
 # Half the dicts hold only plausible values and a small max_seq_len (some still out of range or inconsistent,
@@ -193,7 +193,7 @@ def test_checkpoint_byte_mutations(checkpoint_case: Case, draw: st.DataObject) -
         assert "\n" not in str(err), f"multi-line CheckpointError: {str(err)!r}"
         return
     finally:
-        assert time.perf_counter() - start < 2.0, "load_checkpoint took over 2 s"
+        assert time.perf_counter() - start < 10.0, "load_checkpoint hung (over 10 s)"  # a hang guard, not a speed target
     loaded = model.state_dict()
     assert set(loaded) == set(original)
     changed = sorted(name for name in original if not same_bits(loaded[name], original[name]))

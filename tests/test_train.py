@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from lora_export.checkpoint import file_sha256, load_checkpoint, read_checkpoint, save_checkpoint
+from lora_export.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
+from lora_export.files import file_sha256
 from lora_export.layers import base_state_dict, lora_state_dict
 from lora_export.model import ModelConfig
 from lora_export.train import (
