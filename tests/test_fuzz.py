@@ -193,7 +193,8 @@ def test_checkpoint_byte_mutations(checkpoint_case: Case, draw: st.DataObject) -
         assert "\n" not in str(err), f"multi-line CheckpointError: {str(err)!r}"
         return
     finally:
-        assert time.perf_counter() - start < 10.0, "load_checkpoint hung (over 10 s)"  # a hang guard, not a speed target
+        # a hang guard, not a speed target
+        assert time.perf_counter() - start < 10.0, "load_checkpoint hung (over 10 s)"
     loaded = model.state_dict()
     assert set(loaded) == set(original)
     changed = sorted(name for name in original if not same_bits(loaded[name], original[name]))
