@@ -447,9 +447,12 @@ def load_onnx(path: str | os.PathLike) -> onnx.ModelProto:
     if not path.is_file():
         raise ExportError(f"{path}: no such ONNX model")
     try:
-        return onnx.load(path, load_external_data=False)
+        model = onnx.load(path, load_external_data=False)
     except Exception as err:  # protobuf's DecodeError and friends
         raise ExportError(f"{path}: not a readable ONNX model: {first_line(err)}") from None
+    if not model.graph.node or not model.graph.output:  # e.g. an empty file parses as an empty model
+        raise ExportError(f"{path}: not an ONNX model (no graph)")
+    return model
 
 
 def check_adapter_file(model_path: str | os.PathLike, adapter_path: str | os.PathLike) -> tuple[list[str], list[str]]:
