@@ -9,6 +9,8 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import onnx
+import onnxruntime as ort
 import pytest
 import torch
 
@@ -79,3 +81,21 @@ def merged_copy(merged_export: ExportResult, tmp_path_factory: pytest.TempPathFa
     path = tmp_path_factory.mktemp("merged_copy") / "tiny.onnx"
     shutil.copyfile(merged_export.model_path, path)
     return path
+
+
+@pytest.fixture(scope="session")
+def cuda_runs() -> bool:
+    """Whether ONNX Runtime really runs on CUDA here, decided without lora_export's code (whose answer the tests
+    check): a one-node model in a plain session asked for CUDA, and the providers that session really got."""
+    x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])
+    y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])
+    graph = onnx.helper.make_graph([onnx.helper.make_node("Relu", ["x"], ["y"])], "probe", [x], [y])
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 18)])
+    options = ort.SessionOptions()
+    options.log_severity_level = 4
+    try:
+        session = ort.InferenceSession(model.SerializeToString(), options,
+                                       providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+    except Exception:  # a CUDA build that fails outright instead of falling back
+        return False
+    return session.get_providers()[0] == "CUDAExecutionProvider"

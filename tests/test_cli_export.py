@@ -16,7 +16,6 @@ from click.testing import CliRunner
 
 from lora_export.cli import export_cli
 from lora_export.edge import convert_fp16
-from lora_export.providers import open_session
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -123,18 +122,16 @@ def test_validate_exit_codes(merged_export, tiny_checkpoint, tmp_path):
 
 
 
-def test_explicit_cuda_that_cannot_run_exits_2(merged_export, tiny_checkpoint, tmp_path):
-    _, status = open_session(merged_export.model_path, "cuda")
-    if status.ran:
+def test_explicit_cuda_that_cannot_run_exits_2(merged_export, tiny_checkpoint, tmp_path, cuda_runs):
+    if cuda_runs:
         pytest.skip("CUDA really runs on this machine")
     code, _, err = invoke("validate", merged_export.model_path, "--checkpoint", tiny_checkpoint,
                           "--providers", "cuda", "--report", tmp_path / "r", "--quiet")
     assert_one_line_error(code, err, "CUDAExecutionProvider")
 
 
-def test_fp16_model_without_cuda_exits_2(merged_export, tiny_checkpoint, tmp_path):
-    _, status = open_session(merged_export.model_path, "cuda")
-    if status.ran:
+def test_fp16_model_without_cuda_exits_2(merged_export, tiny_checkpoint, tmp_path, cuda_runs):
+    if cuda_runs:
         pytest.skip("CUDA really runs on this machine")
     fp16 = convert_fp16(merged_export.model_path, tmp_path / "tiny.fp16.onnx")
     code, out, err = invoke("validate", fp16, "--checkpoint", tiny_checkpoint, "--report", tmp_path / "r", "--quiet")

@@ -25,9 +25,9 @@ from lora_export.edge import convert_fp16
 from lora_export.export import ExportResult
 from lora_export.metrics import TOLERANCES, ParityInputError, compare_logits, judge
 from lora_export.model import LoRATransformerLM, ModelConfig
-from lora_export.providers import ProviderStatus, ProviderUnavailableError, open_session
+from lora_export.providers import ProviderUnavailableError, open_session
 from lora_export.report import SCHEMA_PATH
-from lora_export.validate import FP16_CPU_REASON, ParityResult, validate
+from lora_export.validate import FP16_CPU_REASON, GENERATE_BYTES, ParityResult, validate
 
 CONFIG = ModelConfig(dim=32, depth=1, heads=2, dim_head=16, n_local_attn_heads=1, local_attn_window_size=8,
                      max_seq_len=32, r=4)
@@ -57,11 +57,6 @@ def one_torch_thread() -> Iterator[None]:
 def schema() -> dict:
     return json.loads(SCHEMA_PATH.read_text())
 
-
-@pytest.fixture(scope="module")
-def cuda(merged_export: ExportResult) -> ProviderStatus:
-    """Whether a CUDA session on this machine really gets CUDAExecutionProvider."""
-    return open_session(merged_export.model_path, "cuda")[1]
 
 
 
@@ -96,8 +91,8 @@ def test_report_json_validates_against_schema(merged_result: ParityResult, schem
     assert [case["name"] for case in document["cases"]] == FULL_CASES
 
 
-def test_implicit_cuda_is_reported_not_run(merged_result: ParityResult, cuda: ProviderStatus) -> None:
-    if cuda.ran:
+def test_implicit_cuda_is_reported_not_run(merged_result: ParityResult, cuda_runs: bool) -> None:
+    if cuda_runs:
         pytest.skip("CUDA runs on this machine")
     status = next(p for p in merged_result.providers if p.requested == "cuda")
     assert not status.ran and status.reason
@@ -106,9 +101,9 @@ def test_implicit_cuda_is_reported_not_run(merged_result: ParityResult, cuda: Pr
     assert "not run" in merged_result.summary
 
 
-def test_explicit_cuda_that_cannot_run_raises(merged_export: ExportResult, tiny_checkpoint: Path, cuda: ProviderStatus,
+def test_explicit_cuda_that_cannot_run_raises(merged_export: ExportResult, tiny_checkpoint: Path, cuda_runs: bool,
                                               tmp_path: Path) -> None:
-    if cuda.ran:
+    if cuda_runs:
         pytest.skip("CUDA runs on this machine")
     with pytest.raises(ProviderUnavailableError, match="CUDAExecutionProvider was requested but cannot run"):
         validate(merged_export.model_path, tiny_checkpoint, providers=["cpu", "cuda"], explicit_providers=True,
@@ -117,9 +112,9 @@ def test_explicit_cuda_that_cannot_run_raises(merged_export: ExportResult, tiny_
 
 
 @pytest.mark.gpu
-def test_cuda_parity(merged_export: ExportResult, tiny_checkpoint: Path, cuda: ProviderStatus, tmp_path: Path) -> None:
-    if not cuda.ran:
-        pytest.skip(f"CUDA does not run here: {cuda.reason}")
+def test_cuda_parity(merged_export: ExportResult, tiny_checkpoint: Path, cuda_runs: bool, tmp_path: Path) -> None:
+    if not cuda_runs:
+        pytest.skip("CUDA does not run here")
     result = validate(merged_export.model_path, tiny_checkpoint, providers=["cuda"], explicit_providers=True,
                       report_dir=tmp_path, **FAST)
     assert result.passed, result.summary
@@ -127,9 +122,9 @@ def test_cuda_parity(merged_export: ExportResult, tiny_checkpoint: Path, cuda: P
     assert "ORT CUDAExecutionProvider" in {t.backend for t in result.latencies}
 
 
-def test_fp16_model_is_not_run_on_cpu(merged_export: ExportResult, tiny_checkpoint: Path, cuda: ProviderStatus,
+def test_fp16_model_is_not_run_on_cpu(merged_export: ExportResult, tiny_checkpoint: Path, cuda_runs: bool,
                                       tmp_path: Path, schema: dict) -> None:
-    if cuda.ran:
+    if cuda_runs:
         pytest.skip("CUDA runs on this machine")
     fp16 = convert_fp16(merged_export.model_path, tmp_path / "tiny.fp16.onnx")
     with pytest.raises(ParityInputError, match="fp16 models run on CUDA: ONNX Runtime's CPU provider"):
@@ -285,3 +280,83 @@ def test_top1_counts_ties_within_tolerance_as_agreement() -> None:
     metrics, _ = compare_logits(got, ref, ids, mask, TOLERANCES["fp32"])
     assert metrics.top1_agreement == 0.5
     assert any("top-1 agreement 50.00%" in f for f in judge(metrics, TOLERANCES["fp32"]))
+
+
+# --------------------------------------------------------------------------- the verdict itself can fail
+
+
+def test_open_session_reports_what_really_ran(merged_export: ExportResult, cuda_runs: bool) -> None:
+    """CUDA is reported as run exactly when an independent plain session gets it; a fallback to CPU never is."""
+    session, status = open_session(merged_export.model_path, "cuda")
+    assert status.ran == cuda_runs
+    if cuda_runs:
+        assert session is not None and session.get_providers()[0] == "CUDAExecutionProvider"
+    else:
+        assert session is None and status.reason and status.status().startswith("not run: ")
+
+
+@pytest.mark.parametrize("factor", [1.5, 10.0, 90.0])
+def test_errors_a_few_times_the_tolerance_fail(factor: float) -> None:
+    """One logit off by factor x (atol + rtol |ref|), between 1x and 100x the tolerance, fails the elementwise check."""
+    tolerance = TOLERANCES["fp32"]
+    rng = np.random.default_rng(0)
+    ref = rng.normal(0, 3, (2, 5, 256)).astype(np.float32)
+    got = ref.copy()
+    got[1, 3, 7] += factor * (tolerance.atol + tolerance.rtol * abs(float(ref[1, 3, 7])))
+    ids, mask = np.zeros((2, 5), np.int64), np.ones((2, 5), np.int64)
+    metrics, _ = compare_logits(got, ref, ids, mask, tolerance)
+    assert metrics.tolerance_used == pytest.approx(factor, rel=1e-3) and metrics.outside == 1
+    failures = judge(metrics, tolerance)
+    assert len(failures) == 1 and "outside atol" in failures[0]
+    metrics, _ = compare_logits(ref.copy(), ref, ids, mask, tolerance)
+    assert judge(metrics, tolerance) == []
+
+
+def test_export_a_few_times_outside_the_tolerance_fails_validation(merged_export: ExportResult,
+                                                                   tiny_checkpoint: Path, tmp_path: Path) -> None:
+    """End to end: a bias moved by 5x atol (rtol 0) fails, though top-1 and generation may well agree."""
+    proto = onnx.load(merged_export.model_path)
+    bias = next(init for init in proto.graph.initializer if init.name == "lm_head.bias")
+    values = numpy_helper.to_array(bias).copy()
+    values[33] += 5e-3
+    bias.CopyFrom(numpy_helper.from_array(values, bias.name))
+    onnx.save(proto, tmp_path / "off.onnx")
+    result = validate(tmp_path / "off.onnx", tiny_checkpoint, providers=["cpu"], atol=1e-3, rtol=0.0, **FAST)
+    assert result.status == "failed"
+    assert max(c.metrics.tolerance_used for c in result.comparisons) == pytest.approx(5.0, rel=1e-2)
+
+
+def test_a_generation_mismatch_fails(merged_export: ExportResult, tiny_checkpoint: Path, tmp_path: Path) -> None:
+    """A model whose every next byte is '~' generates other bytes than PyTorch: validation fails and says where."""
+    proto = onnx.load(merged_export.model_path)
+    bias = next(init for init in proto.graph.initializer if init.name == "lm_head.bias")
+    values = numpy_helper.to_array(bias).copy()
+    values[ord("~")] += 100.0
+    bias.CopyFrom(numpy_helper.from_array(values, bias.name))
+    onnx.save(proto, tmp_path / "tilde.onnx")
+    result = validate(tmp_path / "tilde.onnx", tiny_checkpoint, providers=["cpu"], **FAST)
+    (generation,) = result.generations
+    assert not generation.identical and set(generation.onnx) == {"~"}
+    assert generation.first_mismatch == next(i for i, c in enumerate(generation.reference) if c != "~")
+    assert result.status == "failed"
+    assert any(f.startswith("greedy generation differs") for f in result.failures)
+
+
+def test_generation_alone_decides_the_verdict(merged_copy: Path, tiny_checkpoint: Path, tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Logits within tolerance but a different generated byte still fail (the generation check is not decoration)."""
+    import lora_export.validate as validate_module
+
+    real = validate_module.greedy_generation
+
+    def one_byte_off(*args, **kwargs):
+        reference, got = real(*args, **kwargs)
+        got = got.copy()
+        got[-1] = (got[-1] + 1) % 256
+        return reference, got
+
+    monkeypatch.setattr(validate_module, "greedy_generation", one_byte_off)
+    result = validate(merged_copy, tiny_checkpoint, providers=["cpu"], report_dir=tmp_path, **FAST)
+    assert all(c.passed for c in result.comparisons)
+    assert result.status == "failed" and any(f.startswith("greedy generation differs") for f in result.failures)
+    assert result.generations[0].first_mismatch == GENERATE_BYTES - 1
