@@ -24,6 +24,7 @@ from lora_export.checkpoint import load_checkpoint, read_checkpoint, save_checkp
 from lora_export.export import ExportError, check_adapter_file, export_adapter, export_onnx, read_metadata
 from lora_export.files import file_sha256
 from lora_export.layers import merge_lora
+from lora_export.validate import validate
 
 SHAPES = [(1, 1), (2, 5), (2, 9), (1, 8), (3, TINY_CONFIG["max_seq_len"])]  # window 8: 9 is not a multiple
 
@@ -204,3 +205,32 @@ def test_bad_inputs_leave_nothing_behind(tiny_checkpoint, tmp_path):
     with pytest.raises(ExportError, match="opset"):
         export_onnx(tiny_checkpoint, tmp_path / "x.onnx", opset=11)
     assert list(tmp_path.iterdir()) == []
+
+
+
+@pytest.mark.parametrize("keep", [
+    {"token_emb": 4, "blocks.0.attn.to_v": 4},  # a partial adapter: blocks.0's other layers left out
+    {"token_emb": 1, "blocks.0.attn.to_q": 2, "blocks.0.attn.to_k": 4, "blocks.0.ff.fc2": 3},  # ranks differ
+])
+def test_partial_and_mixed_rank_adapters_check_run_and_validate(adapter_export, tiny_checkpoint, tmp_path, keep):
+    """Layers an adapter leaves out run their rank-0 default, and layers may differ in rank: `check` says ok only
+    because it ran, ONNX Runtime computes what PyTorch computes, and validate passes."""
+    trained, version = read_adapter(adapter_export.adapter_path)
+    adapter = {}
+    for layer, rank in keep.items():  # each kept layer cut to its rank; the others left out
+        adapter[f"{layer}.lora_A"] = np.ascontiguousarray(trained[f"{layer}.lora_A"][:, :rank])
+        adapter[f"{layer}.lora_B"] = np.ascontiguousarray(trained[f"{layer}.lora_B"][:rank])
+    path = tmp_path / "part.onnx_adapter"
+    write_adapter(path, adapter, version)
+    errors, notes = check_adapter_file(adapter_export.model_path, path)
+    assert errors == [] and any("runs without LoRA" in note for note in notes)
+
+    reference = load_checkpoint(tiny_checkpoint)
+    attach_adapter(reference, adapter)  # the base plus exactly these low-rank updates
+    inputs = feeds(2, 11, seed=3)
+    run_options, _adapters = activate_adapters(path)
+    got = session(adapter_export.model_path).run(None, inputs, run_options)[0]
+    np.testing.assert_allclose(got, torch_logits(reference, inputs), atol=2e-5, rtol=1e-4)
+    result = validate(adapter_export.model_path, tiny_checkpoint, adapter_path=path, providers=["cpu"],
+                      report_dir=tmp_path / "r", latency_runs=1)
+    assert result.passed, result.summary
