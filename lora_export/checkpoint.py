@@ -39,11 +39,17 @@ def first_line(err: BaseException) -> str:
     return (str(err).strip().splitlines() or [type(err).__name__])[0]
 
 
-def tensor_sha256(tensor: torch.Tensor) -> str:
-    """sha256 of a tensor's dtype, shape and bytes (contiguous, CPU)."""
+def _hash_tensor(digest: hashlib._Hash, tensor: torch.Tensor, label: str = "") -> None:
+    """Feed a tensor's label, dtype, shape and bytes (contiguous, CPU) into ``digest``."""
     tensor = tensor.detach().cpu().contiguous()
-    digest = hashlib.sha256(f"{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+    digest.update(f"{label}{tensor.dtype}|{tuple(tensor.shape)}|".encode())
     digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+
+
+def tensor_sha256(tensor: torch.Tensor) -> str:
+    """sha256 of a tensor's dtype, shape and bytes."""
+    digest = hashlib.sha256()
+    _hash_tensor(digest, tensor)
     return digest.hexdigest()
 
 
@@ -51,9 +57,7 @@ def base_fingerprint(base: dict[str, torch.Tensor]) -> str:
     """sha256 over the base weights (names, dtypes, shapes, values): equal iff the base is the same."""
     digest = hashlib.sha256()
     for name in sorted(base):
-        tensor = base[name].detach().cpu().contiguous()
-        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+        _hash_tensor(digest, base[name], f"{name}|")
     return digest.hexdigest()
 
 
