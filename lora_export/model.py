@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field, fields
 import torch
 from torch import nn
 
-from .attention import LORA_PROJECTIONS, LoRASelfAttention
+from .attention import LORA_PROJECTIONS, AttentionCache, LoRASelfAttention
 from .layers import LoRAEmbedding, LoRALinear
 
 VOCAB_SIZE = 256
@@ -173,10 +173,22 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(config.dim)
         self.ff = FeedForward(config)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """x [B, N, dim], mask [B, N] bool (True = real token) or None -> [B, N, dim]."""
-        x = x + self.attn(self.norm1(x), mask)
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None,
+                cache: AttentionCache | None = None) -> torch.Tensor:
+        """x [B, N, dim], mask [B, N] bool (True = real token) or None -> [B, N, dim]; see LoRASelfAttention."""
+        x = x + self.attn(self.norm1(x), mask, cache)
         return x + self.ff(self.norm2(x))
+
+
+class DecodeCache:
+    """The state of incremental decoding: one AttentionCache per block and the positions seen (``length``)."""
+
+    def __init__(self, depth: int) -> None:
+        self.layers = [AttentionCache() for _ in range(depth)]
+
+    @property
+    def length(self) -> int:
+        return self.layers[0].length
 
 
 class LoRATransformerLM(nn.Module):
@@ -201,16 +213,25 @@ class LoRATransformerLM(nn.Module):
         self.norm = nn.LayerNorm(config.dim)
         self.lm_head = nn.Linear(config.dim, VOCAB_SIZE)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                cache: DecodeCache | None = None) -> torch.Tensor:
+        """Logits [B, N, 256] of input_ids [B, N]; with ``cache`` (from ``new_cache()``), of the N bytes after the
+        cache's ``length`` ones (attention_mask [B, N] covers only those), extending the cache in place: the same
+        logits as the full forward over the whole sequence at those positions."""
+        start = 0 if cache is None else cache.length
         n = input_ids.shape[1]
-        if n > self.config.max_seq_len:
-            raise ValueError(f"sequence length {n} exceeds max_seq_len {self.config.max_seq_len}")
-        positions = torch.arange(n, device=input_ids.device)
+        if start + n > self.config.max_seq_len:
+            raise ValueError(f"sequence length {start + n} exceeds max_seq_len {self.config.max_seq_len}")
+        positions = torch.arange(start, start + n, device=input_ids.device)
         x = self.dropout(self.token_emb(input_ids) + self.pos_emb(positions))
         mask = None if attention_mask is None else attention_mask.bool()
-        for block in self.blocks:
-            x = block(x, mask)
+        for index, block in enumerate(self.blocks):
+            x = block(x, mask, None if cache is None else cache.layers[index])
         return self.lm_head(self.norm(x))
+
+    def new_cache(self) -> DecodeCache:
+        """An empty DecodeCache for incremental decoding with forward(..., cache=...)."""
+        return DecodeCache(self.config.depth)
 
     @torch.no_grad()
     def generate(
@@ -225,14 +246,20 @@ class LoRATransformerLM(nn.Module):
         """Extend prompt [B, N0] by max_new_tokens bytes -> [B, N0 + max_new_tokens].
 
         Greedy takes the argmax; otherwise samples from softmax(logits / temperature), restricted to
-        the top_k bytes when given. The context is cropped to the last max_seq_len bytes. Runs in eval
-        mode (no dropout) and restores the previous mode.
+        the top_k bytes when given. Decodes incrementally with a DecodeCache while the sequence fits in
+        max_seq_len; past it, the context is cropped to the last max_seq_len bytes and recomputed each step
+        (learned absolute positions shift). Runs in eval mode (no dropout) and restores the previous mode.
         """
         was_training = self.training
         self.eval()
         ids = prompt
+        cache = self.new_cache() if 0 < prompt.shape[1] <= self.config.max_seq_len else None
+        fresh = ids
         for _ in range(max_new_tokens):
-            logits = self(ids[:, -self.config.max_seq_len:])[:, -1, :]
+            if cache is not None and ids.shape[1] <= self.config.max_seq_len:
+                logits = self(fresh, cache=cache)[:, -1, :]
+            else:
+                logits = self(ids[:, -self.config.max_seq_len:])[:, -1, :]
             if greedy:
                 next_id = logits.argmax(dim=-1, keepdim=True)
             else:
@@ -242,5 +269,6 @@ class LoRATransformerLM(nn.Module):
                     logits = logits.masked_fill(logits < kth, float("-inf"))
                 next_id = torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)
             ids = torch.cat([ids, next_id], dim=1)
+            fresh = next_id
         self.train(was_training)
         return ids

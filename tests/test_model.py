@@ -196,10 +196,12 @@ def test_generate_crops_context_to_max_seq_len() -> None:
     out = model.generate(prompt, max_new_tokens=6, greedy=True)
     hook.remove()
     assert out.shape == (1, MAX_LEN + 4)
-    # The model saw exactly the last min(t, max_seq_len) bytes at every step.
-    assert [s.shape[1] for s in seen] == [MAX_LEN - 2, MAX_LEN - 1, MAX_LEN, MAX_LEN, MAX_LEN, MAX_LEN]
+    # Incremental while the sequence fits (the prompt, then one new byte per step), then the last max_seq_len
+    # bytes recomputed at every step.
+    assert [s.shape[1] for s in seen] == [MAX_LEN - 2, 1, 1, MAX_LEN, MAX_LEN, MAX_LEN]
     for t, context in zip(range(MAX_LEN - 2, MAX_LEN + 4), seen, strict=True):
-        assert torch.equal(context, out[:, max(0, t - MAX_LEN):t]), t
+        expected = out[:, max(0, t - MAX_LEN):t] if t > MAX_LEN or t == MAX_LEN - 2 else out[:, t - 1:t]
+        assert torch.equal(context, expected), t
     with torch.no_grad():
         for t in range(MAX_LEN - 2, MAX_LEN + 4):
             context = out[:, max(0, t - MAX_LEN):t]
