@@ -13,6 +13,7 @@ token) -> ``logits`` float32 [batch, seq, 256]. The adapter form adds the LoRA i
 from __future__ import annotations
 
 import contextlib
+import inspect
 import io
 import json
 import logging
@@ -92,22 +93,25 @@ class ExportResult:
 
 
 class AdaptersAsInputs(nn.Module):
-    """The base model whose LoRA layers take A_t / B_t from forward() arguments (graph inputs).
+    """A module over ``base`` whose LoRA layers take A_t / B_t from forward() arguments (graph inputs).
 
-    forward(input_ids, attention_mask, A_0, B_0, A_1, B_1, ...) with the layers in ``layer_names`` order.
+    forward(*inputs, A_0, B_0, A_1, B_1, ...): the first ``n_inputs`` arguments go to ``inner`` (``base`` itself
+    or a module built on it), the rest are the LoRA pairs of the layers in ``layer_names`` order.
     """
 
-    def __init__(self, base: LoRATransformerLM, layer_names: list[str]) -> None:
+    def __init__(self, inner: nn.Module, base: LoRATransformerLM, layer_names: list[str], n_inputs: int) -> None:
         super().__init__()
-        self.base = base
+        self.inner = inner
+        self.n_inputs = n_inputs
         modules = dict(base.named_modules())
         self.layers: list[LoRALayer] = [modules[name] for name in layer_names]
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *lora: torch.Tensor) -> torch.Tensor:
+    def forward(self, *args: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        inputs, lora = args[: self.n_inputs], args[self.n_inputs:]
         for layer, lora_a_t, lora_b_t in zip(self.layers, lora[0::2], lora[1::2], strict=True):
             layer.use_external_lora(lora_a_t, lora_b_t)
         try:
-            return self.base(input_ids, attention_mask)
+            return self.inner(*inputs)
         finally:
             for layer in self.layers:
                 layer.use_external_lora(None, None)
@@ -129,7 +133,7 @@ def _example_inputs(config: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _torch_export(module: nn.Module, args: tuple, input_names: list[str], dynamic_shapes: tuple,
-                  opset: int) -> onnx.ModelProto:
+                  opset: int, output_names: list[str] = OUTPUT_NAMES) -> onnx.ModelProto:
     """torch.onnx.export with the dynamo exporter, its console chatter and warnings silenced."""
     torch_onnx_log = logging.getLogger("torch.onnx")
     level = torch_onnx_log.level
@@ -138,7 +142,7 @@ def _torch_export(module: nn.Module, args: tuple, input_names: list[str], dynami
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
             program = torch.onnx.export(
-                module, args, dynamo=True, input_names=input_names, output_names=OUTPUT_NAMES,
+                module, args, dynamo=True, input_names=input_names, output_names=output_names,
                 dynamic_shapes=dynamic_shapes, opset_version=opset, optimize=True, verbose=False,
             )
     finally:
@@ -151,23 +155,45 @@ def trace_to_onnx(model: LoRATransformerLM, form: str, opset: int) -> tuple[onnx
     ids, mask = _example_inputs(model.config)
     batch = torch.export.Dim("batch", min=1, max=4096)
     seq = torch.export.Dim("seq", min=1, max=model.config.max_seq_len)
-    io_shapes = ({0: batch, 1: seq}, {0: batch, 1: seq})
+    return trace_forms(model, form, opset, lambda base: base, (ids, mask), INPUT_NAMES,
+                       [{0: batch, 1: seq}, {0: batch, 1: seq}], OUTPUT_NAMES)
+
+
+def _dynamic_shapes(module: nn.Module, shapes: list[dict]) -> tuple:
+    """torch.export's dynamic_shapes for ``shapes`` (one per argument): one entry per parameter of forward, so a
+    forward(*args) takes them all as one tuple."""
+    parameters = list(inspect.signature(module.forward).parameters.values())
+    if parameters and parameters[0].kind is inspect.Parameter.VAR_POSITIONAL:
+        return (tuple(shapes),)
+    return tuple(shapes)
+
+
+def trace_forms(model: LoRATransformerLM, form: str, opset: int, build: Callable[[LoRATransformerLM], nn.Module],
+                args: tuple, input_names: list[str], shapes: list[dict], output_names: list[str],
+                ) -> tuple[onnx.ModelProto, list[str]]:
+    """Export ``build(base)`` in ``form`` with the dynamo exporter; returns the proto and its LoRA layer names.
+
+    merged: the LoRA folded into the base first. adapters: every LoRA layer's A_t / B_t become graph inputs after
+    ``input_names`` (a rank of its own per layer). ``build`` turns the plain base model into the module to export
+    (the model itself, or a decoder over it) whose forward takes ``args`` (dynamic shapes ``shapes``).
+    """
     if form == "merged":
         merge_lora(model, safe_merge=True)
-        base = base_model_of(model, {k: v for k, v in model.state_dict().items() if "lora_" not in k})
-        return _torch_export(base, (ids, mask), INPUT_NAMES, io_shapes, opset), []
-
-    names = [name for name, _ in lora_layers(model)]
     base = base_model_of(model, {k: v for k, v in model.state_dict().items() if "lora_" not in k})
-    lora_args, lora_names, lora_shapes = [], [], []
+    if form == "merged":
+        module = build(base)
+        return _torch_export(module, args, input_names, _dynamic_shapes(module, shapes), opset, output_names), []
+    names, lora_args, lora_names, lora_shapes = [], [], [], []
     example_rank = 3  # any rank > 1: torch.export specialises 0 and 1
     for index, (name, layer) in enumerate(lora_layers(model)):
         rank = torch.export.Dim(f"lora_rank_{index}", min=1, max=4096)  # one rank per layer
+        names.append(name)
         lora_args += [torch.zeros(layer.in_features, example_rank), torch.zeros(example_rank, layer.out_features)]
         lora_names += [f"{name}.lora_A", f"{name}.lora_B"]
         lora_shapes += [{1: rank}, {0: rank}]
-    proto = _torch_export(AdaptersAsInputs(base, names), (ids, mask, *lora_args), INPUT_NAMES + lora_names,
-                          (*io_shapes, tuple(lora_shapes)), opset)
+    module = AdaptersAsInputs(build(base), base, names, len(args))
+    proto = _torch_export(module, (*args, *lora_args), input_names + lora_names,
+                          _dynamic_shapes(module, shapes + lora_shapes), opset, output_names)
     name_rank_axes(proto, names)
     return proto, names
 
