@@ -19,6 +19,7 @@ import click
 
 from . import __version__
 from .checkpoint import CheckpointError, first_line, save_checkpoint
+from .decoder import export_decoder
 from .edge import (
     convert_fp16,
     convert_ort_format,
@@ -41,6 +42,7 @@ from .metrics import resolve_tolerance
 from .model import ModelConfig
 from .providers import normalize_providers
 from .report import REPORT_FILES
+from .runtime import DEVICES, Sampling, check_generation, generate_bytes
 from .train import adapt, check_hyperparameters, load_data, pretrain
 from .validate import default_report_dir, validate
 
@@ -265,17 +267,31 @@ def export_cli() -> None:
 @click.option("--fp16", is_flag=True, help="Also write <output>.fp16.onnx (fp16 weights and compute, fp32 I/O; GPU).")
 @click.option("--ort-format", is_flag=True,
               help="Also write .ort models and their required-operators config for reduced ORT builds.")
+@click.option("--genai", is_flag=True,
+              help="Write an onnxruntime-genai model directory instead: a KV-cache decoder + genai_config.json "
+                   "(-o DIR, default <checkpoint>_genai/).")
 @click.option("--no-validate", is_flag=True, help="Skip the parity validation after export.")
 @validation_options
 @click.option("--quiet", is_flag=True, help="Only the summary.")
 @exit_on_error
 def export_command(checkpoint: Path, merge: bool, adapters_as_inputs: bool, output: Path | None,
                    adapter_output: Path | None, opset: int, no_simplify: bool, external_data_threshold: int,
-                   quantize: str | None, fp16: bool, ort_format: bool, no_validate: bool, providers: str | None,
-                   atol: float | None, rtol: float | None, report: Path | None, quiet: bool) -> None:
+                   quantize: str | None, fp16: bool, ort_format: bool, genai: bool, no_validate: bool,
+                   providers: str | None, atol: float | None, rtol: float | None, report: Path | None,
+                   quiet: bool) -> None:
     """Export CHECKPOINT (.pt) to ONNX, merged (default) or with the adapters as inputs, then validate it."""
     if merge and adapters_as_inputs:
         raise click.UsageError("--merge and --adapters-as-inputs exclude each other: choose one form")
+    if genai:
+        given = {"--quantize": quantize, "--fp16": fp16, "--ort-format": ort_format, "--adapter-output": adapter_output}
+        unsupported = [flag for flag, value in given.items() if value]
+        if unsupported:
+            raise click.UsageError(f"--genai does not take {', '.join(unsupported)} yet")
+        directory = output if output is not None else checkpoint.with_name(f"{checkpoint.stem}_genai")
+        export_decoder(checkpoint, directory, merge=not adapters_as_inputs, opset=opset,
+                       progress=progress_printer(quiet))
+        click.echo(f"genai model: {directory}/ (run it: lora-export generate {directory} --prompt TEXT)")
+        return
     model_path, adapter_path = export_outputs(checkpoint, output, merge=not adapters_as_inputs,
                                               adapter_path=adapter_output)
     if not no_validate:  # the validation options, checked before the export rather than after it
@@ -357,3 +373,37 @@ def validate_command(model_path: Path, checkpoint: Path, adapter: Path | None, p
                      atol: float | None, rtol: float | None, report: Path | None, quiet: bool) -> None:
     """Compare MODEL (.onnx) on ONNX Runtime with its PyTorch CHECKPOINT; exit 0 pass, 1 fail, 2 bad input."""
     run_validation(model_path, checkpoint, adapter, providers, atol, rtol, report, quiet)
+
+
+@export_cli.command("generate")
+@click.argument("model_dir", type=click.Path(path_type=Path))
+@click.option("--prompt", required=True, help="Text to continue (UTF-8 bytes).")
+@click.option("--adapter", "adapters", type=click.Path(path_type=Path), multiple=True,
+              help="Generate with this .onnx_adapter active (repeatable: one run per adapter).")
+@click.option("--max-new-bytes", type=int, default=64, show_default=True, help="Bytes to generate.")
+@click.option("--greedy/--sample", default=True, show_default=True, help="Argmax, or sample (--temperature, --top-k).")
+@click.option("--temperature", type=float, default=1.0, show_default=True, help="Sampling temperature.")
+@click.option("--top-k", type=int, default=0, show_default=True, help="Sample among the k likeliest bytes (0: all).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Sampling seed.")
+@click.option("--stop-byte", type=int, default=None, help="Stop after generating this byte (0..255).")
+@click.option("--device", type=click.Choice(DEVICES), default="cpu", show_default=True, help="Execution provider.")
+@exit_on_error
+def generate_command(model_dir: Path, prompt: str, adapters: tuple[Path, ...], max_new_bytes: int, greedy: bool,
+                     temperature: float, top_k: int, seed: int, stop_byte: int | None, device: str) -> None:
+    """Stream bytes generated by onnxruntime-genai from MODEL_DIR (written by `lora-export --genai`) to stdout."""
+    sampling = Sampling(greedy, temperature, top_k, seed)
+    data = prompt.encode()
+    runs: list[Path | None] = list(adapters) or [None]
+    for adapter in runs:  # every run is checked before the first byte is written
+        check_generation(model_dir, data, max_new_bytes, adapter, device, sampling)
+    for adapter in runs:
+        if len(runs) > 1:
+            click.echo(f"[adapter {adapter}]", err=True)
+        out = click.get_binary_stream("stdout")
+        out.write(data)
+        for byte in generate_bytes(model_dir, data, max_new_bytes=max_new_bytes, adapter=adapter, device=device,
+                                   sampling=sampling, stop_byte=stop_byte):
+            out.write(bytes([byte]))
+            out.flush()
+        out.write(b"\n")
+        out.flush()

@@ -1,0 +1,279 @@
+"""The KV-cache decoder: an ONNX graph with past/present cache tensors and the genai_config.json that
+onnxruntime-genai needs to run it (``onnxruntime_genai.Model(DIR)``).
+
+Graph interface (genai's decoder-only defaults): ``input_ids`` int64 [batch, seq], ``attention_mask`` int64
+[batch, total] (past + current; every position must be real: the decoder has no padding), ``position_ids``
+int64 [batch, seq], and per cache slot ``past_key_values.<s>.key|value`` float32 [batch, heads, past, head_size]
+-> ``logits`` [batch, seq, 256] and ``present.<s>.key|value``. In the adapter form the LoRA inputs of
+``lora_export.adapters`` follow, unchanged (``.onnx_adapter`` files work as for the scoring graph).
+
+Cache slots: per block, one slot for the global softmax heads (full history, present = past + new) and one for
+the local heads, whose present keeps only the last ``window + cache_slack`` positions: genai's ``sliding_window``
+with the same slack, so their cache is bounded whatever the length generated. Key positions come from
+``position_ids`` (the first new position minus the past length), so no shape depends on ``attention_mask``.
+
+Refused (one line): linear global heads (their state is a running sum, not a sequence of keys that genai's
+cache holds). Blindspot global heads and any window are expressed exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+import torch
+from torch import nn
+
+from . import __version__
+from .adapters import adapter_tensors, model_version_from_fingerprint, write_adapter
+from .attention import masked_softmax
+from .checkpoint import base_fingerprint, build_model, first_line, read_checkpoint
+from .export import (
+    DEFAULT_OPSET,
+    ExportError,
+    add_rank0_defaults,
+    count_parameters_onnx,
+    model_files,
+    set_metadata,
+    strip_debug_info,
+    trace_forms,
+    write_model_files,
+)
+from .files import OutputError, check_outputs, file_sha256, staged_outputs
+from .model import VOCAB_SIZE, LoRATransformerLM, ModelConfig
+
+#: Positions a local slot keeps beyond its window (genai's ``cache_slack``, set explicitly: its per-provider
+#: default differs between CPU and CUDA).
+CACHE_SLACK = 16
+GENAI_CONFIG = "genai_config.json"
+MODEL_FILE = "model.onnx"
+ADAPTER_FILE = "model.onnx_adapter"
+#: The byte genai is told is end-of-sequence (it needs one in the vocabulary): NUL, never in text. Generation
+#: does not stop on it unless asked to (``min_length = max_length``).
+EOS_BYTE = 0
+
+
+@dataclass(frozen=True)
+class CacheSlot:
+    """One past/present pair: the heads [first, first + heads) of block ``block``; ``local`` = sliding window."""
+
+    block: int
+    first: int
+    heads: int
+    local: bool
+
+
+def cache_slots(config: ModelConfig) -> list[CacheSlot]:
+    """The decoder's cache slots in graph order: per block the global heads' slot, then the local heads' slot."""
+    slots = []
+    local, total = config.n_local_attn_heads, config.heads
+    for block in range(config.depth):
+        if local < total:
+            slots.append(CacheSlot(block, local, total - local, False))
+        if local > 0:
+            slots.append(CacheSlot(block, 0, local, True))
+    return slots
+
+
+def decoder_problem(config: ModelConfig) -> str | None:
+    """Why a config cannot be a genai decoder, or None."""
+    if config.global_attn == "linear" and config.n_local_attn_heads < config.heads:
+        return ("linear global heads keep a running sum, not a sequence of keys: onnxruntime-genai's KV cache "
+                "cannot hold it (export the scoring graph instead)")
+    return None
+
+
+class DecoderWithPast(nn.Module):
+    """forward(input_ids, attention_mask, position_ids, past_0_key, past_0_value, ...) -> (logits, presents...).
+
+    The same computation as ``LoRATransformerLM`` over past + new positions, for a model without padding.
+    """
+
+    def __init__(self, model: LoRATransformerLM, cache_slack: int = CACHE_SLACK) -> None:
+        super().__init__()
+        self.model = model
+        self.slots = cache_slots(model.config)
+        self.keep_local = model.config.local_attn_window_size + cache_slack
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_k: torch.Tensor, past_v: torch.Tensor,
+                positions: torch.Tensor, local: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v [B, H, N, d] of the new positions ``positions`` [B, N]; past_k / past_v [B, H, P, d] the P
+        positions before them. Returns (out [B, H, N, d], present_k, present_v)."""
+        config = self.model.config
+        keys, values = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)
+        key_positions = positions[:, :1] - past_k.shape[2] + torch.arange(keys.shape[2], device=q.device)[None, :]
+        distance = positions[:, :, None] - key_positions[:, None, :]  # [B, N, P + N]
+        if local:
+            visible = (distance >= 0) & (distance < config.local_attn_window_size)
+        elif config.blindspot_size is not None and config.blindspot_size > 1:
+            block = config.blindspot_size
+            visible = torch.div(key_positions[:, None, :], block, rounding_mode="floor") < torch.div(
+                positions[:, :, None], block, rounding_mode="floor")
+        else:
+            visible = distance >= 0
+        scores = (q @ keys.transpose(-1, -2)) * q.shape[-1] ** -0.5
+        out = masked_softmax(scores, visible[:, None]) @ values
+        if local:
+            keys, values = keys[:, :, -self.keep_local:], values[:, :, -self.keep_local:]
+        return out, keys, values
+
+    def forward(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        input_ids, _attention_mask, position_ids, *past = tensors
+        model, config = self.model, self.model.config
+        x = model.token_emb(input_ids) + model.pos_emb(position_ids)
+        presents: list[torch.Tensor] = []
+        slot_index = 0
+        for index, block in enumerate(model.blocks):
+            attn = block.attn
+            h = block.norm1(x)
+            q, k, v = (proj(h).unflatten(-1, (config.heads, config.dim_head)).transpose(1, 2)
+                       for proj in (attn.to_q, attn.to_k, attn.to_v))
+            outputs: dict[bool, torch.Tensor] = {}
+            while slot_index < len(self.slots) and self.slots[slot_index].block == index:
+                slot = self.slots[slot_index]
+                heads = slice(slot.first, slot.first + slot.heads)
+                out, present_k, present_v = self._attend(q[:, heads], k[:, heads], v[:, heads],
+                                                         past[2 * slot_index], past[2 * slot_index + 1],
+                                                         position_ids, slot.local)
+                outputs[slot.local] = out
+                presents += [present_k, present_v]
+                slot_index += 1
+            out = torch.cat([outputs[local] for local in (True, False) if local in outputs], dim=1)  # local first
+            x = x + attn.to_out(out.transpose(1, 2).flatten(-2))
+            x = x + block.ff(block.norm2(x))
+        return (model.lm_head(model.norm(x)), *presents)
+
+
+def graph_names(slots: list[CacheSlot]) -> tuple[list[str], list[str]]:
+    """(input names, output names) of the decoder graph, LoRA inputs left out."""
+    inputs = ["input_ids", "attention_mask", "position_ids"]
+    outputs = ["logits"]
+    for index in range(len(slots)):
+        inputs += [f"past_key_values.{index}.key", f"past_key_values.{index}.value"]
+        outputs += [f"present.{index}.key", f"present.{index}.value"]
+    return inputs, outputs
+
+
+def trace_decoder(model: LoRATransformerLM, form: str, opset: int) -> tuple[onnx.ModelProto, list[str]]:
+    """Export the decoder of an unmerged checkpoint model in ``form``; returns the proto and its LoRA layers."""
+    config = model.config
+    slots = cache_slots(config)
+    batch, n, past_len, past_local = 2, 3, 5, 4  # example sizes > 1: torch.export specialises 0 and 1
+    generator = torch.Generator().manual_seed(0)
+    args = [torch.randint(0, VOCAB_SIZE, (batch, n), generator=generator),
+            torch.ones(batch, past_len + n, dtype=torch.int64),
+            torch.arange(past_len, past_len + n).repeat(batch, 1)]
+    dims = {name: torch.export.Dim(name, min=low, max=high) for name, low, high in (
+        ("batch", 1, 4096), ("seq", 1, config.max_seq_len), ("total", 1, config.max_seq_len),
+        ("past_seq", 0, config.max_seq_len), ("past_local", 0, config.max_seq_len))}
+    shapes = [{0: dims["batch"], 1: dims["seq"]}, {0: dims["batch"], 1: dims["total"]},
+              {0: dims["batch"], 1: dims["seq"]}]
+    for slot in slots:
+        length = past_local if slot.local else past_len
+        # distinct tensors: the exporter would tie one tensor passed twice into a single graph input
+        args += [torch.randn(batch, slot.heads, length, config.dim_head, generator=generator) for _ in range(2)]
+        shapes += [{0: dims["batch"], 2: dims["past_local" if slot.local else "past_seq"]}] * 2
+    input_names, output_names = graph_names(slots)
+    return trace_forms(model, form, opset, DecoderWithPast, tuple(args), input_names, shapes, output_names)
+
+
+def genai_config(config: ModelConfig, slots: list[CacheSlot], cache_slack: int = CACHE_SLACK) -> dict:
+    """genai_config.json for the decoder graph of ``config`` (see the module docstring)."""
+    decoder: dict = {
+        "filename": MODEL_FILE,
+        "num_hidden_layers": len(slots),
+        "num_attention_heads": config.heads,
+        "num_key_value_heads": max(slot.heads for slot in slots),
+        "head_size": config.dim_head,
+        "hidden_size": config.dim,
+        "inputs": {"input_ids": "input_ids", "attention_mask": "attention_mask", "position_ids": "position_ids",
+                   "past_key_names": "past_key_values.%d.key", "past_value_names": "past_key_values.%d.value"},
+        "outputs": {"logits": "logits", "present_key_names": "present.%d.key",
+                    "present_value_names": "present.%d.value"},
+    }
+    local = [index for index, slot in enumerate(slots) if slot.local]
+    if local:
+        decoder["sliding_window"] = {"window_size": config.local_attn_window_size, "cache_slack": cache_slack,
+                                     "slide_key_value_cache": False, "slide_inputs": False, "layers": local}
+    return {
+        "model": {"type": "decoder", "vocab_size": VOCAB_SIZE, "context_length": config.max_seq_len,
+                  "bos_token_id": EOS_BYTE, "eos_token_id": EOS_BYTE, "pad_token_id": EOS_BYTE, "decoder": decoder},
+        "search": {"max_length": config.max_seq_len, "min_length": 0, "do_sample": False, "num_beams": 1,
+                   "past_present_share_buffer": False},
+    }
+
+
+def decoder_outputs(output_dir: Path, merge: bool) -> list[Path]:
+    """Every file ``export_decoder`` writes into ``output_dir``."""
+    files = model_files(output_dir / MODEL_FILE) + [output_dir / GENAI_CONFIG]
+    return files if merge else files + model_files(adapter_path=output_dir / ADAPTER_FILE)
+
+
+def export_decoder(checkpoint_path: str | os.PathLike, output_dir: str | os.PathLike, *, merge: bool = True,
+                   opset: int = DEFAULT_OPSET, progress: Callable[[str], None] | None = None) -> Path:
+    """Write an onnxruntime-genai model directory for a checkpoint: model.onnx (KV-cache decoder, merged or with
+    the adapters as inputs), genai_config.json, and in the adapter form the trained model.onnx_adapter.
+
+    The directory must be new or empty; its files land together or not at all. Raises ExportError (one line).
+    """
+    say = progress or (lambda _message: None)
+    checkpoint_path, output_dir = Path(checkpoint_path), Path(output_dir)
+    if output_dir.exists() and (not output_dir.is_dir() or any(output_dir.iterdir())):
+        raise ExportError(f"{output_dir}: exists and is not an empty directory")
+    if not output_dir.parent.is_dir():
+        raise ExportError(f"{output_dir.parent}: output directory does not exist")
+    try:
+        check_outputs([output_dir], [checkpoint_path])
+    except OutputError as err:
+        raise ExportError(str(err)) from None
+    say("loading checkpoint")
+    payload = read_checkpoint(checkpoint_path)
+    model = build_model(payload, checkpoint_path)
+    problem = decoder_problem(model.config)
+    if problem:
+        raise ExportError(f"{checkpoint_path}: cannot be a genai decoder: {problem}")
+    form = "merged" if merge else "adapters"
+    adapter = adapter_tensors(model)
+    if not merge and not adapter:
+        raise ExportError(f"{checkpoint_path}: has no LoRA layers (r = 0): export it merged")
+    fingerprint = base_fingerprint(payload["base"])
+    say(f"exporting the KV-cache decoder ({form}, opset {opset}) with torch.onnx dynamo")
+    try:
+        proto, layer_names = trace_decoder(model, form, opset)
+        onnx.checker.check_model(proto, full_check=True)
+    except Exception as err:  # the exporter raises many exception types
+        raise ExportError(f"{checkpoint_path}: decoder export failed: {first_line(err)[:200]}") from None
+    strip_debug_info(proto)
+    if form == "adapters":
+        add_rank0_defaults(proto)
+    slots = cache_slots(model.config)
+    set_metadata(proto, {
+        "version": __version__, "form": form, "graph": "decoder", "opset": str(opset),
+        "checkpoint_sha256": file_sha256(checkpoint_path), "base_sha256": fingerprint,
+        "model_config": json.dumps(payload["config"], sort_keys=True),
+        "lora_config": json.dumps({"merged": merge, "lora_layers": layer_names}, sort_keys=True),
+        "cache_slots": json.dumps([slot.__dict__ for slot in slots]), "cache_slack": str(CACHE_SLACK),
+    })
+    config_text = json.dumps(genai_config(model.config, slots), indent=2) + "\n"
+    say(f"writing {output_dir}/")
+    created = not output_dir.exists()
+    try:
+        output_dir.mkdir(exist_ok=True)
+        with staged_outputs() as stage:
+            write_model_files(proto, output_dir / MODEL_FILE, stage, 2 * 1024**3)
+            stage.path(output_dir / GENAI_CONFIG).write_text(config_text, encoding="utf-8")
+            if not merge:
+                write_adapter(output_dir / ADAPTER_FILE, adapter, model_version_from_fingerprint(fingerprint), stage)
+    except BaseException as err:
+        if created:
+            output_dir.rmdir()
+        if isinstance(err, OSError):
+            raise ExportError(f"{output_dir}: cannot write: {err.strerror or first_line(err)}") from None
+        raise
+    say(f"decoder: {len(proto.graph.node)} nodes, {count_parameters_onnx(proto):,} parameters, "
+        f"{len(slots)} cache slots")
+    return output_dir

@@ -1,0 +1,161 @@
+"""The KV-cache decoder run by onnxruntime-genai's own generator: greedy bytes identical to PyTorch in both forms,
+adapters swapped on one loaded model, a bounded local cache, one-line refusals."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import onnxruntime_genai as og
+import pytest
+import torch
+from click.testing import CliRunner
+from conftest import TINY_CONFIG, make_lora_model, same_base_other_rank
+
+from lora_export.adapters import attach_adapter, read_adapter
+from lora_export.checkpoint import load_checkpoint, save_checkpoint
+from lora_export.cli import export_cli
+from lora_export.decoder import ADAPTER_FILE, CACHE_SLACK, MODEL_FILE, export_decoder
+from lora_export.export import ExportError, export_adapter
+from lora_export.runtime import GenerationError, Sampling, generate_bytes
+
+PROMPT = b"Hello, world"  # 12 bytes: longer than the window of 8
+NEW = TINY_CONFIG["max_seq_len"] - len(PROMPT)  # to the end of the context: the window is crossed 2.5 times
+
+
+@pytest.fixture(scope="module")
+def genai_merged(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return export_decoder(tiny_checkpoint, tmp_path_factory.mktemp("genai") / "merged", merge=True)
+
+
+@pytest.fixture(scope="module")
+def genai_adapters(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return export_decoder(tiny_checkpoint, tmp_path_factory.mktemp("genai") / "adapters", merge=False)
+
+
+def torch_greedy(model: torch.nn.Module, prompt: bytes = PROMPT, new: int = NEW) -> list[int]:
+    ids = torch.tensor([list(prompt)])
+    return model.generate(ids, new, greedy=True)[0, len(prompt):].tolist()
+
+
+def genai_greedy(model: og.Model, adapters: og.Adapters | None = None, name: str | None = None) -> list[int]:
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(PROMPT) + NEW, min_length=len(PROMPT) + NEW, do_sample=False)
+    generator = og.Generator(model, params)
+    if name is not None:
+        generator.set_active_adapter(adapters, name)
+    generator.append_tokens(np.frombuffer(PROMPT, np.uint8).astype(np.int32)[None])
+    while not generator.is_done():
+        generator.generate_next_token()
+    return [int(t) for t in generator.get_sequence(0)[len(PROMPT):]]
+
+
+def test_merged_decoder_generates_what_pytorch_generates(genai_merged, tiny_checkpoint):
+    expected = torch_greedy(load_checkpoint(tiny_checkpoint))
+    assert list(generate_bytes(genai_merged, PROMPT, max_new_bytes=NEW)) == expected
+    assert genai_greedy(og.Model(str(genai_merged))) == expected
+
+
+def test_adapters_swap_on_one_loaded_model(genai_adapters, tiny_checkpoint, tmp_path):
+    """base -> trained adapter -> an adapter of another rank -> base, on one og.Model, each as PyTorch generates."""
+    other_model = same_base_other_rank(tiny_checkpoint, r=2, seed=4)
+    save_checkpoint(tmp_path / "other.pt", other_model)
+    other = export_adapter(tmp_path / "other.pt", genai_adapters / MODEL_FILE, tmp_path / "other.onnx_adapter")
+    trained = load_checkpoint(tiny_checkpoint)
+    base = load_checkpoint(tiny_checkpoint)
+    attach_adapter(base, None)
+    expected = {"base": torch_greedy(base), "trained": torch_greedy(trained), "other": torch_greedy(other_model)}
+    assert len({tuple(v) for v in expected.values()}) == 3  # the adapters really change the bytes
+
+    model = og.Model(str(genai_adapters))
+    adapters = og.Adapters(model)
+    adapters.load(str(genai_adapters / ADAPTER_FILE), "trained")
+    adapters.load(str(other), "other")
+    for name in ("base", "trained", "other", "base"):
+        assert genai_greedy(model, adapters, None if name == "base" else name) == expected[name], name
+
+
+def test_partial_adapter_runs_its_missing_layers_as_base(genai_adapters, tiny_checkpoint, tmp_path):
+    from lora_export.adapters import write_adapter
+
+    tensors, version = read_adapter(genai_adapters / ADAPTER_FILE)
+    partial = {k: v for k, v in tensors.items() if not k.startswith("blocks.0.attn")}
+    write_adapter(tmp_path / "partial.onnx_adapter", partial, version)
+    reference = load_checkpoint(tiny_checkpoint)
+    attach_adapter(reference, partial)
+    got = list(generate_bytes(genai_adapters, PROMPT, max_new_bytes=NEW, adapter=tmp_path / "partial.onnx_adapter"))
+    assert got == torch_greedy(reference)
+
+
+def test_local_cache_is_bounded_and_global_cache_grows(genai_merged):
+    """Feeding the decoder graph step by step: the local slot's present stops at window + slack positions."""
+    session = ort.InferenceSession(str(genai_merged / MODEL_FILE), providers=["CPUExecutionProvider"])
+    past = {i.name: np.zeros((1, i.shape[1], 0, i.shape[3]), np.float32) for i in session.get_inputs()
+            if i.name.startswith("past")}
+    outputs = [o.name for o in session.get_outputs()]
+    lengths = []
+    for position in range(TINY_CONFIG["max_seq_len"]):
+        feeds = {"input_ids": np.array([[65 + position % 26]]), "attention_mask": np.ones((1, position + 1), np.int64),
+                 "position_ids": np.array([[position]]), **past}
+        results = session.run(None, feeds)
+        presents = zip(outputs[1:], results[1:], strict=True)
+        past = {name.replace("present", "past_key_values"): value for name, value in presents}
+        lengths.append((past["past_key_values.0.key"].shape[2], past["past_key_values.1.key"].shape[2]))
+    window = TINY_CONFIG["local_attn_window_size"] + CACHE_SLACK
+    assert [g for g, _ in lengths] == list(range(1, TINY_CONFIG["max_seq_len"] + 1))  # global: the full history
+    assert [c for _, c in lengths] == [min(p + 1, window) for p in range(TINY_CONFIG["max_seq_len"])]
+
+
+def test_seeded_sampling_repeats_and_top_k_1_is_greedy(genai_merged):
+    sampled = [list(generate_bytes(genai_merged, PROMPT, max_new_bytes=10, sampling=Sampling(False, 1.5, 20, 7)))
+               for _ in range(2)]
+    assert sampled[0] == sampled[1]
+    top1 = list(generate_bytes(genai_merged, PROMPT, max_new_bytes=10, sampling=Sampling(False, 2.0, 1, 3)))
+    assert top1 == list(generate_bytes(genai_merged, PROMPT, max_new_bytes=10))
+
+
+def test_linear_global_heads_are_refused(tmp_path):
+    save_checkpoint(tmp_path / "linear.pt", make_lora_model(global_attn="linear"))
+    with pytest.raises(ExportError, match="linear global heads"):
+        export_decoder(tmp_path / "linear.pt", tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["linear.pt"]
+
+
+def invoke(*args: object) -> tuple[int, bytes, str]:
+    result = CliRunner().invoke(export_cli, [str(a) for a in args])
+    return result.exit_code, result.stdout_bytes, result.stderr
+
+
+def test_generate_command_streams_bytes(genai_merged, tiny_checkpoint):
+    code, out, err = invoke("generate", genai_merged, "--prompt", PROMPT.decode(), "--max-new-bytes", NEW)
+    assert code == 0, err
+    assert out == PROMPT + bytes(torch_greedy(load_checkpoint(tiny_checkpoint))) + b"\n"
+
+
+@pytest.mark.parametrize(("args", "needle"), [
+    (["--max-new-bytes", "100"], "exceed the model's max_seq_len"),
+    (["--device", "tpu"], "Invalid value for '--device'"),
+    (["--adapter", "ADAPTER"], "merged decoder takes no adapter"),
+    (["--adapter", "missing.onnx_adapter"], "no such adapter file"),
+    (["--sample", "--temperature", "0"], "temperature must be"),
+])
+def test_generate_refuses_bad_input_in_one_line(genai_merged, genai_adapters, args, needle):
+    args = [str(genai_adapters / ADAPTER_FILE) if a == "ADAPTER" else a for a in args]
+    code, out, err = invoke("generate", genai_merged, "--prompt", "Hi", "--max-new-bytes", 5, *args)
+    assert code == 2 and out == b"", err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert needle in err and "Traceback" not in err and (len(lines) == 1 or "Usage:" in err), err
+
+
+def test_generate_refuses_a_directory_that_is_not_a_genai_model(tmp_path):
+    with pytest.raises(GenerationError, match="not a genai model directory"):
+        list(generate_bytes(tmp_path, PROMPT))
+
+
+def test_genai_export_refuses_a_non_empty_directory(tiny_checkpoint, tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("mine")
+    code, _, err = invoke(tiny_checkpoint, "--genai", "-o", tmp_path / "out", "--quiet")
+    assert code == 2 and "not an empty directory" in err
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["keep.txt"]
