@@ -288,9 +288,15 @@ def export_command(checkpoint: Path, merge: bool, adapters_as_inputs: bool, outp
         if unsupported:
             raise click.UsageError(f"--genai does not take {', '.join(unsupported)} yet")
         directory = output if output is not None else checkpoint.with_name(f"{checkpoint.stem}_genai")
+        if not no_validate:
+            resolve_tolerance("fp32", atol, rtol)
+            normalize_providers(providers.split(",") if providers else None)
+            check_output_dir(report or default_report_dir(directory), REPORT_FILES.values(), [checkpoint])
         export_decoder(checkpoint, directory, merge=not adapters_as_inputs, opset=opset,
                        progress=progress_printer(quiet))
         click.echo(f"genai model: {directory}/ (run it: lora-export generate {directory} --prompt TEXT)")
+        if not no_validate:
+            run_validation(directory, checkpoint, None, providers, atol, rtol, report, quiet)
         return
     model_path, adapter_path = export_outputs(checkpoint, output, merge=not adapters_as_inputs,
                                               adapter_path=adapter_output)

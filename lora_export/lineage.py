@@ -80,6 +80,8 @@ def check_model_matches(proto: onnx.ModelProto, metadata: dict[str, str], payloa
         raise ParityInputError(f"{model_path}: lora_export.form is {form!r} but the graph has "
                                f"{len(lora_inputs)} LoRA inputs")
     extra = sorted(set(graph_inputs) - set(INPUT_NAMES) - set(lora_inputs) - initializers)
+    if metadata.get("graph") == "decoder":  # the KV-cache decoder's position and cache inputs
+        extra = [name for name in extra if name != "position_ids" and not name.startswith("past_key_values.")]
     if extra:
         raise ParityInputError(f"{model_path}: unexpected required graph inputs {extra[:3]}")
 

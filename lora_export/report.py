@@ -90,6 +90,8 @@ def report_json(result: ParityResult) -> dict:
     }
     if result.precisions is not None:
         document["precisions"] = result.precisions
+    if result.decode:
+        document["decode"] = [asdict(run) for run in result.decode]
     return _plain(document)
 
 
@@ -126,6 +128,31 @@ def precision_section(rows: list[dict]) -> Section:
             *("-" if shape not in p50 else f"{p50[shape]:.3f}" for shape in shapes),
             "n/a" if row["top1_agreement"] is None else f"{row['top1_agreement']:.2%}", loss, verdict,
         ])
+    return section
+
+
+def _show(data: list[int]) -> str:
+    return "".join(chr(b) if 32 <= b < 127 and b != 92 else f"\\x{b:02x}" for b in data)
+
+
+def decode_section(result: ParityResult) -> Section:
+    """Decode parity through onnxruntime-genai: one row per run, latency per byte early and late in the context."""
+    section = Section(
+        "Decode (onnxruntime-genai)",
+        paragraphs=["Greedy decoding by onnxruntime-genai's generator with its KV cache, to the end of the context. "
+                    "Step logits against the PyTorch full forward over the same prefix; bytes against PyTorch's "
+                    "greedy generation. ms/byte: median time of generate_next_token over the first and the last "
+                    "quarter of the generated positions (a bounded local cache keeps the late bytes as cheap)."],
+        headers=["Variant", "Device", "Prompt + new", "max abs", "tol. used", "Identical", "ms/byte early",
+                 "ms/byte late", "Generated", "Verdict"],
+    )
+    for run in result.decode:
+        quarter = max(1, len(run.step_ms) // 4)
+        section.rows.append([
+            run.variant, run.device, f"{run.prompt_bytes} + {run.new_bytes}", _sci(run.max_abs),
+            _sci(run.tolerance_used), "yes" if run.identical else f"NO (from byte {run.first_mismatch})",
+            f"{np.median(run.step_ms[1:1 + quarter] or run.step_ms):.3f}", f"{np.median(run.step_ms[-quarter:]):.3f}",
+            _show(run.generated), "pass" if run.passed else "FAIL: " + "; ".join(run.failures)])
     return section
 
 
@@ -187,6 +214,8 @@ def report_sections(result: ParityResult) -> list[Section]:
                 generations, latency]
     if result.precisions is not None:
         sections.append(precision_section(result.precisions))
+    if result.decode:
+        sections.append(decode_section(result))
     if result.failures:
         sections.append(Section("Failures", bullets=result.failures))
     if result.notes:

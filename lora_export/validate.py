@@ -34,7 +34,9 @@ from tqdm import tqdm
 from . import __version__
 from .adapters import activate_adapters, attach_adapter
 from .cases import Case, generation_prompt, parity_cases
-from .checkpoint import CheckpointError, build_model, read_checkpoint
+from .checkpoint import CheckpointError, build_model, first_line, read_checkpoint
+from .decode_parity import DecodeRun, decode_parity
+from .decoder import ADAPTER_FILE, MODEL_FILE
 from .edge import EdgeExportError, compare_precisions
 from .export import OUTPUT_NAMES, ExportError, load_onnx, model_files, read_metadata
 from .files import OutputError, check_output_dir
@@ -131,6 +133,8 @@ class ParityResult:
     tool_version: str = __version__
     #: rows of ``lora_export.edge.compare_precisions`` (validate's precision_models), None when not measured
     precisions: list[dict] | None = None
+    #: decode parity of a genai decoder directory (``lora_export.decode_parity``), empty for a scoring graph
+    decode: list[DecodeRun] = field(default_factory=list)
     report_dir: Path | None = None
     report_files: dict[str, Path] = field(default_factory=dict)
 
@@ -293,6 +297,10 @@ def validate(
         raise ParityInputError(f"generate_bytes and latency_runs must be >= 1, got {generate_bytes}, {latency_runs}")
     model_path, checkpoint_path = Path(model_path), Path(checkpoint_path)
     adapter_path = Path(adapter_path) if adapter_path is not None else None
+    if model_path.is_dir():
+        return validate_decoder(model_path, checkpoint_path, adapter_path=adapter_path, providers=providers,
+                                explicit_providers=explicit_providers, atol=atol, rtol=rtol, report_dir=report_dir,
+                                seed=seed)
     try:
         proto = load_onnx(model_path)
         payload = read_checkpoint(checkpoint_path)
@@ -403,6 +411,93 @@ def validate(
         notes=notes, error_histograms=histograms,
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"), precisions=precisions,
         report_dir=report_dir,
+    )
+    try:
+        report_dir.mkdir(parents=True, exist_ok=True)
+        result.report_files = write_reports(result, report_dir)
+    except OSError as err:
+        raise ParityInputError(f"{report_dir}: cannot write the report: {err.strerror or err}") from None
+    return result
+
+
+def validate_decoder(
+    model_dir: Path,
+    checkpoint_path: Path,
+    *,
+    adapter_path: Path | None = None,
+    providers: Sequence[str] | None = None,
+    explicit_providers: bool = False,
+    atol: float | None = None,
+    rtol: float | None = None,
+    report_dir: str | os.PathLike | None = None,
+    seed: int = 0,
+) -> ParityResult:
+    """validate() for a genai decoder directory (``lora-export --genai``): decode parity through onnxruntime-genai
+    (``lora_export.decode_parity``) on each provider; in the adapter form base, the directory's trained adapter,
+    ``adapter_path`` and base again on one loaded model. Reports as validate()."""
+    model_path = model_dir / MODEL_FILE
+    try:
+        proto = load_onnx(model_path)
+        payload = read_checkpoint(checkpoint_path)
+    except (ExportError, CheckpointError) as err:
+        raise ParityInputError(str(err)) from None
+    metadata = read_metadata(proto)
+    if metadata.get("graph") != "decoder":
+        raise ParityInputError(f"{model_dir}: not a lora-export genai decoder directory")
+    notes = check_model_matches(proto, metadata, payload, model_path, checkpoint_path)
+    form = metadata["form"]
+    tolerance = resolve_tolerance("fp32", atol, rtol)
+    adapters = {}
+    candidates = [("trained", model_dir / ADAPTER_FILE)] if (model_dir / ADAPTER_FILE).is_file() else []
+    if adapter_path is not None:
+        candidates.append((adapter_path.stem, adapter_path))
+    for name, path in candidates if form == "adapters" else []:
+        tensors, adapter_notes = load_adapter_for(path, proto, metadata)
+        adapters[name], notes = (path, tensors), notes + adapter_notes
+    if adapter_path is not None and form != "adapters":
+        raise ParityInputError(f"--adapter needs an adapter-form decoder; this one was exported {form}")
+    report_dir = Path(report_dir) if report_dir is not None else default_report_dir(model_dir)
+    try:
+        check_output_dir(report_dir, REPORT_FILES.values(), [*model_files(model_path), checkpoint_path,
+                                                             *model_files(adapter_path=adapter_path)])
+    except OutputError as err:
+        raise ParityInputError(str(err)) from None
+
+    model = build_model(payload, checkpoint_path)
+    window = model.config.local_attn_window_size
+    prompt = generation_prompt(min(window + 8, model.config.max_seq_len // 2), np.random.default_rng(seed + 1))[0]
+    statuses, runs = [], []
+    for provider in normalize_providers(providers):
+        try:
+            runs += decode_parity(model_dir, model, form, adapters, prompt, tolerance, provider)
+            statuses.append(ProviderStatus(provider, PROVIDERS[provider], True, [f"onnxruntime-genai {provider}"]))
+        except Exception as err:  # genai raises RuntimeError / OrtException when a provider cannot load
+            if provider == "cpu" or explicit_providers:
+                raise ProviderUnavailableError(f"{PROVIDERS[provider]} cannot run {model_dir} through "
+                                               f"onnxruntime-genai: {first_line(err)}") from None
+            statuses.append(ProviderStatus(provider, PROVIDERS[provider], False, [], first_line(err)))
+    failures = [f"decode ({run.variant}, genai {run.device}): {reason}" for run in runs for reason in run.failures]
+    verdict = "failed" if failures else "passed"
+    worst = max((run.tolerance_used for run in runs), default=0.0)
+    if failures:
+        summary = f"FAIL: {failures[0]}; {len(failures)} failing checks"
+    else:
+        summary = (f"PASS: decode parity through onnxruntime-genai, {len(runs)} runs "
+                   f"({', '.join(dict.fromkeys(run.variant for run in runs))}), every step within "
+                   f"{tolerance.describe()}, worst {worst:.1%} of the tolerance; greedy bytes identical")
+    not_run = "; ".join(f"{p.name} not run: {p.reason}" for p in statuses if not p.ran)
+    result = ParityResult(
+        status=verdict, summary=f"{summary}; {not_run}" if not_run else summary, model_path=model_dir,
+        checkpoint_path=checkpoint_path, adapter_path=adapter_path, form=form, precision="fp32",
+        tolerance=tolerance, seed=seed, model_metadata=metadata, providers=statuses,
+        pass_rule=("PASS when, for every variant and provider that ran: the logits onnxruntime-genai returns at "
+                   "every decoding step satisfy |genai - torch| <= atol + rtol * |torch| against the PyTorch full "
+                   f"forward over the same prefix (atol {tolerance.atol:g}, rtol {tolerance.rtol:g}; the "
+                   "end-of-sequence byte's logit, which genai overwrites, left out), and the greedy bytes equal "
+                   "PyTorch's greedy generation to the end of the context."),
+        variants=list(dict.fromkeys(run.variant for run in runs)), cases=[], comparisons=[], generations=[],
+        latencies=[], failures=failures, worst=None, notes=notes, error_histograms={},
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"), decode=runs, report_dir=report_dir,
     )
     try:
         report_dir.mkdir(parents=True, exist_ok=True)

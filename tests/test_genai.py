@@ -3,9 +3,13 @@ adapters swapped on one loaded model, a bounded local cache, one-line refusals."
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
+import jsonschema
 import numpy as np
+import onnx
 import onnxruntime as ort
 import onnxruntime_genai as og
 import pytest
@@ -18,7 +22,9 @@ from lora_export.checkpoint import load_checkpoint, save_checkpoint
 from lora_export.cli import export_cli
 from lora_export.decoder import ADAPTER_FILE, CACHE_SLACK, MODEL_FILE, export_decoder
 from lora_export.export import ExportError, export_adapter
+from lora_export.report import SCHEMA_PATH
 from lora_export.runtime import GenerationError, Sampling, generate_bytes
+from lora_export.validate import validate
 
 PROMPT = b"Hello, world"  # 12 bytes: longer than the window of 8
 NEW = TINY_CONFIG["max_seq_len"] - len(PROMPT)  # to the end of the context: the window is crossed 2.5 times
@@ -159,3 +165,36 @@ def test_genai_export_refuses_a_non_empty_directory(tiny_checkpoint, tmp_path):
     code, _, err = invoke(tiny_checkpoint, "--genai", "-o", tmp_path / "out", "--quiet")
     assert code == 2 and "not an empty directory" in err
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["keep.txt"]
+
+
+# --------------------------------------------------------------------------- decode parity in the validator
+
+
+def test_validate_decoder_directories_pass(genai_merged, genai_adapters, tiny_checkpoint, tmp_path):
+    result = validate(genai_merged, tiny_checkpoint, providers=["cpu"], report_dir=tmp_path / "m")
+    assert result.passed, result.summary
+    (run,) = result.decode
+    assert run.identical and run.prompt_bytes > TINY_CONFIG["local_attn_window_size"]
+    assert run.prompt_bytes + run.new_bytes == TINY_CONFIG["max_seq_len"]
+    result = validate(genai_adapters, tiny_checkpoint, providers=["cpu"], report_dir=tmp_path / "a")
+    assert result.passed, result.summary
+    assert [run.variant for run in result.decode] == ["base", "adapter trained", "base"]
+    assert result.decode[0].generated == result.decode[2].generated != result.decode[1].generated
+    document = json.loads((tmp_path / "a" / "parity.json").read_text())
+    jsonschema.validate(document, json.loads(SCHEMA_PATH.read_text()))
+    assert "## Decode (onnxruntime-genai)" in (tmp_path / "a" / "parity.md").read_text()
+
+
+@pytest.mark.parametrize(("shift", "failure"), [(5e-3, "step logits"), (100.0, "greedy bytes differ")])
+def test_validate_decoder_catches_a_changed_graph(genai_merged, tiny_checkpoint, tmp_path, shift, failure):
+    """A bias moved by 5e-3 (50x atol: the bytes may still agree) or by 100 (every byte '~') fails decode parity."""
+    broken = tmp_path / "broken"
+    shutil.copytree(genai_merged, broken)
+    proto = onnx.load(broken / MODEL_FILE)
+    bias = next(init for init in proto.graph.initializer if init.name.endswith("lm_head.bias"))
+    values = onnx.numpy_helper.to_array(bias).copy()
+    values[ord("~")] += shift
+    bias.CopyFrom(onnx.numpy_helper.from_array(values, bias.name))
+    onnx.save(proto, broken / MODEL_FILE)
+    result = validate(broken, tiny_checkpoint, providers=["cpu"], report_dir=tmp_path / "r")
+    assert result.status == "failed" and any(failure in f for f in result.failures), result.failures
