@@ -256,6 +256,27 @@ def _progress_callback(progress: bool | Callable[[int, int, str], None], total: 
     return report, bar.close
 
 
+def _checked_report_dir(report_dir: str | os.PathLike | None, model: Path, inputs: list[Path]) -> Path:
+    """The report directory (default beside ``model``), refused (ParityInputError) before any work when it cannot
+    be written or its files would replace one of ``inputs``."""
+    report_dir = Path(report_dir) if report_dir is not None else default_report_dir(model)
+    try:
+        check_output_dir(report_dir, REPORT_FILES.values(), inputs)
+    except OutputError as err:
+        raise ParityInputError(str(err)) from None
+    return report_dir
+
+
+def _with_reports(result: ParityResult, report_dir: Path) -> ParityResult:
+    """Write the result's reports into ``report_dir`` (made if missing) and return it."""
+    try:
+        report_dir.mkdir(parents=True, exist_ok=True)
+        result.report_files = write_reports(result, report_dir)
+    except OSError as err:
+        raise ParityInputError(f"{report_dir}: cannot write the report: {err.strerror or err}") from None
+    return result
+
+
 def default_report_dir(model_path: Path) -> Path:
     """``<model stem>_parity/`` beside the model."""
     return model_path.with_name(f"{model_path.stem}_parity")
@@ -320,12 +341,8 @@ def validate(
         if explicit_providers and requested == ["cpu"]:
             raise ParityInputError(f"fp16 models run on CUDA: {FP16_CPU_REASON}; ask for cuda, not cpu only")
         requested = ["cpu", "cuda"]  # CPU is reported as not run; CUDA is where fp16 is measured
-    report_dir = Path(report_dir) if report_dir is not None else default_report_dir(model_path)
-    inputs = [*model_files(model_path), checkpoint_path, *model_files(adapter_path=adapter_path)]
-    try:
-        check_output_dir(report_dir, REPORT_FILES.values(), inputs)
-    except OutputError as err:
-        raise ParityInputError(str(err)) from None
+    report_dir = _checked_report_dir(report_dir, model_path, [*model_files(model_path), checkpoint_path,
+                                                             *model_files(adapter_path=adapter_path)])
 
     sessions, statuses = {}, []
     for provider in requested:
@@ -412,12 +429,7 @@ def validate(
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"), precisions=precisions,
         report_dir=report_dir,
     )
-    try:
-        report_dir.mkdir(parents=True, exist_ok=True)
-        result.report_files = write_reports(result, report_dir)
-    except OSError as err:
-        raise ParityInputError(f"{report_dir}: cannot write the report: {err.strerror or err}") from None
-    return result
+    return _with_reports(result, report_dir)
 
 
 def validate_decoder(
@@ -456,12 +468,8 @@ def validate_decoder(
         adapters[name], notes = (path, tensors), notes + adapter_notes
     if adapter_path is not None and form != "adapters":
         raise ParityInputError(f"--adapter needs an adapter-form decoder; this one was exported {form}")
-    report_dir = Path(report_dir) if report_dir is not None else default_report_dir(model_dir)
-    try:
-        check_output_dir(report_dir, REPORT_FILES.values(), [*model_files(model_path), checkpoint_path,
-                                                             *model_files(adapter_path=adapter_path)])
-    except OutputError as err:
-        raise ParityInputError(str(err)) from None
+    report_dir = _checked_report_dir(report_dir, model_dir, [*model_files(model_path), checkpoint_path,
+                                                            *model_files(adapter_path=adapter_path)])
 
     model = build_model(payload, checkpoint_path)
     window = model.config.local_attn_window_size
@@ -499,9 +507,4 @@ def validate_decoder(
         latencies=[], failures=failures, worst=None, notes=notes, error_histograms={},
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"), decode=runs, report_dir=report_dir,
     )
-    try:
-        report_dir.mkdir(parents=True, exist_ok=True)
-        result.report_files = write_reports(result, report_dir)
-    except OSError as err:
-        raise ParityInputError(f"{report_dir}: cannot write the report: {err.strerror or err}") from None
-    return result
+    return _with_reports(result, report_dir)
