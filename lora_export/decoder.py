@@ -32,6 +32,7 @@ from . import __version__
 from .adapters import adapter_tensors, model_version_from_fingerprint, write_adapter
 from .attention import masked_softmax
 from .checkpoint import base_fingerprint, build_model, first_line, read_checkpoint
+from .edge import EdgeExportError, quantize_model_int8
 from .export import (
     DEFAULT_OPSET,
     ExportError,
@@ -214,14 +215,18 @@ def decoder_outputs(output_dir: Path, merge: bool) -> list[Path]:
 
 
 def export_decoder(checkpoint_path: str | os.PathLike, output_dir: str | os.PathLike, *, merge: bool = True,
-                   opset: int = DEFAULT_OPSET, progress: Callable[[str], None] | None = None) -> Path:
+                   quantize: str | None = None, opset: int = DEFAULT_OPSET,
+                   progress: Callable[[str], None] | None = None) -> Path:
     """Write an onnxruntime-genai model directory for a checkpoint: model.onnx (KV-cache decoder, merged or with
-    the adapters as inputs), genai_config.json, and in the adapter form the trained model.onnx_adapter.
+    the adapters as inputs; ``quantize="int8"``: ONNX Runtime dynamic int8 of its constant weights, LoRA inputs
+    left float), genai_config.json, and in the adapter form the trained model.onnx_adapter.
 
     The directory must be new or empty; its files land together or not at all. Raises ExportError (one line).
     """
     say = progress or (lambda _message: None)
     checkpoint_path, output_dir = Path(checkpoint_path), Path(output_dir)
+    if quantize not in (None, "int8"):
+        raise ExportError(f"quantize {quantize!r} is not supported for the decoder: int8 or none")
     if output_dir.exists() and (not output_dir.is_dir() or any(output_dir.iterdir())):
         raise ExportError(f"{output_dir}: exists and is not an empty directory")
     if not output_dir.parent.is_dir():
@@ -250,6 +255,12 @@ def export_decoder(checkpoint_path: str | os.PathLike, output_dir: str | os.Path
     strip_debug_info(proto)
     if form == "adapters":
         add_rank0_defaults(proto)
+    if quantize == "int8":
+        say("quantizing to int8 (onnxruntime.quantization)")
+        try:
+            proto = quantize_model_int8(proto, str(output_dir / MODEL_FILE))
+        except EdgeExportError as err:
+            raise ExportError(str(err)) from None
     slots = cache_slots(model.config)
     set_metadata(proto, {
         "version": __version__, "form": form, "graph": "decoder", "opset": str(opset),
@@ -257,6 +268,7 @@ def export_decoder(checkpoint_path: str | os.PathLike, output_dir: str | os.Path
         "model_config": json.dumps(payload["config"], sort_keys=True),
         "lora_config": json.dumps({"merged": merge, "lora_layers": layer_names}, sort_keys=True),
         "cache_slots": json.dumps([slot.__dict__ for slot in slots]), "cache_slack": str(CACHE_SLACK),
+        "precision": quantize or "fp32",
     })
     config_text = json.dumps(genai_config(model.config, slots), indent=2) + "\n"
     say(f"writing {output_dir}/")

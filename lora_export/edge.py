@@ -203,14 +203,19 @@ def quantize_int8(model_path: str | os.PathLike, output_path: str | os.PathLike 
     unchanged (see ``_check_lora_inputs``). Default output: ``<stem>.int8.onnx`` beside the model.
     Raises EdgeExportError.
     """
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
     model_path = Path(model_path)
     output = _output_path(model_path, output_path, "int8")
     source = _read_fp32_source(model_path)
+    return _save(quantize_model_int8(source, str(model_path), per_channel=per_channel), source, output, "int8")
+
+
+def quantize_model_int8(source: onnx.ModelProto, name: str, *, per_channel: bool = True) -> onnx.ModelProto:
+    """The int8 build of an fp32 graph in memory (see quantize_int8; ``name`` names it in errors), checked."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
     nodes = constant_weight_nodes(source)
     if not nodes:
-        raise EdgeExportError(f"{model_path}: no MatMul or Gather with a constant weight to quantize")
+        raise EdgeExportError(f"{name}: no MatMul or Gather with a constant weight to quantize")
     with tempfile.TemporaryDirectory(prefix="lora_export.int8.") as tmp, _quiet_onnxruntime():
         quantized_path = Path(tmp) / "model.int8.onnx"
         try:
@@ -219,12 +224,12 @@ def quantize_int8(model_path: str | os.PathLike, output_path: str | os.PathLike 
                              weight_type=QuantType.QInt8)
             quantized = onnx.load(quantized_path)
         except Exception as err:  # the quantizer raises many exception types
-            raise EdgeExportError(f"{model_path}: ONNX Runtime quantization failed: {first_line(err)}") from None
+            raise EdgeExportError(f"{name}: ONNX Runtime quantization failed: {first_line(err)}") from None
     left = constant_weight_nodes(quantized)
     if left:
-        raise EdgeExportError(f"{model_path}: quantization left {len(left)} weight nodes in float: {left[:3]}")
+        raise EdgeExportError(f"{name}: quantization left {len(left)} weight nodes in float: {left[:3]}")
     _check_lora_inputs(source, quantized, "int8 quantization")
-    return _save(quantized, source, output, "int8")
+    return quantized
 
 
 # --------------------------------------------------------------------------- fp16

@@ -143,14 +143,15 @@ def decode_section(result: ParityResult) -> Section:
                     "Step logits against the PyTorch full forward over the same prefix; bytes against PyTorch's "
                     "greedy generation. ms/byte: median time of generate_next_token over the first and the last "
                     "quarter of the generated positions (a bounded local cache keeps the late bytes as cheap)."],
-        headers=["Variant", "Device", "Prompt + new", "max abs", "tol. used", "Identical", "ms/byte early",
-                 "ms/byte late", "Generated", "Verdict"],
+        headers=["Variant", "Device", "Prompt + new", "max abs", "tol. used", "Step top-1", "Identical",
+                 "ms/byte early", "ms/byte late", "Generated", "Verdict"],
     )
     for run in result.decode:
         quarter = max(1, len(run.step_ms) // 4)
         section.rows.append([
             run.variant, run.device, f"{run.prompt_bytes} + {run.new_bytes}", _sci(run.max_abs),
-            _sci(run.tolerance_used), "yes" if run.identical else f"NO (from byte {run.first_mismatch})",
+            _sci(run.tolerance_used), f"{run.top1_agreement:.2%}",
+            "yes" if run.identical else f"NO (from byte {run.first_mismatch})",
             f"{np.median(run.step_ms[1:1 + quarter] or run.step_ms):.3f}", f"{np.median(run.step_ms[-quarter:]):.3f}",
             _show(run.generated), "pass" if run.passed else "FAIL: " + "; ".join(run.failures)])
     return section

@@ -198,3 +198,13 @@ def test_validate_decoder_catches_a_changed_graph(genai_merged, tiny_checkpoint,
     onnx.save(proto, broken / MODEL_FILE)
     result = validate(broken, tiny_checkpoint, providers=["cpu"], report_dir=tmp_path / "r")
     assert result.status == "failed" and any(failure in f for f in result.failures), result.failures
+
+
+def test_int8_decoder_generates_with_top1_reported(tiny_checkpoint, genai_merged, tmp_path):
+    directory = export_decoder(tiny_checkpoint, tmp_path / "int8", quantize="int8")
+    assert (directory / MODEL_FILE).stat().st_size < (genai_merged / MODEL_FILE).stat().st_size
+    result = validate(directory, tiny_checkpoint, providers=["cpu"], report_dir=tmp_path / "r")
+    (run,) = result.decode
+    assert result.precision == "int8" and run.tolerance_used is None
+    assert result.passed == (run.top1_agreement >= 0.9) and 0.0 < run.top1_agreement <= 1.0
+    assert len(run.generated) == run.new_bytes and "step top-1 agreement" in result.summary
