@@ -23,9 +23,9 @@ from lora_export.cases import parity_cases
 from lora_export.checkpoint import read_checkpoint, save_checkpoint
 from lora_export.edge import convert_fp16
 from lora_export.export import ExportResult
-from lora_export.metrics import TOLERANCES, ParityInputError, compare_logits, judge
+from lora_export.metrics import TOLERANCES, Metrics, ParityInputError, Tolerance, compare_logits, judge
 from lora_export.model import LoRATransformerLM, ModelConfig
-from lora_export.providers import ProviderUnavailableError, open_session
+from lora_export.providers import ProviderUnavailableError, normalize_providers, open_session
 from lora_export.report import SCHEMA_PATH
 from lora_export.validate import FP16_CPU_REASON, GENERATE_BYTES, ParityResult, validate
 
@@ -360,3 +360,39 @@ def test_generation_alone_decides_the_verdict(merged_copy: Path, tiny_checkpoint
     assert all(c.passed for c in result.comparisons)
     assert result.status == "failed" and any(f.startswith("greedy generation differs") for f in result.failures)
     assert result.generations[0].first_mismatch == GENERATE_BYTES - 1
+
+
+# --------------------------------------------------------------------------- mutants the mutation run left alive
+
+
+def _metrics_for(diff: float, loss_ref: float | None = None, loss_onnx: float | None = None,
+                 tolerance: Tolerance | None = None) -> Metrics:
+    """Metrics of a reference of zeros against an output off by ``diff`` at one logit (exact in binary)."""
+    ref = np.zeros((1, 2, 256), np.float32)
+    got = ref.copy()
+    got[0, 1, 3] = diff
+    ones = np.ones((1, 2), np.int64)
+    metrics, _ = compare_logits(got, ref, ones, ones, tolerance or Tolerance(2.0**-10, 0.0, 0.0, None))
+    metrics.loss_ref, metrics.loss_onnx = loss_ref, loss_onnx
+    return metrics
+
+
+def test_an_error_exactly_at_the_tolerance_passes_and_just_above_fails() -> None:
+    """|a - b| <= atol + rtol |b| is numpy's allclose: equality passes (2^-10 is exact in float32 and float64)."""
+    tolerance = Tolerance(2.0**-10, 0.0, 0.0, None)
+    assert _metrics_for(2.0**-10).tolerance_used == 1.0 and judge(_metrics_for(2.0**-10), tolerance) == []
+    assert judge(_metrics_for(2.0**-10 + 2.0**-20), tolerance)
+
+
+def test_eval_loss_delta_is_judged_up_to_its_limit() -> None:
+    tolerance = Tolerance(None, None, 0.0, 0.25)
+    assert judge(_metrics_for(0.0, 2.0, 2.25, tolerance), tolerance) == []  # exactly the limit passes
+    (failure,) = judge(_metrics_for(0.0, 2.0, 2.5, tolerance), tolerance)
+    assert failure == "eval loss delta 0.5 > 0.25 nats/byte"
+    assert judge(_metrics_for(0.0, None, None, tolerance), tolerance) == []  # N = 1: no loss to judge
+
+
+def test_providers_by_full_name_and_the_error_lists_the_choices() -> None:
+    assert normalize_providers(["CUDAExecutionProvider", "cpuexecutionprovider"]) == ["cpu", "cuda"]
+    with pytest.raises(ParityInputError, match="unknown provider 'tpu': choose from cpu, cuda$"):
+        normalize_providers(["tpu"])
