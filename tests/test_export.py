@@ -234,3 +234,16 @@ def test_partial_and_mixed_rank_adapters_check_run_and_validate(adapter_export, 
     result = validate(adapter_export.model_path, tiny_checkpoint, adapter_path=path, providers=["cpu"],
                       report_dir=tmp_path / "r", latency_runs=1)
     assert result.passed, result.summary
+
+
+def test_check_adapter_names_nan_and_inf_tensors(adapter_export):
+    """Values are held against the model too, before any run: a NaN or Inf tensor is an error naming it."""
+    model = onnx.load(adapter_export.model_path)
+    tensors, _ = read_adapter(adapter_export.adapter_path)
+    tensors["blocks.0.ff.fc1.lora_B"] = tensors["blocks.0.ff.fc1.lora_B"].copy()
+    tensors["blocks.0.ff.fc1.lora_B"][0, 1] = np.nan
+    tensors["token_emb.lora_A"] = tensors["token_emb.lora_A"].copy()
+    tensors["token_emb.lora_A"][3, 0] = np.inf
+    errors, _ = check_adapter(model, tensors)
+    assert sorted(e for e in errors if "NaN or Inf" in e) == [
+        "blocks.0.ff.fc1.lora_B: holds NaN or Inf", "token_emb.lora_A: holds NaN or Inf"]
