@@ -27,7 +27,7 @@ from .files import staged_outputs
 from .metrics import ERROR_HISTOGRAM_EDGES
 
 if TYPE_CHECKING:
-    from .validate import ParityResult
+    from .results import ParityResult
 
 SCHEMA_VERSION = 1
 SCHEMA_PATH = Path(__file__).with_name("parity_schema.json")

@@ -18,7 +18,8 @@ from lora_export.cases import Case
 from lora_export.metrics import ERROR_HISTOGRAM_EDGES, TOLERANCES, Metrics, judge
 from lora_export.providers import ProviderStatus
 from lora_export.report import SCHEMA_PATH, render_markdown, report_json, write_reports
-from lora_export.validate import Comparison, Generation, Latency, ParityResult, pass_rule
+from lora_export.results import Comparison, Generation, Latency, ParityResult
+from lora_export.validate import pass_rule
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -36,7 +36,8 @@ from lora_export.metrics import (
 from lora_export.model import LoRATransformerLM, ModelConfig
 from lora_export.providers import ProviderUnavailableError, normalize_providers, open_session
 from lora_export.report import SCHEMA_PATH
-from lora_export.validate import FP16_CPU_REASON, GENERATE_BYTES, ParityResult, validate
+from lora_export.results import ParityResult
+from lora_export.validate import FP16_CPU_REASON, GENERATE_BYTES, validate
 
 CONFIG = ModelConfig(dim=32, depth=1, heads=2, dim_head=16, n_local_attn_heads=1, local_attn_window_size=8,
                      max_seq_len=32, r=4)
