@@ -27,6 +27,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import torch
 from tqdm import tqdm
@@ -196,6 +197,18 @@ def _with_reports(result: ParityResult, report_dir: Path) -> ParityResult:
     return result
 
 
+def _model_and_checkpoint(model_path: Path, checkpoint_path: Path) -> tuple[onnx.ModelProto, dict, dict, list[str]]:
+    """(graph, checkpoint dict, lora_export metadata, notes) of a model that comes from the checkpoint; raises
+    ParityInputError (one line) for unreadable files or a model the checkpoint did not produce."""
+    try:
+        proto = load_onnx(model_path)
+        payload = read_checkpoint(checkpoint_path)
+    except (ExportError, CheckpointError) as err:
+        raise ParityInputError(str(err)) from None
+    metadata = read_metadata(proto)
+    return proto, payload, metadata, check_model_matches(proto, metadata, payload, model_path, checkpoint_path)
+
+
 def default_report_dir(model_path: Path) -> Path:
     """``<model stem>_parity/`` beside the model."""
     return model_path.with_name(f"{model_path.stem}_parity")
@@ -241,13 +254,7 @@ def validate(
         return validate_decoder(model_path, checkpoint_path, adapter_path=adapter_path, providers=providers,
                                 explicit_providers=explicit_providers, atol=atol, rtol=rtol, report_dir=report_dir,
                                 seed=seed)
-    try:
-        proto = load_onnx(model_path)
-        payload = read_checkpoint(checkpoint_path)
-    except (ExportError, CheckpointError) as err:
-        raise ParityInputError(str(err)) from None
-    metadata = read_metadata(proto)
-    notes = check_model_matches(proto, metadata, payload, model_path, checkpoint_path)
+    proto, payload, metadata, notes = _model_and_checkpoint(model_path, checkpoint_path)
     form = metadata["form"]
     precision = metadata.get("precision", "fp32")
     tolerance = resolve_tolerance(precision, atol, rtol)
@@ -381,15 +388,9 @@ def validate_decoder(
     (``lora_export.decode_parity``) on each provider; in the adapter form base, the directory's trained adapter,
     ``adapter_path`` and base again on one loaded model. Reports as validate()."""
     model_path = model_dir / MODEL_FILE
-    try:
-        proto = load_onnx(model_path)
-        payload = read_checkpoint(checkpoint_path)
-    except (ExportError, CheckpointError) as err:
-        raise ParityInputError(str(err)) from None
-    metadata = read_metadata(proto)
+    proto, payload, metadata, notes = _model_and_checkpoint(model_path, checkpoint_path)
     if metadata.get("graph") != "decoder":
         raise ParityInputError(f"{model_dir}: not a lora-export genai decoder directory")
-    notes = check_model_matches(proto, metadata, payload, model_path, checkpoint_path)
     form = metadata["form"]
     precision = metadata.get("precision", "fp32")
     tolerance = resolve_tolerance(precision, atol, rtol)
