@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,9 @@ import torch
 from conftest import TINY_CONFIG, same_base_other_rank
 
 from lora_export.adapters import (
+    AdapterError,
     activate_adapters,
+    adapter_record_path,
     adapter_tensors,
     attach_adapter,
     check_adapter,
@@ -247,3 +250,16 @@ def test_check_adapter_names_nan_and_inf_tensors(adapter_export):
     errors, _ = check_adapter(model, tensors)
     assert sorted(e for e in errors if "NaN or Inf" in e) == [
         "blocks.0.ff.fc1.lora_B: holds NaN or Inf", "token_emb.lora_A: holds NaN or Inf"]
+
+
+def test_adapter_whose_tensor_changed_but_not_its_record_is_refused(adapter_export, tmp_path):
+    """A finite, same-shape change to one tensor is caught by the integrity record written with the original."""
+    tensors, version = read_adapter(adapter_export.adapter_path)
+    name = sorted(tensors)[0]
+    tensors[name] = tensors[name] + 1.0
+    write_adapter(tmp_path / "changed.onnx_adapter", tensors, version)
+    (tmp_path / "a.onnx_adapter").write_bytes((tmp_path / "changed.onnx_adapter").read_bytes())
+    original_record = adapter_record_path(adapter_export.adapter_path)
+    adapter_record_path(tmp_path / "a.onnx_adapter").write_bytes(original_record.read_bytes())
+    with pytest.raises(AdapterError, match=re.escape(f"tensor {name} does not match its recorded sha256")):
+        read_adapter(tmp_path / "a.onnx_adapter")

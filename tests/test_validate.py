@@ -419,3 +419,4 @@ def test_providers_by_full_name_and_the_error_lists_the_choices() -> None:
 def test_a_tolerance_override_replaces_only_what_is_given(atol, rtol, expected) -> None:
     tolerance = resolve_tolerance("fp32", atol, rtol)
     assert (tolerance.atol, tolerance.rtol) == expected and tolerance.top1_min == TOLERANCES["fp32"].top1_min
+    assert resolve_tolerance("int8", None, None) == TOLERANCES["int8"]  # int8 keeps its elementwise check off
