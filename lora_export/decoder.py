@@ -231,8 +231,8 @@ def export_decoder(checkpoint_path: str | os.PathLike, output_dir: str | os.Path
         raise ExportError(f"{output_dir}: exists and is not an empty directory")
     if not output_dir.parent.is_dir():
         raise ExportError(f"{output_dir.parent}: output directory does not exist")
-    try:
-        check_outputs([output_dir], [checkpoint_path])
+    try:  # an existing (empty) directory: its files to be; a new one: the directory path itself
+        check_outputs(decoder_outputs(output_dir, merge) if output_dir.is_dir() else [output_dir], [checkpoint_path])
     except OutputError as err:
         raise ExportError(str(err)) from None
     say("loading checkpoint")

@@ -208,3 +208,9 @@ def test_int8_decoder_generates_with_top1_reported(tiny_checkpoint, genai_merged
     assert result.precision == "int8" and run.tolerance_used is None
     assert result.passed == (run.top1_agreement >= 0.9) and 0.0 < run.top1_agreement <= 1.0
     assert len(run.generated) == run.new_bytes and "step top-1 agreement" in result.summary
+
+
+def test_genai_export_into_an_existing_empty_directory(tiny_checkpoint, tmp_path):
+    (tmp_path / "out").mkdir()
+    export_decoder(tiny_checkpoint, tmp_path / "out")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["genai_config.json", MODEL_FILE]
