@@ -285,16 +285,20 @@ def export_command(checkpoint: Path, merge: bool, adapters_as_inputs: bool, outp
     if merge and adapters_as_inputs:
         raise click.UsageError("--merge and --adapters-as-inputs exclude each other: choose one form")
     if genai:
-        given = {"--fp16": fp16, "--ort-format": ort_format, "--adapter-output": adapter_output}
+        given = {"--ort-format": ort_format, "--adapter-output": adapter_output}
         unsupported = [flag for flag, value in given.items() if value]
         if unsupported:
             raise click.UsageError(f"--genai does not take {', '.join(unsupported)} yet")
-        directory = output if output is not None else checkpoint.with_name(f"{checkpoint.stem}_genai")
+        if fp16 and quantize:
+            raise click.UsageError("--genai writes one decoder: choose --fp16 or --quantize, not both")
+        precision = "fp16" if fp16 else quantize or "fp32"
+        suffix = "" if precision == "fp32" else f"_{precision}"
+        directory = output if output is not None else checkpoint.with_name(f"{checkpoint.stem}_genai{suffix}")
         if not no_validate:
             resolve_tolerance("fp32", atol, rtol)
             normalize_providers(providers.split(",") if providers else None)
             check_output_dir(report or default_report_dir(directory), REPORT_FILES.values(), [checkpoint])
-        export_decoder(checkpoint, directory, merge=not adapters_as_inputs, quantize=quantize, opset=opset,
+        export_decoder(checkpoint, directory, merge=not adapters_as_inputs, precision=precision, opset=opset,
                        progress=progress_printer(quiet))
         click.echo(f"genai model: {directory}/ (run it: lora-export generate {directory} --prompt TEXT)")
         if not no_validate:

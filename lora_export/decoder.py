@@ -32,7 +32,7 @@ from . import __version__
 from .adapters import adapter_tensors, model_version_from_fingerprint, write_adapter
 from .attention import masked_softmax
 from .checkpoint import base_fingerprint, build_model, first_line, read_checkpoint
-from .edge import EdgeExportError, quantize_model_int8
+from .edge import EdgeExportError, convert_model_fp16, quantize_model_int8
 from .export import (
     DEFAULT_OPSET,
     ExportError,
@@ -56,6 +56,7 @@ ADAPTER_FILE = "model.onnx_adapter"
 #: The byte genai is told is end-of-sequence (it needs one in the vocabulary): NUL, never in text. Generation
 #: does not stop on it unless asked to (``min_length = max_length``).
 EOS_BYTE = 0
+DECODER_PRECISIONS = ("fp32", "int8", "fp16")
 
 
 @dataclass(frozen=True)
@@ -215,18 +216,22 @@ def decoder_outputs(output_dir: Path, merge: bool) -> list[Path]:
 
 
 def export_decoder(checkpoint_path: str | os.PathLike, output_dir: str | os.PathLike, *, merge: bool = True,
-                   quantize: str | None = None, opset: int = DEFAULT_OPSET,
+                   precision: str = "fp32", opset: int = DEFAULT_OPSET,
                    progress: Callable[[str], None] | None = None) -> Path:
     """Write an onnxruntime-genai model directory for a checkpoint: model.onnx (KV-cache decoder, merged or with
-    the adapters as inputs; ``quantize="int8"``: ONNX Runtime dynamic int8 of its constant weights, LoRA inputs
-    left float), genai_config.json, and in the adapter form the trained model.onnx_adapter.
+    the adapters as inputs), genai_config.json, and in the adapter form the trained model.onnx_adapter.
+
+    ``precision``: ``fp32``; ``int8``, ONNX Runtime dynamic int8 of the constant weights; ``fp16``, float16 weights,
+    compute and cache (past/present), float32 logits. LoRA inputs and the adapter file stay float32 in every
+    precision, so one ``.onnx_adapter`` serves them all.
 
     The directory must be new or empty; its files land together or not at all. Raises ExportError (one line).
     """
     say = progress or (lambda _message: None)
     checkpoint_path, output_dir = Path(checkpoint_path), Path(output_dir)
-    if quantize not in (None, "int8"):
-        raise ExportError(f"quantize {quantize!r} is not supported for the decoder: int8 or none")
+    if precision not in DECODER_PRECISIONS:
+        raise ExportError(f"precision {precision!r} is not supported for the decoder: "
+                          f"{', '.join(DECODER_PRECISIONS)}")
     if output_dir.exists() and (not output_dir.is_dir() or any(output_dir.iterdir())):
         raise ExportError(f"{output_dir}: exists and is not an empty directory")
     if not output_dir.parent.is_dir():
@@ -255,20 +260,25 @@ def export_decoder(checkpoint_path: str | os.PathLike, output_dir: str | os.Path
     strip_debug_info(proto)
     if form == "adapters":
         add_rank0_defaults(proto)
-    if quantize == "int8":
-        say("quantizing to int8 (onnxruntime.quantization)")
-        try:
-            proto = quantize_model_int8(proto, str(output_dir / MODEL_FILE))
-        except EdgeExportError as err:
-            raise ExportError(str(err)) from None
     slots = cache_slots(model.config)
+    try:
+        if precision == "int8":
+            say("quantizing to int8 (onnxruntime.quantization)")
+            proto = quantize_model_int8(proto, str(output_dir / MODEL_FILE))
+        elif precision == "fp16":
+            say("converting to fp16 (onnxruntime.transformers.float16), cache in fp16")
+            input_names, output_names = graph_names(slots)
+            cache = [name for name in input_names + output_names if name.startswith(("past_", "present."))]
+            proto = convert_model_fp16(proto, str(output_dir / MODEL_FILE), float16_io=cache)
+    except EdgeExportError as err:
+        raise ExportError(str(err)) from None
     set_metadata(proto, {
         "version": __version__, "form": form, "graph": "decoder", "opset": str(opset),
         "checkpoint_sha256": file_sha256(checkpoint_path), "base_sha256": fingerprint,
         "model_config": json.dumps(payload["config"], sort_keys=True),
         "lora_config": json.dumps({"merged": merge, "lora_layers": layer_names}, sort_keys=True),
         "cache_slots": json.dumps([slot.__dict__ for slot in slots]), "cache_slack": str(CACHE_SLACK),
-        "precision": quantize or "fp32",
+        "precision": precision,
     })
     config_text = json.dumps(genai_config(model.config, slots), indent=2) + "\n"
     say(f"writing {output_dir}/")

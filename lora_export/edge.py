@@ -238,33 +238,46 @@ def quantize_model_int8(source: onnx.ModelProto, name: str, *, per_channel: bool
 def convert_fp16(model_path: str | os.PathLike, output_path: str | os.PathLike | None = None) -> Path:
     """Write a float16 build of an fp32 export for the CUDA provider; returns its path.
 
-    ``onnxruntime.transformers.float16.convert_float_to_float16(keep_io_types=True)``: float initializers and
-    compute in float16, Cast nodes at the float32 graph inputs (the LoRA inputs) and the logits output. The
-    converter appends those Casts at the end of the node list, so the graph is topologically sorted again
-    (``OnnxModel.topological_sort``). A rank-0 default is read only by its input's Cast and stays float32.
-    Default output: ``<stem>.fp16.onnx`` beside the model. Raises EdgeExportError.
+    Float initializers and compute in float16, float32 at every graph input and output (see
+    ``convert_model_fp16``). Default output: ``<stem>.fp16.onnx`` beside the model. Raises EdgeExportError.
+    """
+    model_path = Path(model_path)
+    output = _output_path(model_path, output_path, "fp16")
+    source = _read_fp32_source(model_path)
+    return _save(convert_model_fp16(source, str(model_path)), source, output, "fp16")
+
+
+def convert_model_fp16(source: onnx.ModelProto, name: str, float16_io: Sequence[str] = ()) -> onnx.ModelProto:
+    """The float16 build of an fp32 graph in memory (``name`` names it in errors), checked.
+
+    ``onnxruntime.transformers.float16.convert_float_to_float16``: float initializers and compute in float16;
+    every float graph input and output stays float32 behind a Cast, except those named in ``float16_io``, which
+    become float16 (a decoder's cache: half the memory). The converter appends its Casts at the end of the node
+    list, so the graph is topologically sorted again (``OnnxModel.topological_sort``). A rank-0 default is read only
+    by its input's Cast and stays float32, so LoRA inputs and ``.onnx_adapter`` files stay float32.
     """
     from onnxruntime.transformers.float16 import convert_float_to_float16
     from onnxruntime.transformers.onnx_model import OnnxModel
 
-    model_path = Path(model_path)
-    output = _output_path(model_path, output_path, "fp16")
-    source = _read_fp32_source(model_path)
+    kept = [value.name for value in (*source.graph.input, *source.graph.output) if value.name not in float16_io]
     try:
         with _quiet_onnxruntime():
             converted = onnx.ModelProto()
             converted.CopyFrom(source)
-            converted = convert_float_to_float16(converted, keep_io_types=True)
+            converted = convert_float_to_float16(converted, keep_io_types=kept)
             OnnxModel(converted).topological_sort()
     except Exception as err:  # the converter raises many exception types
-        raise EdgeExportError(f"{model_path}: float16 conversion failed: {first_line(err)}") from None
-    boundary = [(value.name, value.type.tensor_type.elem_type) for value in (*source.graph.input,
-                                                                             *source.graph.output)]
-    if [(value.name, value.type.tensor_type.elem_type)
-            for value in (*converted.graph.input, *converted.graph.output)] != boundary:
-        raise EdgeExportError(f"{model_path}: float16 conversion changed the graph inputs or outputs")
+        raise EdgeExportError(f"{name}: float16 conversion failed: {first_line(err)}") from None
+
+    def boundary(model: onnx.ModelProto) -> list[tuple[str, int]]:
+        return [(value.name, value.type.tensor_type.elem_type) for value in (*model.graph.input, *model.graph.output)]
+
+    expected = [(value_name, onnx.TensorProto.FLOAT16 if value_name in float16_io else elem_type)
+                for value_name, elem_type in boundary(source)]
+    if boundary(converted) != expected:
+        raise EdgeExportError(f"{name}: float16 conversion changed the graph inputs or outputs")
     _check_lora_inputs(source, converted, "float16 conversion")
-    return _save(converted, source, output, "fp16")
+    return converted
 
 
 # --------------------------------------------------------------------------- ORT format

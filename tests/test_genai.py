@@ -183,6 +183,8 @@ def test_validate_decoder_directories_pass(genai_merged, genai_adapters, tiny_ch
     document = json.loads((tmp_path / "a" / "parity.json").read_text())
     jsonschema.validate(document, json.loads(SCHEMA_PATH.read_text()))
     assert "## Decode (onnxruntime-genai)" in (tmp_path / "a" / "parity.md").read_text()
+    page = (tmp_path / "a" / "parity.html").read_text()
+    assert "Decode latency per byte against position" in page and "Error histogram" not in page
 
 
 @pytest.mark.parametrize(("shift", "failure"), [(5e-3, "step logits"), (100.0, "greedy bytes differ")])
@@ -201,7 +203,7 @@ def test_validate_decoder_catches_a_changed_graph(genai_merged, tiny_checkpoint,
 
 
 def test_int8_decoder_generates_with_top1_reported(tiny_checkpoint, genai_merged, tmp_path):
-    directory = export_decoder(tiny_checkpoint, tmp_path / "int8", quantize="int8")
+    directory = export_decoder(tiny_checkpoint, tmp_path / "int8", precision="int8")
     assert (directory / MODEL_FILE).stat().st_size < (genai_merged / MODEL_FILE).stat().st_size
     result = validate(directory, tiny_checkpoint, providers=["cpu"], report_dir=tmp_path / "r")
     (run,) = result.decode
@@ -214,3 +216,46 @@ def test_genai_export_into_an_existing_empty_directory(tiny_checkpoint, tmp_path
     (tmp_path / "out").mkdir()
     export_decoder(tiny_checkpoint, tmp_path / "out")
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["genai_config.json", MODEL_FILE]
+
+
+def test_fp16_decoder_keeps_its_cache_in_fp16_and_hot_swaps_float32_adapters(tiny_checkpoint, genai_adapters,
+                                                                               tmp_path):
+    """--fp16: float16 weights and cache, float32 logits and LoRA inputs; the fp32 export's adapter file runs on it,
+    and decode parity holds within the fp16 tolerance through genai on CPU (ORT casts where it lacks fp16 kernels)."""
+    directory = export_decoder(tiny_checkpoint, tmp_path / "fp16", merge=False, precision="fp16")
+    proto = onnx.load(directory / MODEL_FILE)
+    types = {value.name: value.type.tensor_type.elem_type for value in (*proto.graph.input, *proto.graph.output)}
+    cache = [name for name in types if name.startswith(("past_key_values.", "present."))]
+    assert cache and all(types[name] == onnx.TensorProto.FLOAT16 for name in cache)
+    assert types["logits"] == onnx.TensorProto.FLOAT
+    assert all(types[name] == onnx.TensorProto.FLOAT for name in types if ".lora_" in name)
+    weights = [init for init in proto.graph.initializer if init.name not in types and np.prod(init.dims) > 1]
+    assert weights and all(init.data_type == onnx.TensorProto.FLOAT16 for init in weights)
+
+    model = og.Model(str(directory))
+    adapters = og.Adapters(model)
+    adapters.load(str(genai_adapters / ADAPTER_FILE), "fp32-export")  # the fp32 export's file, as is
+    trained = genai_greedy(model, adapters, "fp32-export")
+    assert len(trained) == NEW and trained != genai_greedy(model)
+
+    result = validate(directory, tiny_checkpoint, providers=["cpu"], report_dir=tmp_path / "r")
+    assert result.passed and result.precision == "fp16", result.summary
+    assert all(run.tolerance_used is not None and 0 < run.tolerance_used <= 1 for run in result.decode)
+    assert [run.variant for run in result.decode] == ["base", "adapter trained", "base"]
+
+
+def test_fp16_decoder_fails_parity_when_a_weight_is_off_by_more_than_fp16_rounding(tiny_checkpoint, tmp_path):
+    directory = export_decoder(tiny_checkpoint, tmp_path / "fp16", precision="fp16")
+    proto = onnx.load(directory / MODEL_FILE)
+    bias = next(init for init in proto.graph.initializer if init.name.endswith("lm_head.bias"))
+    values = onnx.numpy_helper.to_array(bias).copy()
+    values[ord("~")] += np.float16(0.5)  # 25x the fp16 atol
+    bias.CopyFrom(onnx.numpy_helper.from_array(values, bias.name))
+    onnx.save(proto, directory / MODEL_FILE)
+    result = validate(directory, tiny_checkpoint, providers=["cpu"], report_dir=tmp_path / "r")
+    assert result.status == "failed" and any("the tolerance" in failure for failure in result.failures)
+
+
+def test_genai_cli_refuses_fp16_with_int8(tiny_checkpoint, tmp_path):
+    code, _, err = invoke(tiny_checkpoint, "--genai", "--fp16", "--quantize", "int8", "-o", tmp_path / "d")
+    assert code == 2 and "choose --fp16 or --quantize" in err and not (tmp_path / "d").exists()

@@ -29,12 +29,12 @@ PRETRAIN = [
     "pretrain", "-o", BASE,
     "--dim", "128", "--depth", "4", "--heads", "4", "--dim-head", "32", "--local-heads", "2", "--window", "64",
     "--global-attn", "softmax", "--max-seq-len", "256", "--dropout", "0",
-    "--steps", "250", "--batch-size", "16", "--lr", "2e-3", "--eval-every", "50", "--seed", "0",
+    "--steps", "2500", "--batch-size", "16", "--lr", "3e-3", "--eval-every", "250", "--seed", "0",
 ]
 ADAPT = [
     "adapt", BASE, "-o", DEMO,
     "--r", "8", "--alpha", "16", "--targets", "q,k,v,o,ff",
-    "--steps", "100", "--batch-size", "16", "--lr", "4e-3", "--eval-every", "25", "--seed", "0",
+    "--steps", "400", "--batch-size", "16", "--lr", "3e-3", "--eval-every", "100", "--seed", "0",
 ]
 
 
