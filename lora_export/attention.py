@@ -22,7 +22,8 @@ linear global heads their running sums.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -102,6 +103,38 @@ def causal_visibility(n: int, blindspot_size: int | None, device: torch.device, 
     return key[None, :] <= query[:, None]
 
 
+_fused = True
+
+
+@contextlib.contextmanager
+def decomposed_attention() -> Iterator[None]:
+    """Within the block, ``fused_attention`` computes the explicit masked softmax instead of PyTorch's fused kernel.
+
+    For ONNX exports below opset 23: the exporter's own decomposition of a masked ``scaled_dot_product_attention``
+    there does not match PyTorch (checked with torch 2.13), ours does.
+    """
+    global _fused
+    previous, _fused = _fused, False
+    try:
+        yield
+    finally:
+        _fused = previous
+
+
+def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor,
+                    dropout: nn.Dropout | None = None) -> torch.Tensor:
+    """Softmax attention through PyTorch's fused ``scaled_dot_product_attention``: q [B, H, N, d], k / v
+    [B, H, M, d], visible bool broadcastable to [B, H, N, M] -> [B, H, N, d]; a query that sees no key outputs 0.
+
+    The ONNX exporter writes it as one ``Attention`` node (opset 23), ONNX Runtime's fused kernel.
+    """
+    p = dropout.p if dropout is not None and dropout.training else 0.0
+    if not _fused:
+        probabilities = masked_softmax((q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5, visible)
+        return F.dropout(probabilities, p) @ v
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=visible, dropout_p=p)
+
+
 def global_softmax_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -112,11 +145,10 @@ def global_softmax_attention(
     dropout: nn.Module,
 ) -> torch.Tensor:
     """Full softmax attention. q, k, v: [B, H, N, d]; key_keep: [B, N] float. Returns [B, H, N, d]."""
-    scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5  # [B, H, N, N]
     visible = key_keep[:, None, None, :] > 0.5
     if causal:
         visible = visible & causal_visibility(q.shape[-2], blindspot_size, q.device)
-    return dropout(masked_softmax(scores, visible)) @ v
+    return fused_attention(q, k, v, visible, dropout)
 
 
 def global_linear_attention(
@@ -323,10 +355,9 @@ class LoRASelfAttention(nn.Module):
         cache.global_k = torch.cat([cache.global_k, k], dim=-2)
         cache.global_v = torch.cat([cache.global_v, v], dim=-2)
         cache.global_keep = torch.cat([cache.global_keep, key_keep], dim=-1)
-        scores = (q @ cache.global_k.transpose(-1, -2)) * q.shape[-1] ** -0.5  # [B, H, N, length + N]
         visible = (cache.global_keep[:, None, None, :] > 0.5) & causal_visibility(
-            q.shape[-2], self.blindspot_size, q.device, start=cache.length)
-        return self.attn_dropout(masked_softmax(scores, visible)) @ cache.global_v
+            q.shape[-2], self.blindspot_size, q.device, start=cache.length)  # [B, 1, N, length + N]
+        return fused_attention(q, cache.global_k, cache.global_v, visible, self.attn_dropout)
 
     def _global_linear_cached(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_keep: torch.Tensor,
                               cache: AttentionCache) -> torch.Tensor:

@@ -25,6 +25,7 @@ from .edge import (
     convert_ort_format,
     ort_format_outputs,
     precision_output_path,
+    quantize_int4,
     quantize_int8,
 )
 from .export import (
@@ -261,11 +262,12 @@ def export_cli() -> None:
 @click.option("--adapter-output", type=click.Path(path_type=Path), default=None,
               help="Adapter file to write [default: the output's name with .onnx_adapter].")
 @click.option("--opset", type=int, default=DEFAULT_OPSET, show_default=True, help="ONNX opset (18..23).")
-@click.option("--no-simplify", is_flag=True, help="Skip onnxsim.")
+@click.option("--no-simplify", is_flag=True, help="Skip onnxslim.")
 @click.option("--external-data-threshold", type=int, default=EXTERNAL_DATA_THRESHOLD, show_default=True,
               help="Above this many bytes the fp32 model's weights go to <output>.data.")
-@click.option("--quantize", type=click.Choice(["int8"]), default=None,
-              help="Also write <output>.int8.onnx: ONNX Runtime dynamic int8 quantization of the weight MatMuls.")
+@click.option("--quantize", type=click.Choice(["int8", "int4"]), multiple=True,
+              help="Also write <output>.int8.onnx (ONNX Runtime dynamic int8 of the weight MatMuls and embedding) "
+                   "and/or <output>.int4.onnx (block-wise weight-only int4 MatMulNBits, for the edge); repeatable.")
 @click.option("--fp16", is_flag=True, help="Also write <output>.fp16.onnx (fp16 weights and compute, fp32 I/O; GPU).")
 @click.option("--ort-format", is_flag=True,
               help="Also write .ort models and their required-operators config for reduced ORT builds.")
@@ -278,7 +280,7 @@ def export_cli() -> None:
 @exit_on_error
 def export_command(checkpoint: Path, merge: bool, adapters_as_inputs: bool, output: Path | None,
                    adapter_output: Path | None, opset: int, no_simplify: bool, external_data_threshold: int,
-                   quantize: str | None, fp16: bool, ort_format: bool, genai: bool, no_validate: bool,
+                   quantize: tuple[str, ...], fp16: bool, ort_format: bool, genai: bool, no_validate: bool,
                    providers: str | None, atol: float | None, rtol: float | None, report: Path | None,
                    quiet: bool) -> None:
     """Export CHECKPOINT (.pt) to ONNX, merged (default) or with the adapters as inputs, then validate it."""
@@ -289,9 +291,9 @@ def export_command(checkpoint: Path, merge: bool, adapters_as_inputs: bool, outp
         unsupported = [flag for flag, value in given.items() if value]
         if unsupported:
             raise click.UsageError(f"--genai does not take {', '.join(unsupported)} yet")
-        if fp16 and quantize:
-            raise click.UsageError("--genai writes one decoder: choose --fp16 or --quantize, not both")
-        precision = "fp16" if fp16 else quantize or "fp32"
+        if fp16 + len(set(quantize)) > 1:
+            raise click.UsageError("--genai writes one decoder: choose one of --fp16, --quantize int8, --quantize int4")
+        precision = "fp16" if fp16 else quantize[0] if quantize else "fp32"
         suffix = "" if precision == "fp32" else f"_{precision}"
         directory = output if output is not None else checkpoint.with_name(f"{checkpoint.stem}_genai{suffix}")
         if not no_validate:
@@ -312,8 +314,9 @@ def export_command(checkpoint: Path, merge: bool, adapters_as_inputs: bool, outp
             wanted = normalize_providers(providers.split(","))
             if fp16 and "cuda" not in wanted:
                 raise ValueError(f"--fp16 models run on CUDA, but --providers {providers} excludes it")
-    builds = [model_path] + [precision_output_path(model_path, name) for name, wanted_build
-                             in (("int8", quantize == "int8"), ("fp16", fp16)) if wanted_build]
+    wanted_builds = [name for name, wanted_build in (("int8", "int8" in quantize), ("int4", "int4" in quantize),
+                                                     ("fp16", fp16)) if wanted_build]
+    builds = [model_path] + [precision_output_path(model_path, name) for name in wanted_builds]
     files = model_files(model_path, adapter_path) + [f for build in builds[1:] for f in model_files(build)]
     if ort_format:
         files += [f for build in builds for f in ort_format_outputs(build)]
@@ -326,12 +329,13 @@ def export_command(checkpoint: Path, merge: bool, adapters_as_inputs: bool, outp
                          external_data_threshold=external_data_threshold, progress=say)
     click.echo(result.summary())
     models = {"fp32": result.model_path}
-    if quantize == "int8":
-        say("quantizing to int8 (onnxruntime.quantization)")
-        models["int8"] = quantize_int8(result.model_path)
-    if fp16:
-        say("converting to fp16")
-        models["fp16"] = convert_fp16(result.model_path)
+    builders = {"int8": ("quantizing to int8 (onnxruntime.quantization)", quantize_int8),
+                "int4": ("quantizing to int4 (onnxruntime MatMulNBits)", quantize_int4),
+                "fp16": ("converting to fp16", convert_fp16)}
+    for name in wanted_builds:
+        message, build = builders[name]
+        say(message)
+        models[name] = build(result.model_path)
     if ort_format:
         for path in list(models.values()):
             say(f"converting {path.name} to ORT format")

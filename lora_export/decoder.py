@@ -30,13 +30,14 @@ from torch import nn
 
 from . import __version__
 from .adapters import adapter_tensors, model_version_from_fingerprint, write_adapter
-from .attention import masked_softmax
+from .attention import fused_attention
 from .checkpoint import base_fingerprint, build_model, first_line, read_checkpoint
-from .edge import EdgeExportError, convert_model_fp16, quantize_model_int8
+from .edge import EdgeExportError, convert_model_fp16, quantize_model_int4, quantize_model_int8
 from .export import (
     DEFAULT_OPSET,
     ExportError,
     add_rank0_defaults,
+    attention_kernels,
     count_parameters_onnx,
     model_files,
     set_metadata,
@@ -56,7 +57,7 @@ ADAPTER_FILE = "model.onnx_adapter"
 #: The byte genai is told is end-of-sequence (it needs one in the vocabulary): NUL, never in text. Generation
 #: does not stop on it unless asked to (``min_length = max_length``).
 EOS_BYTE = 0
-DECODER_PRECISIONS = ("fp32", "int8", "fp16")
+DECODER_PRECISIONS = ("fp32", "int8", "int4", "fp16")
 
 
 @dataclass(frozen=True)
@@ -117,8 +118,7 @@ class DecoderWithPast(nn.Module):
                 positions[:, :, None], block, rounding_mode="floor")
         else:
             visible = distance >= 0
-        scores = (q @ keys.transpose(-1, -2)) * q.shape[-1] ** -0.5
-        out = masked_softmax(scores, visible[:, None]) @ values
+        out = fused_attention(q, keys, values, visible[:, None])
         if local:
             keys, values = keys[:, :, -self.keep_local:], values[:, :, -self.keep_local:]
         return out, keys, values
@@ -221,7 +221,8 @@ def export_decoder(checkpoint_path: str | os.PathLike, output_dir: str | os.Path
     """Write an onnxruntime-genai model directory for a checkpoint: model.onnx (KV-cache decoder, merged or with
     the adapters as inputs), genai_config.json, and in the adapter form the trained model.onnx_adapter.
 
-    ``precision``: ``fp32``; ``int8``, ONNX Runtime dynamic int8 of the constant weights; ``fp16``, float16 weights,
+    ``precision``: ``fp32``; ``int8``, ONNX Runtime dynamic int8 of the constant weights; ``int4``, block-wise
+    weight-only int4 (``MatMulNBits``) of the constant MatMul weights; ``fp16``, float16 weights,
     compute and cache (past/present), float32 logits. LoRA inputs and the adapter file stay float32 in every
     precision, so one ``.onnx_adapter`` serves them all.
 
@@ -265,6 +266,9 @@ def export_decoder(checkpoint_path: str | os.PathLike, output_dir: str | os.Path
         if precision == "int8":
             say("quantizing to int8 (onnxruntime.quantization)")
             proto = quantize_model_int8(proto, str(output_dir / MODEL_FILE))
+        elif precision == "int4":
+            say("quantizing to int4 (onnxruntime MatMulNBits)")
+            proto = quantize_model_int4(proto, str(output_dir / MODEL_FILE))
         elif precision == "fp16":
             say("converting to fp16 (onnxruntime.transformers.float16), cache in fp16")
             input_names, output_names = graph_names(slots)
@@ -274,6 +278,7 @@ def export_decoder(checkpoint_path: str | os.PathLike, output_dir: str | os.Path
         raise ExportError(str(err)) from None
     set_metadata(proto, {
         "version": __version__, "form": form, "graph": "decoder", "opset": str(opset),
+        "attention": attention_kernels(proto),
         "checkpoint_sha256": file_sha256(checkpoint_path), "base_sha256": fingerprint,
         "model_config": json.dumps(payload["config"], sort_keys=True),
         "lora_config": json.dumps({"merged": merge, "lora_layers": layer_names}, sort_keys=True),

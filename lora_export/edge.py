@@ -72,7 +72,11 @@ from .metrics import (
 )
 from .providers import open_session
 
-PRECISIONS = ("fp32", "fp16", "int8")
+PRECISIONS = ("fp32", "fp16", "int8", "int4")
+#: int4 blocks: 32 weights share a scale and a zero point (onnxruntime-genai's model builder's default block size).
+INT4_BLOCK_SIZE = 32
+#: MatMulNBits ``accuracy_level`` 4: activations quantized to int8 for the int4 x int8 CPU kernels.
+INT4_ACCURACY_LEVEL = 4
 #: Operators whose constant weights dynamic quantization turns into int8. ORT's dynamic (IntegerOps) mode has no
 #: Gemm; the exporter writes Linear as MatMul + Add, so there is none to quantize.
 QUANTIZED_OP_TYPES = ("MatMul", "Gather")
@@ -174,8 +178,9 @@ def _save(model: onnx.ModelProto, source: onnx.ModelProto, output: Path, precisi
 # --------------------------------------------------------------------------- int8
 
 
-def constant_weight_nodes(model: onnx.ModelProto) -> list[str]:
-    """Names of the float MatMul / Gather nodes whose weight (MatMul's B, Gather's table) is a constant initializer.
+def constant_weight_nodes(model: onnx.ModelProto, op_types: Sequence[str] = QUANTIZED_OP_TYPES) -> list[str]:
+    """Names of the float ``op_types`` nodes (MatMul, Gather) whose weight (MatMul's B, Gather's table) is a
+    constant initializer.
 
     An initializer that is also a graph input (a LoRA input with its rank-0 default) is not constant: it can be
     fed at run time, so the nodes that read it are not listed.
@@ -185,7 +190,7 @@ def constant_weight_nodes(model: onnx.ModelProto) -> list[str]:
                  if init.name not in inputs and init.data_type == onnx.TensorProto.FLOAT}
     weight_index = {"MatMul": 1, "Gather": 0}
     return [node.name for node in model.graph.node
-            if node.op_type in weight_index and node.input[weight_index[node.op_type]] in constants]
+            if node.op_type in op_types and node.input[weight_index[node.op_type]] in constants]
 
 
 def quantize_int8(model_path: str | os.PathLike, output_path: str | os.PathLike | None = None, *,
@@ -229,6 +234,57 @@ def quantize_model_int8(source: onnx.ModelProto, name: str, *, per_channel: bool
     if left:
         raise EdgeExportError(f"{name}: quantization left {len(left)} weight nodes in float: {left[:3]}")
     _check_lora_inputs(source, quantized, "int8 quantization")
+    return quantized
+
+
+# --------------------------------------------------------------------------- int4
+
+
+def quantize_int4(model_path: str | os.PathLike, output_path: str | os.PathLike | None = None) -> Path:
+    """Write an int4 build of an fp32 export for the edge; returns its path. See ``quantize_model_int4``.
+
+    Default output: ``<stem>.int4.onnx`` beside the model. Raises EdgeExportError.
+    """
+    model_path = Path(model_path)
+    output = _output_path(model_path, output_path, "int4")
+    source = _read_fp32_source(model_path)
+    return _save(quantize_model_int4(source, str(model_path)), source, output, "int4")
+
+
+def quantize_model_int4(source: onnx.ModelProto, name: str) -> onnx.ModelProto:
+    """The int4 build of an fp32 graph in memory (``name`` names it in errors), checked.
+
+    ONNX Runtime's ``MatMulNBitsQuantizer``: block-wise weight-only int4 (blocks of ``INT4_BLOCK_SIZE`` along the
+    input axis, asymmetric: a float scale and a 4-bit zero point per block) for every MatMul whose weight is a
+    constant initializer, as ``com.microsoft.MatMulNBits`` nodes with ``INT4_ACCURACY_LEVEL``. Embeddings stay
+    float. LoRA inputs and their rank-0 defaults are left float32 (they are not constant), so adapters still swap.
+    """
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    nodes = constant_weight_nodes(source, ("MatMul",))
+    # It quantizes every MatMul with an initializer B unless told not to, LoRA inputs' rank-0 defaults included
+    readers_of_inputs = [node.name for node in source.graph.node if node.op_type == "MatMul" and node.name not in nodes]
+    if not nodes:
+        raise EdgeExportError(f"{name}: no MatMul with a constant weight to quantize")
+    model = onnx.ModelProto()
+    model.CopyFrom(source)  # the quantizer edits the model it is given
+    logger = logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")
+    level = logger.level
+    logger.setLevel(logging.WARNING)  # it logs a line per node at INFO
+    try:
+        with _quiet_onnxruntime():
+            quantizer = MatMulNBitsQuantizer(model, block_size=INT4_BLOCK_SIZE, is_symmetric=False,
+                                             accuracy_level=INT4_ACCURACY_LEVEL, nodes_to_exclude=readers_of_inputs)
+            quantizer.process()
+            quantized = quantizer.model.model
+    except Exception as err:  # the quantizer raises many exception types
+        raise EdgeExportError(f"{name}: ONNX Runtime int4 quantization failed: {first_line(err)}") from None
+    finally:
+        logger.setLevel(level)
+    left = constant_weight_nodes(quantized, ("MatMul",))
+    if left:
+        raise EdgeExportError(f"{name}: int4 quantization left {len(left)} weight MatMuls in float: {left[:3]}")
+    _check_lora_inputs(source, quantized, "int4 quantization")
     return quantized
 
 

@@ -1,13 +1,18 @@
 """Export a lora-export checkpoint to ONNX, merged or with the LoRA adapters as graph inputs.
 
 Pipeline (both forms): load checkpoint -> build the export module -> torch.onnx.export (dynamo) with
-dynamic batch and sequence axes -> onnx.checker + shape inference -> onnxsim (kept only if it checks and
-gives the same outputs on ONNX Runtime) -> metadata_props -> atomic save (external data above a
-threshold) -> in the adapter form, the trained adapter as an ``.onnx_adapter`` file.
+dynamic batch and sequence axes -> onnx.checker + shape inference -> onnxslim (kept only if it shrinks
+the graph, keeps its interface, checks and gives the same outputs on ONNX Runtime) -> metadata_props ->
+atomic save (external data above a threshold) -> in the adapter form, the trained adapter as an ``.onnx_adapter`` file.
 
 Graph interface: ``input_ids`` int64 [batch, seq], ``attention_mask`` int64 [batch, seq] (1 = real
 token) -> ``logits`` float32 [batch, seq, 256]. The adapter form adds the LoRA inputs described in
 ``lora_export.adapters``.
+
+From opset 23 on (the default) the global softmax heads are one ONNX ``Attention`` node each, ONNX Runtime's
+fused kernel (``lora_export.attention.fused_attention``); the local heads stay blockwise (O(N * w)), linear global
+heads decomposed. Below opset 23 the exporter decomposes every head. ``lora_export.attention`` metadata records
+which.
 """
 
 from __future__ import annotations
@@ -42,12 +47,14 @@ from .adapters import (
     run_adapter,
     write_adapter,
 )
+from .attention import decomposed_attention
 from .checkpoint import base_fingerprint, build_model, first_line, read_checkpoint
 from .files import OutputError, StagedOutputs, check_outputs, file_sha256, staged_outputs
 from .layers import LoRALayer, lora_layers, merge_lora
 from .model import LoRATransformerLM, ModelConfig
 
-DEFAULT_OPSET = 18
+DEFAULT_OPSET = 23
+FUSED_ATTENTION_OPSET = 23  # the first with the standard Attention op
 EXTERNAL_DATA_THRESHOLD = 2 * 1024**3  # protobuf's hard limit for one file
 FORMS = ("merged", "adapters")
 INPUT_NAMES = ["input_ids", "attention_mask"]
@@ -138,8 +145,9 @@ def _torch_export(module: nn.Module, args: tuple, input_names: list[str], dynami
     torch_onnx_log = logging.getLogger("torch.onnx")
     level = torch_onnx_log.level
     torch_onnx_log.setLevel(logging.ERROR)
+    fused = contextlib.nullcontext() if opset >= FUSED_ATTENTION_OPSET else decomposed_attention()
     try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), fused:
             warnings.simplefilter("ignore")
             program = torch.onnx.export(
                 module, args, dynamo=True, input_names=input_names, output_names=output_names,
@@ -248,29 +256,49 @@ def run_ort(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> np.ndarray:
 
 
 def simplify(model: onnx.ModelProto, config: ModelConfig) -> tuple[onnx.ModelProto, bool, str]:
-    """onnxsim, kept only if the result passes the checker and matches the input model on ORT.
+    """onnxslim, kept only if it shrinks the graph, keeps its interface (inputs, outputs, the LoRA inputs' rank-0
+    defaults), passes the checker and matches the input model on ORT. onnxsim is not used: it grows our graphs.
 
     Returns (model to ship, simplified?, a note saying what happened).
     """
-    import onnxsim
+    import onnxslim
 
     try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            simplified, ok = onnxsim.simplify(model, check_n=0)
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            simplified = onnxslim.slim(model)
         onnx.checker.check_model(simplified, full_check=True)
-    except Exception as err:  # onnxsim raises many exception types
-        return model, False, f"onnxsim failed, kept the unsimplified model: {first_line(err)[:120]}"
-    if not ok:
-        return model, False, "onnxsim check failed, kept the unsimplified model"
+    except Exception as err:  # onnxslim raises many exception types
+        return model, False, f"onnxslim failed, kept the exporter's graph: {first_line(err)[:120]}"
     before, after = len(model.graph.node), len(simplified.graph.node)
-    if after > before:
-        return model, False, f"onnxsim grew the graph ({before} -> {after} nodes), kept the exporter's graph"
+    if after >= before:
+        return model, False, f"onnxslim did not shrink the graph ({before} -> {after} nodes), kept the exporter's"
+    if graph_interface(simplified) != graph_interface(model):
+        return model, False, "onnxslim changed the graph inputs, outputs or LoRA defaults, kept the exporter's graph"
     feeds = probe_feeds(model, config)
     expected, got = run_ort(model, feeds), run_ort(simplified, feeds)
     if not np.allclose(got, expected, atol=1e-5, rtol=1e-4):
         diff = float(np.abs(got - expected).max())
-        return model, False, f"onnxsim changed outputs (max abs {diff:.2e}), kept the unsimplified model"
-    return simplified, True, "simplified with onnxsim"
+        return model, False, f"onnxslim changed outputs (max abs {diff:.2e}), kept the exporter's graph"
+    return simplified, True, "simplified with onnxslim"
+
+
+def graph_interface(model: onnx.ModelProto) -> tuple[list[str], list[str], dict[str, list[int]]]:
+    """(input value infos, output value infos, {input with an initializer default: its dims}) of a graph."""
+    inputs = {value.name for value in model.graph.input}
+    defaults = {init.name: list(init.dims) for init in model.graph.initializer if init.name in inputs}
+    return ([str(value.type) + value.name for value in model.graph.input],
+            [str(value.type) + value.name for value in model.graph.output], defaults)
+
+
+def attention_kernels(model: onnx.ModelProto) -> str:
+    """How a graph computes attention, for its metadata: its fused ``Attention`` nodes, or 'decomposed'."""
+    fused = sum(node.op_type == "Attention" for node in model.graph.node)
+    return f"fused: {fused} Attention nodes (opset {opset_of(model)})" if fused else "decomposed"
+
+
+def opset_of(model: onnx.ModelProto) -> int:
+    """The default-domain opset a model imports."""
+    return next(entry.version for entry in model.opset_import if entry.domain in ("", "ai.onnx"))
 
 
 def strip_debug_info(model: onnx.ModelProto) -> None:
@@ -428,7 +456,7 @@ def export_onnx(
 
     simplified, note = False, "simplification skipped (--no-simplify)"
     if simplify_graph:
-        say("simplifying with onnxsim")
+        say("simplifying with onnxslim")
         proto, simplified, note = simplify(proto, model.config)
         stage_done("simplify")
 
@@ -439,6 +467,7 @@ def export_onnx(
         "version": __version__,
         "form": form,
         "opset": str(opset),
+        "attention": attention_kernels(proto),
         "checkpoint_sha256": file_sha256(checkpoint_path),
         "base_sha256": fingerprint,
         "model_config": json.dumps(payload["config"], sort_keys=True),

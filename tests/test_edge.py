@@ -26,6 +26,7 @@ from lora_export.edge import (
     convert_fp16,
     convert_ort_format,
     heldout_windows,
+    quantize_int4,
     quantize_int8,
 )
 from lora_export.export import ExportResult, export_adapter, read_metadata
@@ -112,6 +113,46 @@ def test_int8_base_keeps_float_adapters_that_swap_in_one_session(adapters_int8, 
         assert not judge(metrics, TOLERANCES["int8"]), (name, judge(metrics, TOLERANCES["int8"]))
         if adapter is not None:  # the adapter really ran: int8 output is near base + adapter, far from the base
             assert np.abs(got - expected).mean() < 0.2 * np.abs(got - base).mean()
+
+
+def test_int4_merged_is_judged_by_top1_and_loss_with_every_weight_matmul_in_4_bits(merged_copy, tiny_checkpoint,
+                                                                                   tmp_path):
+    """The tiny random model's logits are near-ties, so 16 levels per block flip some argmaxes: the verdict must
+    follow the int4 limits exactly, and the error stay far below the logits' own spread."""
+    int4_path = quantize_int4(merged_copy, tmp_path / "tiny.int4.onnx")
+    fp32, int4 = compare_precisions(tiny_checkpoint, {"fp32": merged_copy, "int4": int4_path}, **FAST)
+    limits = TOLERANCES["int4"]
+    assert int4["status"] == "ran" and 0.7 <= int4["top1_agreement"] < 1.0
+    assert int4["passed"] == (int4["top1_agreement"] >= limits.top1_min
+                              and int4["eval_loss"] - int4["eval_loss_ref"] <= limits.loss_delta_max), int4
+    feeds = prose_feeds(4, 32)
+    exact, approx = session(merged_copy).run(None, feeds)[0], session(int4_path).run(None, feeds)[0]
+    assert np.abs(approx - exact).mean() < 0.25 * exact.std()  # a broken scale or zero point: ~1x
+    model = onnx.load(int4_path)
+    assert read_metadata(model)["precision"] == "int4"
+    assert constant_weight_nodes(model, ("MatMul",)) == []
+    blocks = [node for node in model.graph.node if node.op_type == "MatMulNBits"]
+    assert blocks and all({a.name: a.i for a in node.attribute}["bits"] == 4 for node in blocks)
+    assert all({a.name: a.i for a in node.attribute}["block_size"] == 32 for node in blocks)
+
+
+def test_int4_base_keeps_float_adapters_that_swap(adapter_export, tiny_checkpoint, tmp_path):
+    int4_path = quantize_int4(adapter_export.model_path, tmp_path / "tiny.int4.onnx")
+    model = onnx.load(int4_path)
+    assert lora_input_specs(model) == lora_input_specs(onnx.load(adapter_export.model_path))
+    feeds = prose_feeds(4, 32)
+    reference = load_checkpoint(tiny_checkpoint)
+    trained = torch_logits(reference, feeds)
+    attach_adapter(reference, None)
+    base = torch_logits(reference, feeds)
+    sess = session(int4_path)
+    run_options, _adapters = activate_adapters(adapter_export.adapter_path)
+    got_base, got_trained = sess.run(None, feeds)[0], sess.run(None, feeds, run_options)[0]
+    for got, expected, other in ((got_base, base, trained), (got_trained, trained, base)):
+        metrics, _ = compare_logits(got, expected, feeds["input_ids"], feeds["attention_mask"], TOLERANCES["int4"])
+        assert metrics.top1_agreement >= 0.7
+        assert metrics.loss_onnx - metrics.loss_ref <= TOLERANCES["int4"].loss_delta_max
+        assert np.abs(got - expected).mean() < 0.5 * np.abs(got - other).mean()  # the right variant ran
 
 
 def test_ort_format_of_merged_model_matches_its_source(merged_copy):

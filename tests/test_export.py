@@ -75,8 +75,42 @@ def test_metadata(merged_export, adapter_export, tiny_checkpoint):
         meta = read_metadata(onnx.load(result.model_path))
         assert meta["form"] == form
         assert meta["checkpoint_sha256"] == file_sha256(tiny_checkpoint)
-        assert meta["opset"] == "18"
+        assert meta["opset"] == "23"
         assert '"r": 4' in meta["lora_config"]
+        # the blindspot global heads are one fused Attention node per block; the local heads stay blockwise
+        assert meta["attention"] == "fused: 1 Attention nodes (opset 23)"
+        assert result.simplify_note.startswith(("simplified with onnxslim", "onnxslim did not shrink"))
+
+
+def test_onnxslim_shrinks_a_two_block_graph_and_keeps_its_lora_inputs(tmp_path):
+    from conftest import make_lora_model
+
+    from lora_export.adapters import lora_input_specs
+
+    save_checkpoint(tmp_path / "two.pt", make_lora_model(depth=2, local_attn_window_size=64, max_seq_len=256))
+    plain = export_onnx(tmp_path / "two.pt", tmp_path / "plain.onnx", merge=False, simplify_graph=False,
+                        adapter_path=tmp_path / "plain.onnx_adapter")
+    result = export_onnx(tmp_path / "two.pt", tmp_path / "two.onnx", merge=False)
+    assert result.simplify_note == "simplified with onnxslim", result.simplify_note
+    assert result.nodes_final < result.nodes_exported == plain.nodes_final
+    assert lora_input_specs(onnx.load(result.model_path)) == lora_input_specs(onnx.load(plain.model_path))
+    verdict = validate(result.model_path, tmp_path / "two.pt", adapter_path=result.adapter_path, providers=["cpu"],
+                       report_dir=tmp_path / "report")
+    assert verdict.passed, verdict.summary
+
+
+def test_opset_below_23_decomposes_attention_and_still_matches_pytorch(tiny_checkpoint, tmp_path):
+    result = export_onnx(tiny_checkpoint, tmp_path / "m18.onnx", merge=True, opset=18)
+    proto = onnx.load(result.model_path)
+    assert read_metadata(proto)["attention"] == "decomposed"
+    assert not any(node.op_type == "Attention" for node in proto.graph.node)
+    model = load_checkpoint(tiny_checkpoint)
+    merge_lora(model)
+    inputs = feeds(3, 20, seed=7)
+    expected = model(torch.from_numpy(inputs["input_ids"]), torch.from_numpy(inputs["attention_mask"]).bool())
+    got = ort.InferenceSession(str(result.model_path), providers=["CPUExecutionProvider"]).run(None, inputs)[0]
+    real = inputs["attention_mask"].astype(bool)
+    np.testing.assert_allclose(got[real], expected.detach().numpy()[real], atol=1e-4, rtol=1e-3)
 
 
 @pytest.mark.parametrize("batch,n", SHAPES)

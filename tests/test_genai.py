@@ -258,4 +258,18 @@ def test_fp16_decoder_fails_parity_when_a_weight_is_off_by_more_than_fp16_roundi
 
 def test_genai_cli_refuses_fp16_with_int8(tiny_checkpoint, tmp_path):
     code, _, err = invoke(tiny_checkpoint, "--genai", "--fp16", "--quantize", "int8", "-o", tmp_path / "d")
-    assert code == 2 and "choose --fp16 or --quantize" in err and not (tmp_path / "d").exists()
+    assert code == 2 and "choose one of --fp16" in err and not (tmp_path / "d").exists()
+
+
+def test_int4_decoder_runs_in_genai_with_the_fp32_adapter(tiny_checkpoint, genai_adapters, tmp_path):
+    directory = export_decoder(tiny_checkpoint, tmp_path / "int4", merge=False, precision="int4")
+    proto = onnx.load(directory / MODEL_FILE)
+    assert any(node.op_type == "MatMulNBits" for node in proto.graph.node)
+    model = og.Model(str(directory))
+    adapters = og.Adapters(model)
+    adapters.load(str(genai_adapters / ADAPTER_FILE), "trained")
+    base, trained = genai_greedy(model), genai_greedy(model, adapters, "trained")
+    assert len(base) == len(trained) == NEW and base != trained
+    result = validate(directory, tiny_checkpoint, providers=["cpu"], report_dir=tmp_path / "r")
+    assert result.precision == "int4" and all(run.tolerance_used is None for run in result.decode)
+    assert result.passed == all(run.top1_agreement >= 0.9 for run in result.decode)
