@@ -67,7 +67,7 @@ from .metrics import (
     TOLERANCES,
     ParityInputError,
     compare_logits,
-    interleaved_percentiles_ms,
+    percentiles_ms,
     judge,
 )
 from .providers import open_session
@@ -418,7 +418,7 @@ def compare_precisions(
     The reference is the checkpoint in the models' form: merged LoRA, or for the adapters form the base, or base +
     the adapter of ``adapter_path`` (which is then active in every ONNX Runtime run). Quality is measured on
     ``windows`` held-out prose windows (the last 10% of pydoc_data.topics, as training splits it) of
-    N = min(256, max_seq_len) bytes; latency (warm-up, then p50 / p90 of ``runs``, the models taking turns) at
+    N = min(256, max_seq_len) bytes; latency (warm-up, then p50 / p90 of ``runs``, each model in its own block) at
     each (batch, seq) of ``shapes``, default [(1, N)], on random bytes. fp32 and int8 run on ONNX Runtime's CPU
     provider with its default threads, fp16 on CUDA only.
 
@@ -480,10 +480,9 @@ def compare_precisions(
                        passed=not failures, failures=failures)
             sessions[precision] = session
         rows[precision] = row
-    for inputs in latency_inputs:
-        steps = {precision: functools.partial(session.run, OUTPUT_NAMES, inputs, run_options)
-                 for precision, session in sessions.items()}
-        batch, seq = inputs["input_ids"].shape
-        for precision, (p50, p90) in interleaved_percentiles_ms(steps, warmup, runs).items():
+    for precision, session in sessions.items():  # each build in its own warmed block
+        for inputs in latency_inputs:
+            batch, seq = inputs["input_ids"].shape
+            p50, p90 = percentiles_ms(functools.partial(session.run, OUTPUT_NAMES, inputs, run_options), warmup, runs)
             rows[precision]["latency"].append({"batch": batch, "seq_len": seq, "p50_ms": p50, "p90_ms": p90})
     return list(rows.values())

@@ -176,27 +176,17 @@ def judge(metrics: Metrics, tolerance: Tolerance) -> list[str]:
     return failures
 
 
-def interleaved_percentiles_ms(steps: Mapping[str, Callable[[], object]], warmup: int, runs: int
-                               ) -> dict[str, tuple[float, float]]:
-    """{name: (p50, p90) in milliseconds} of ``runs`` timed calls of each step, after ``warmup`` untimed ones.
-
-    The steps take turns (one call of each per round), so load from other processes on a shared machine drifts
-    over all of them alike and their ratios stay fair.
-    """
-    for step in steps.values():
-        for _ in range(warmup):
-            step()
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(runs):
-        for name, step in steps.items():
-            start = time.perf_counter()
-            step()
-            times[name].append((time.perf_counter() - start) * 1e3)
-    return {name: (float(np.percentile(t, 50)), float(np.percentile(t, 90))) for name, t in times.items()}
-
-
 def percentiles_ms(step: Callable[[], object], warmup: int, runs: int) -> tuple[float, float]:
-    """(p50, p90) in milliseconds of ``runs`` timed calls after ``warmup`` untimed ones."""
-    return interleaved_percentiles_ms({"step": step}, warmup, runs)["step"]
+    """(p50, p90) in milliseconds of ``runs`` timed calls after ``warmup`` untimed ones.
 
-
+    Time each backend in its own block like this, never call by call in turns with another: ONNX Runtime's intra-op
+    threads spin for a while after a run, and two sessions taking turns slow each other (~1.5x measured).
+    """
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        step()
+        times.append((time.perf_counter() - start) * 1e3)
+    return float(np.percentile(times, 50)), float(np.percentile(times, 90))
