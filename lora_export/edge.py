@@ -67,8 +67,8 @@ from .metrics import (
     TOLERANCES,
     ParityInputError,
     compare_logits,
-    percentiles_ms,
     judge,
+    percentiles_ms,
 )
 from .providers import open_session
 

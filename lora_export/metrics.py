@@ -10,7 +10,7 @@ error, cosine similarity, NaN/Inf, the share of the tolerance used ``max |a - b|
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import numpy as np
