@@ -103,20 +103,23 @@ class AdaptersAsInputs(nn.Module):
     """A module over ``base`` whose LoRA layers take A_t / B_t from forward() arguments (graph inputs).
 
     forward(*inputs, A_0, B_0, A_1, B_1, ...): the first ``n_inputs`` arguments go to ``inner`` (``base`` itself
-    or a module built on it), the rest are the LoRA pairs of the layers in ``layer_names`` order.
+    or a module built on it), the rest are the LoRA pairs of the layers in ``layer_names`` order. ``fold``: the
+    linear layers merge A_t @ B_t into their weight at run time (see ``LoRALayer.use_external_lora``).
     """
 
-    def __init__(self, inner: nn.Module, base: LoRATransformerLM, layer_names: list[str], n_inputs: int) -> None:
+    def __init__(self, inner: nn.Module, base: LoRATransformerLM, layer_names: list[str], n_inputs: int,
+                 fold: bool = False) -> None:
         super().__init__()
         self.inner = inner
         self.n_inputs = n_inputs
+        self.fold = fold
         modules = dict(base.named_modules())
         self.layers: list[LoRALayer] = [modules[name] for name in layer_names]
 
     def forward(self, *args: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
         inputs, lora = args[: self.n_inputs], args[self.n_inputs:]
         for layer, lora_a_t, lora_b_t in zip(self.layers, lora[0::2], lora[1::2], strict=True):
-            layer.use_external_lora(lora_a_t, lora_b_t)
+            layer.use_external_lora(lora_a_t, lora_b_t, self.fold)
         try:
             return self.inner(*inputs)
         finally:
@@ -163,8 +166,9 @@ def trace_to_onnx(model: LoRATransformerLM, form: str, opset: int) -> tuple[onnx
     ids, mask = _example_inputs(model.config)
     batch = torch.export.Dim("batch", min=1, max=4096)
     seq = torch.export.Dim("seq", min=1, max=model.config.max_seq_len)
+    # a scoring pass runs many tokens through each weight: the LoRA inputs are folded into it at run time
     return trace_forms(model, form, opset, lambda base: base, (ids, mask), INPUT_NAMES,
-                       [{0: batch, 1: seq}, {0: batch, 1: seq}], OUTPUT_NAMES)
+                       [{0: batch, 1: seq}, {0: batch, 1: seq}], OUTPUT_NAMES, fold_lora=True)
 
 
 def _dynamic_shapes(module: nn.Module, shapes: list[dict]) -> tuple:
@@ -178,12 +182,13 @@ def _dynamic_shapes(module: nn.Module, shapes: list[dict]) -> tuple:
 
 def trace_forms(model: LoRATransformerLM, form: str, opset: int, build: Callable[[LoRATransformerLM], nn.Module],
                 args: tuple, input_names: list[str], shapes: list[dict], output_names: list[str],
-                ) -> tuple[onnx.ModelProto, list[str]]:
+                fold_lora: bool = False) -> tuple[onnx.ModelProto, list[str]]:
     """Export ``build(base)`` in ``form`` with the dynamo exporter; returns the proto and its LoRA layer names.
 
     merged: the LoRA folded into the base first. adapters: every LoRA layer's A_t / B_t become graph inputs after
     ``input_names`` (a rank of its own per layer). ``build`` turns the plain base model into the module to export
     (the model itself, or a decoder over it) whose forward takes ``args`` (dynamic shapes ``shapes``).
+    ``fold_lora``: the adapter form's linear layers merge their LoRA inputs into the weight at run time.
     """
     if form == "merged":
         merge_lora(model, safe_merge=True)
@@ -199,7 +204,7 @@ def trace_forms(model: LoRATransformerLM, form: str, opset: int, build: Callable
         lora_args += [torch.zeros(layer.in_features, example_rank), torch.zeros(example_rank, layer.out_features)]
         lora_names += [f"{name}.lora_A", f"{name}.lora_B"]
         lora_shapes += [{1: rank}, {0: rank}]
-    module = AdaptersAsInputs(build(base), base, names, len(args))
+    module = AdaptersAsInputs(build(base), base, names, len(args), fold_lora)
     proto = _torch_export(module, (*args, *lora_args), input_names + lora_names,
                           _dynamic_shapes(module, shapes + lora_shapes), opset, output_names)
     name_rank_axes(proto, names)

@@ -41,6 +41,7 @@ class LoRALayer:
         self.scaling = (lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r) if r > 0 else 0.0
         self.merged = False
         self.external_lora: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.fold_external_lora = False
 
     def delta_weight(self) -> torch.Tensor:
         """scaling * B @ A in the base weight's layout."""
@@ -71,15 +72,20 @@ class LoRALayer:
             weight.sub_(self.delta_weight().to(weight.dtype))
         self.merged = False
 
-    def use_external_lora(self, lora_a_t: torch.Tensor | None, lora_b_t: torch.Tensor | None) -> None:
+    def use_external_lora(self, lora_a_t: torch.Tensor | None, lora_b_t: torch.Tensor | None,
+                          fold: bool = False) -> None:
         """Take A_t [in, r] and pre-scaled B_t [r, out] from outside instead of lora_A / lora_B.
 
         Used by the exporter to make A and B graph inputs; ``None`` returns to the own parameters.
-        A merged layer refuses (ValueError): its W0 already holds its own update.
+        ``fold`` (linear layers): compute ``x @ (W0^T + A_t @ B_t)``, one product with the weight merged at run
+        time, instead of the branch ``x @ W0^T + (x @ A_t) @ B_t``. Folding costs a fixed in x r x out product,
+        the branch two thin products per token: fold where many tokens share a run (a scoring pass), not for a
+        decoding step of one token. A merged layer refuses (ValueError): its W0 already holds its own update.
         """
         if lora_a_t is not None and self.merged:
             raise ValueError("use_external_lora on a merged layer: unmerge() it first")
         self.external_lora = None if lora_a_t is None else (lora_a_t, lora_b_t)
+        self.fold_external_lora = fold
 
     def layer_name(self) -> str:
         """A short name for error messages (the module path is only known to the model)."""
@@ -122,6 +128,9 @@ class LoRALinear(nn.Linear, LoRALayer):
         result = F.linear(x, self.weight, self.bias)
         if self.external_lora is not None:
             lora_a_t, lora_b_t = self.external_lora
+            if self.fold_external_lora:
+                folded = x @ (self.weight.T + lora_a_t @ lora_b_t)
+                return folded if self.bias is None else folded + self.bias
             return result + (x @ lora_a_t) @ lora_b_t
         if self.r > 0 and not self.merged:
             result = result + (self.lora_dropout(x) @ self.lora_A.T @ self.lora_B.T) * self.scaling

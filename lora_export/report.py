@@ -106,9 +106,9 @@ def precision_section(rows: list[dict]) -> Section:
     section = Section(
         "Precisions",
         paragraphs=["Each build against the PyTorch fp32 checkpoint on held-out prose. File sizes include external "
-                    "data. p50: milliseconds per forward pass on the row's provider (CPU for fp32 and int8, CUDA "
-                    "for fp16), each build timed in its own warmed block. Eval loss: next-byte cross-entropy in nats/byte, "
-                    "torch -> onnx (change)."],
+                    "data. p50: milliseconds per forward pass on the row's provider (CPU for fp32, int8 and int4, "
+                    "CUDA for fp16), each build timed in its own warmed block. Eval loss: next-byte cross-entropy in "
+                    "nats/byte, torch -> onnx (change)."],
         headers=["Precision", "File size MB", "Size vs fp32", "Provider", *(f"p50 ms ({b} x {n})" for b, n in shapes),
                  "Top-1", "Eval loss", "Verdict"],
         bullets=[f"{row['precision']} limits: {row['tolerance']}" for row in rows],

@@ -357,13 +357,17 @@ def test_lora_dropout_applies_to_lora_branch_only() -> None:
 # --------------------------------------------------------------------------- external LoRA
 
 
-def test_external_lora_linear_equals_own() -> None:
-    """use_external_lora(A.T, scaling * B.T) reproduces the layer's own LoRA forward."""
+@pytest.mark.parametrize("fold", [False, True])
+def test_external_lora_linear_equals_own(fold: bool) -> None:
+    """use_external_lora(A.T, scaling * B.T), as a branch or folded into the weight, reproduces the own forward."""
     layer = _linear()
     x = torch.randn(3, 5, 12)
     own = layer(x)
-    layer.use_external_lora(*_external_from_own(layer))
+    layer.use_external_lora(*_external_from_own(layer), fold=fold)
     torch.testing.assert_close(layer(x), own, atol=ATOL32, rtol=RTOL32)
+    rank0 = (torch.zeros(layer.in_features, 0), torch.zeros(0, layer.out_features))  # the graph's default
+    layer.use_external_lora(*rank0, fold=fold)
+    torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), atol=ATOL32, rtol=RTOL32)
     layer.use_external_lora(None, None)
     assert layer.external_lora is None
     assert torch.equal(layer(x), own)

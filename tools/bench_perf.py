@@ -126,8 +126,10 @@ def local_scaling(tmp: Path, threads: int, rounds: int, repeats: int) -> dict:
                          max_seq_len=8192, r=0)
     save_checkpoint(tmp / "local.pt", LoRATransformerLM(config))
     session = ort_session(export_onnx(tmp / "local.pt", tmp / "local.onnx", merge=True).model_path, threads)
-    times = {n: float(np.median(blocks_ms(lambda f=feeds(1, n): session.run(None, f), rounds, max(2, repeats // 3))))
-             for n in (2048, 8192)}
+    times = {}
+    for n in (2048, 8192):
+        inputs = feeds(1, n)
+        times[n] = float(np.median(blocks_ms(lambda i=inputs: session.run(None, i), rounds, max(2, repeats // 3))))
     return {"ms_2048": times[2048], "ms_8192": times[8192], "ratio": times[8192] / times[2048]}
 
 
@@ -151,9 +153,10 @@ def main() -> None:
         adapters = export_onnx(args.checkpoint, tmp / "adapters.onnx", merge=False)
         models = {"fp32": merged.model_path, "int8": quantize_int8(merged.model_path),
                   "int4": quantize_int4(merged.model_path)}
-        quality = {row["precision"]: row for row in compare_precisions(args.checkpoint, models, runs=1, warmup=0, windows=64)}
-        results["quality"] = {name: {key: row[key] for key in ("file_size", "top1_agreement", "eval_loss_ref",
-                                                              "eval_loss", "passed")} for name, row in quality.items()}
+        rows = compare_precisions(args.checkpoint, models, runs=1, warmup=0, windows=64)
+        quality = {row["precision"]: row for row in rows}
+        keys = ("file_size", "top1_agreement", "eval_loss_ref", "eval_loss", "passed")
+        results["quality"] = {name: {key: row[key] for key in keys} for name, row in quality.items()}
         results["nodes"] = {"merged": [merged.nodes_exported, merged.nodes_final, merged.simplify_note],
                             "adapters": [adapters.nodes_exported, adapters.nodes_final, adapters.simplify_note]}
         print(json.dumps(results["quality"]), json.dumps(results["nodes"]), flush=True)
@@ -178,16 +181,16 @@ def main() -> None:
                 steps: dict[str, Callable[[], object]] = {}
                 for name, session in sessions.items():
                     options = run_options if name == "ORT adapters" else None
-                    steps[name] = lambda s=session, o=options: s.run(None, inputs, o)
+                    steps[name] = lambda s=session, o=options, i=inputs: s.run(None, i, o)
 
-                def eager(m: torch.nn.Module = model) -> object:
+                def eager(m: torch.nn.Module = model, ids: torch.Tensor = ids, mask: torch.Tensor = mask) -> object:
                     with torch.no_grad():
                         return m(ids, mask)
 
                 steps["PyTorch eager"] = eager
                 if compiled is not None:
                     eager(compiled)  # compile for this shape before timing
-                    steps["torch.compile"] = lambda: eager(compiled)
+                    steps["torch.compile"] = lambda c=compiled, e=eager: e(c)
                 timings = {}
                 for name, step in steps.items():
                     times = blocks_ms(step, args.rounds, args.repeats)
