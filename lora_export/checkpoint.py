@@ -5,13 +5,17 @@ Layout (format ``lora-export-checkpoint``, version 1)::
     {"format": str, "format_version": int, "config": ModelConfig as dict,
      "base": {name: tensor}, "lora": {name: tensor}, "training": {seed, steps, losses, data, ...}}
 
-Nothing here unpickles code: ``torch.load(weights_only=True)`` refuses any pickle that carries a
-callable, and the payload never runs. Every problem surfaces as one ``CheckpointError`` line.
+Two containers hold that layout, chosen by the file name: ``.safetensors`` (tensors ``base.<name>`` /
+``lora.<name>``; format, config, training record and tensor hashes as JSON strings in the header's metadata; no
+pickle at all) and anything else, ``.pt`` (``torch.save`` of the dict). Nothing here unpickles code:
+``torch.load(weights_only=True)`` refuses any pickle that carries a callable, and the payload never runs. Every
+problem surfaces as one ``CheckpointError`` line.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import pickle
 import pickletools
@@ -61,6 +65,44 @@ def base_fingerprint(base: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
+SAFETENSORS_SUFFIX = ".safetensors"
+CHECKPOINT_SUFFIXES = (".pt", SAFETENSORS_SUFFIX)
+#: The plain parts of a checkpoint, stored as one JSON string under the safetensors metadata key ``lora_export``
+#: (one key: safetensors writes its metadata map in no fixed order, and the file must be byte-stable).
+SAFETENSORS_METADATA = ("format", "format_version", "config", "training", "tensor_sha256")
+SAFETENSORS_KEY = "lora_export"
+
+
+def _safetensors_save(payload: dict[str, Any], path: str) -> None:
+    from safetensors.torch import save_file
+
+    tensors = {f"{section}.{name}": tensor.contiguous() for section in ("base", "lora")
+               for name, tensor in payload[section].items()}
+    plain = {key: payload[key] for key in SAFETENSORS_METADATA}
+    save_file(tensors, path, metadata={SAFETENSORS_KEY: json.dumps(plain, sort_keys=True)})
+
+
+def _safetensors_load(path: Path) -> dict[str, Any]:
+    """The checkpoint dict of a .safetensors file; raises ValueError for anything but this module's layout."""
+    from safetensors import safe_open
+
+    payload: dict[str, Any] = {"base": {}, "lora": {}}
+    with safe_open(path, framework="pt") as f:
+        metadata = f.metadata() or {}
+        if SAFETENSORS_KEY not in metadata:
+            raise ValueError(f"no '{SAFETENSORS_KEY}' entry in its metadata")
+        plain = json.loads(metadata[SAFETENSORS_KEY])
+        if not isinstance(plain, dict):
+            raise ValueError(f"its '{SAFETENSORS_KEY}' metadata is not a JSON object")
+        payload.update({key: plain.get(key) for key in SAFETENSORS_METADATA})
+        for name in f.keys():
+            section, _, inner = name.partition(".")
+            if section not in ("base", "lora") or not inner:
+                raise ValueError(f"unexpected tensor {short_repr(name)}")
+            payload[section][inner] = f.get_tensor(name)
+    return payload
+
+
 def _torch_save(payload: dict[str, Any], path: str) -> None:
     # Through a file object, torch names the zip's root folder "archive" instead of after the temporary
     # file, so the same tensors always give the same bytes.
@@ -69,7 +111,8 @@ def _torch_save(payload: dict[str, Any], path: str) -> None:
 
 
 def save_checkpoint(path: str | os.PathLike, model: LoRATransformerLM, training: dict[str, Any] | None = None) -> None:
-    """Write model config, base weights, LoRA weights, training metadata and tensor hashes atomically.
+    """Write model config, base weights, LoRA weights, training metadata and tensor hashes atomically, as
+    safetensors when ``path`` ends in ``.safetensors``, else as a torch zip (``.pt``).
 
     The model must be unmerged (base and LoRA kept apart); a merged one is refused. Every tensor must be finite.
     """
@@ -91,7 +134,8 @@ def save_checkpoint(path: str | os.PathLike, model: LoRATransformerLM, training:
         "tensor_sha256": {name: tensor_sha256(tensor) for name, tensor in sorted({**base, **lora}.items())},
     }
     check_plain_values(payload["training"], "training")
-    atomic_write(path, lambda tmp: _torch_save(payload, tmp))
+    write = _safetensors_save if str(path).endswith(SAFETENSORS_SUFFIX) else _torch_save
+    atomic_write(path, lambda tmp: write(payload, tmp))
 
 
 # --------------------------------------------------------------------------- reading, never trusting
@@ -219,7 +263,16 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     if not path.exists():
         raise CheckpointError(f"{path}: no such file")
     if path.is_dir():
-        raise CheckpointError(f"{path}: is a directory, expected a .pt checkpoint")
+        raise CheckpointError(f"{path}: is a directory, expected a .pt or .safetensors checkpoint")
+    if path.suffix == SAFETENSORS_SUFFIX:
+        try:
+            payload = _safetensors_load(path)
+        except PermissionError:
+            raise CheckpointError(f"{path}: permission denied") from None
+        except Exception as err:  # SafetensorError, JSONDecodeError, ValueError, ...
+            raise CheckpointError(f"{path}: not a readable lora-export safetensors checkpoint: "
+                                  f"{first_line(err)[:200]}") from None
+        return _validated(payload, path)
     try:
         with warnings.catch_warnings():  # torch warns about pickle protocols before refusing; we say it in one line
             warnings.simplefilter("ignore")
@@ -236,6 +289,11 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         detail = f"{type(err).__name__}: {first_line(err).split('. ')[0][:200]}"
         raise CheckpointError(f"{path}: not a readable checkpoint (truncated or corrupt?): {detail}") from None
     check_zip_integrity(path)
+    return _validated(payload, path)
+
+
+def _validated(payload: Any, path: Path) -> dict[str, Any]:
+    """The loaded checkpoint dict, checked: plain values, format and version, sections, tensor hashes."""
     try:
         check_plain_values(payload, "checkpoint")
     except ValueError as err:

@@ -129,7 +129,7 @@ class AdaptersAsInputs(nn.Module):
 
 def base_model_of(model: LoRATransformerLM, state: dict[str, torch.Tensor]) -> LoRATransformerLM:
     """A plain (r = 0) model of the same architecture holding ``state`` (base weights)."""
-    config = ModelConfig.from_dict({**model.config.to_dict(), "r": 0})
+    config = ModelConfig.from_dict({**model.config.to_dict(), "r": 0, "rank_pattern": {}, "alpha_pattern": {}})
     base = LoRATransformerLM(config)
     base.load_state_dict(state)
     return base.eval()

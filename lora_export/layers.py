@@ -43,6 +43,19 @@ class LoRALayer:
         self.external_lora: tuple[torch.Tensor, torch.Tensor] | None = None
         self.fold_external_lora = False
 
+    def set_rank(self, r: int, lora_alpha: float) -> None:
+        """Give this LoRA layer its own rank and alpha (``ModelConfig.rank_pattern`` / ``alpha_pattern``, PEFT's
+        per-layer ranks): a fresh Kaiming-uniform lora_A [r, in] and zero lora_B [out, r], as at construction."""
+        if self.r == 0 or self.merged:
+            raise ValueError("set_rank needs an unmerged layer that has LoRA (r > 0)")
+        self.init_lora(r, lora_alpha, self.use_rslora)
+        if r == 0:
+            raise ValueError("set_rank needs r >= 1")
+        device = self.weight.device
+        self.lora_A = nn.Parameter(torch.empty(r, self.in_features, device=device))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, device=device))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+
     def delta_weight(self) -> torch.Tensor:
         """scaling * B @ A in the base weight's layout."""
         raise NotImplementedError

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .attention import LORA_PROJECTIONS, AttentionCache, LoRASelfAttention
-from .layers import LoRAEmbedding, LoRALinear
+from .layers import LoRAEmbedding, LoRALinear, lora_layers
 
 VOCAB_SIZE = 256
 LORA_TARGETS = (*LORA_PROJECTIONS, "ff", "emb")
@@ -39,6 +39,7 @@ INT_RANGES = {
     "ff_mult": (1, 64), "r": (0, 1 << 12),
 }
 GLOBAL_ATTN = ("softmax", "linear")
+MAX_PATTERN_ENTRIES = 100_000
 MAX_LORA_ALPHA = 1e6
 
 
@@ -68,6 +69,10 @@ class ModelConfig:
     lora_targets: list[str] = field(default_factory=lambda: ["q", "k", "v", "o"])
     lora_dropout: float = 0.0
     use_rslora: bool = False
+    #: Per-layer exceptions, keyed by module path (``blocks.0.attn.to_q``, ``token_emb``): rank and alpha of that
+    #: LoRA layer instead of ``r`` / ``lora_alpha`` (PEFT's ``rank_pattern`` / ``alpha_pattern``).
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for name, (low, high) in INT_RANGES.items():
@@ -97,6 +102,17 @@ class ModelConfig:
         if len(set(self.lora_targets)) != len(self.lora_targets):
             raise ValueError(f"lora_targets names a layer twice: {self.lora_targets}")
         self.lora_targets = list(self.lora_targets)
+        for name, values, low, high in (("rank_pattern", self.rank_pattern, 1, INT_RANGES["r"][1]),
+                                        ("alpha_pattern", self.alpha_pattern, 0.0, MAX_LORA_ALPHA)):
+            if not isinstance(values, dict) or len(values) > MAX_PATTERN_ENTRIES:
+                raise ValueError(f"{name} must be a dict of at most {MAX_PATTERN_ENTRIES} module paths, "
+                                 f"got {short_repr(values)}")
+            for path, value in values.items():
+                if not isinstance(path, str):
+                    raise ValueError(f"{name}: module paths must be strings, got {short_repr(path)}")
+                (_check_int if name == "rank_pattern" else _check_float)(f"{name}[{short_repr(path)}]", value,
+                                                                         low, high)
+        self.alpha_pattern = {path: float(value) for path, value in self.alpha_pattern.items()}
 
     def to_dict(self) -> dict:
         """Plain values only, as stored in checkpoints and ONNX metadata."""
@@ -212,6 +228,13 @@ class LoRATransformerLM(nn.Module):
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.depth))
         self.norm = nn.LayerNorm(config.dim)
         self.lm_head = nn.Linear(config.dim, VOCAB_SIZE)
+        layers = dict(lora_layers(self))
+        for path in sorted({*config.rank_pattern, *config.alpha_pattern}):
+            if path not in layers:
+                raise ValueError(f"rank_pattern / alpha_pattern: {short_repr(path)} is not a LoRA layer of this "
+                                 f"model (the targets' module paths: {', '.join(list(layers)[:4])}, ...)")
+            layers[path].set_rank(config.rank_pattern.get(path, config.r),
+                                  config.alpha_pattern.get(path, config.lora_alpha))
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 cache: DecodeCache | None = None) -> torch.Tensor:

@@ -1,0 +1,213 @@
+"""PEFT interop: Hugging Face PEFT LoRA adapter directories in and out.
+
+A PEFT adapter directory holds ``adapter_config.json`` and ``adapter_model.safetensors``. For a lora-export base
+wrapped with ``get_peft_model(base, LoraConfig(target_modules=[...]))`` its tensors are named
+
+* ``base_model.model.<path>.lora_A.weight`` [r, in] and ``.lora_B.weight`` [out, r] for a linear layer,
+* ``base_model.model.<path>.lora_embedding_A`` [r, vocab] and ``.lora_embedding_B`` [dim, r] for the embedding,
+
+which are lora-export's own ``lora_A`` / ``lora_B`` layouts, unscaled (scaling = alpha / r, or alpha / sqrt(r)
+with rsLoRA, from the config). ``from_peft`` turns such a directory plus the base checkpoint into a lora-export
+checkpoint; ``to_peft`` writes a checkpoint's LoRA as a directory that ``PeftModel.from_pretrained`` loads onto
+the base. Per-layer ranks and alphas travel as ``rank_pattern`` / ``alpha_pattern`` (full module paths).
+
+What lora-export's model cannot represent is refused with one line naming the field (``PeftError``): another PEFT
+method, DoRA, a bias other than ``none``, ``modules_to_save``, ``fan_in_fan_out``, layer selections, a module
+that is not a lora-export layer, or targets that differ between blocks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .checkpoint import base_fingerprint, build_model, read_checkpoint, save_checkpoint
+from .files import file_sha256, staged_outputs
+from .layers import lora_layers
+from .model import LoRATransformerLM, ModelConfig, short_repr
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+#: lora-export's target groups and the module names PEFT's ``target_modules`` uses for them.
+MODULE_NAMES = {"q": ["to_q"], "k": ["to_k"], "v": ["to_v"], "o": ["to_out"], "ff": ["fc1", "fc2"],
+                "emb": ["token_emb"]}
+#: PEFT config fields that must be off (false, none, empty) for lora-export to represent the adapter.
+MUST_BE_OFF = ("use_dora", "modules_to_save", "fan_in_fan_out", "layers_to_transform", "layers_pattern",
+               "lora_bias", "trainable_token_indices", "megatron_config", "use_qalora", "target_parameters")
+
+
+class PeftError(ValueError):
+    """A PEFT adapter directory lora-export cannot read or write; one line."""
+
+
+def _group_of(path: str) -> str | None:
+    """The lora-export target group of a module path (``blocks.0.ff.fc1`` -> ``ff``), or None."""
+    name = path.rsplit(".", 1)[-1]
+    return next((group for group, names in MODULE_NAMES.items() if name in names), None)
+
+
+def _read_config(directory: Path) -> dict[str, Any]:
+    config_path = directory / CONFIG_FILE
+    if not directory.is_dir():
+        raise PeftError(f"{directory}: not a directory (a PEFT adapter directory holds {CONFIG_FILE} and "
+                        f"{WEIGHTS_FILE})")
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise PeftError(f"{config_path}: no such file") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise PeftError(f"{config_path}: not readable JSON: {err}") from None
+    if not isinstance(config, dict):
+        raise PeftError(f"{config_path}: not a JSON object")
+    if config.get("peft_type") != "LORA":
+        raise PeftError(f"{config_path}: peft_type {short_repr(config.get('peft_type'))} is not supported "
+                        "(LORA only)")
+    for field in MUST_BE_OFF:
+        if config.get(field):
+            raise PeftError(f"{config_path}: {field} = {short_repr(config[field])} is not supported "
+                            "(lora-export adapters are plain LoRA on its own layers)")
+    if config.get("bias", "none") != "none":
+        raise PeftError(f"{config_path}: bias = {short_repr(config['bias'])} is not supported (none only)")
+    for field, kind in (("r", int), ("lora_alpha", int | float), ("rank_pattern", dict), ("alpha_pattern", dict)):
+        if field in config and config[field] is not None and not isinstance(config[field], kind):
+            raise PeftError(f"{config_path}: {field} = {short_repr(config[field])} is malformed")
+    return config
+
+
+def _pattern_value(pattern: dict[str, Any], path: str, default: Any) -> Any:
+    """PEFT's rank_pattern / alpha_pattern lookup: a key matches a module path it equals or ends with (after a
+    dot); the longest matching key wins."""
+    keys = [key for key in pattern if path == key or path.endswith("." + key)]
+    return pattern[max(keys, key=len)] if keys else default
+
+
+def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise PeftError(f"{path}: no such file (adapter_model.bin pickles are not read: save with safetensors)")
+    try:
+        return load_file(path)
+    except Exception as err:  # SafetensorError and OS errors
+        raise PeftError(f"{path}: not a readable safetensors file: {str(err).splitlines()[0][:200]}") from None
+
+
+def from_peft(adapter_dir: str | os.PathLike, base_checkpoint: str | os.PathLike,
+              output: str | os.PathLike) -> Path:
+    """Write a lora-export checkpoint (``output``, .pt or .safetensors) holding ``base_checkpoint``'s base weights
+    and the PEFT adapter of ``adapter_dir``. Raises PeftError or CheckpointError (one line)."""
+    adapter_dir, output = Path(adapter_dir), Path(output)
+    config = _read_config(adapter_dir)
+    tensors = _read_weights(adapter_dir / WEIGHTS_FILE)
+    payload = read_checkpoint(base_checkpoint)
+    base_model = build_model(payload, base_checkpoint)
+    modules = dict(base_model.named_modules())
+
+    layers: dict[str, dict[str, torch.Tensor]] = {}
+    for name, tensor in tensors.items():
+        key = name.removeprefix(PREFIX)
+        for suffix, part in ((".lora_A.weight", "A"), (".lora_B.weight", "B"), (".lora_embedding_A", "A"),
+                             (".lora_embedding_B", "B")):
+            if key.endswith(suffix):
+                layers.setdefault(key.removesuffix(suffix), {})[part] = tensor.float()
+                break
+        else:
+            raise PeftError(f"{adapter_dir / WEIGHTS_FILE}: tensor {short_repr(name)} is not a LoRA A/B weight")
+    if not layers:
+        raise PeftError(f"{adapter_dir / WEIGHTS_FILE}: holds no LoRA weights")
+    for path, pair in layers.items():
+        module = modules.get(path)
+        if _group_of(path) is None or not hasattr(module, "in_features"):
+            raise PeftError(f"{adapter_dir}: module {short_repr(path)} is not a LoRA layer of the lora-export base "
+                            f"{Path(base_checkpoint).name} (an adapter for another model?)")
+        if set(pair) != {"A", "B"}:
+            raise PeftError(f"{adapter_dir}: module {path} has lora_{'B' if 'A' in pair else 'A'} missing")
+        a, b = pair["A"], pair["B"]
+        if a.ndim != 2 or b.ndim != 2 or a.shape[1] != module.in_features or b.shape != (module.out_features,
+                                                                                         a.shape[0]):
+            raise PeftError(f"{adapter_dir}: module {path}: lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} do "
+                            f"not fit its {module.in_features} -> {module.out_features} (another base?)")
+
+    groups = sorted({_group_of(path) for path in layers}, key=list(MODULE_NAMES).index)
+    expected = [path for path in modules if _group_of(path) in groups and hasattr(modules[path], "in_features")]
+    missing = [path for path in expected if path not in layers]
+    if missing:
+        raise PeftError(f"{adapter_dir}: targets differ between layers: {missing[0]} has no LoRA while other "
+                        f"{_group_of(missing[0])} layers do (lora-export targets whole groups: "
+                        f"{', '.join(groups)})")
+    r = int(config.get("r", 8))
+    alpha = float(config.get("lora_alpha", 8))
+    rank_pattern = {path: int(layers[path]["A"].shape[0]) for path in expected if layers[path]["A"].shape[0] != r}
+    alpha_pattern = {path: float(value) for path in expected
+                     if (value := _pattern_value(config.get("alpha_pattern") or {}, path, alpha)) != alpha}
+    try:
+        lora_config = ModelConfig.from_dict({
+            **payload["config"], "r": r, "lora_alpha": alpha, "lora_targets": groups,
+            "use_rslora": bool(config.get("use_rslora", False)), "lora_dropout": float(config.get("lora_dropout", 0)),
+            "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern})
+    except ValueError as err:
+        raise PeftError(f"{adapter_dir / CONFIG_FILE}: {err}") from None
+
+    model = LoRATransformerLM(lora_config)
+    model.load_state_dict(base_model.state_dict(), strict=False)
+    with torch.no_grad():
+        for path, layer in lora_layers(model):
+            layer.lora_A.copy_(layers[path]["A"])
+            layer.lora_B.copy_(layers[path]["B"])
+    training = {"stage": "peft-import", "peft_config": {k: v for k, v in config.items() if _plain(v)},
+                "source": str(adapter_dir), "base_checkpoint": Path(base_checkpoint).name,
+                "base_sha256": file_sha256(base_checkpoint), "base_fingerprint": base_fingerprint(payload["base"])}
+    save_checkpoint(output, model.eval(), training)
+    return output
+
+
+def _plain(value: Any) -> bool:
+    return value is None or isinstance(value, bool | int | float | str) or (
+        isinstance(value, list | dict) and len(json.dumps(value, default=str)) < 10_000)
+
+
+def to_peft(checkpoint: str | os.PathLike, output_dir: str | os.PathLike) -> Path:
+    """Write the LoRA of a lora-export checkpoint as a PEFT adapter directory (``adapter_config.json`` +
+    ``adapter_model.safetensors``) that ``PeftModel.from_pretrained(base, output_dir)`` loads onto the
+    checkpoint's base model (a lora-export ``LoRATransformerLM`` with r = 0). Raises PeftError / CheckpointError."""
+    from safetensors.torch import save_file
+
+    output_dir = Path(output_dir)
+    if output_dir.exists() and (not output_dir.is_dir() or any(output_dir.iterdir())):
+        raise PeftError(f"{output_dir}: exists and is not an empty directory")
+    model = build_model(read_checkpoint(checkpoint), checkpoint)
+    config = model.config
+    layers = list(lora_layers(model))
+    if not layers:
+        raise PeftError(f"{checkpoint}: has no LoRA layers (r = 0): nothing to write as a PEFT adapter")
+    tensors = {}
+    for path, layer in layers:
+        a, b = (".lora_embedding_A", ".lora_embedding_B") if path == "token_emb" else (".lora_A.weight",
+                                                                                      ".lora_B.weight")
+        tensors[PREFIX + path + a] = layer.lora_A.detach().contiguous()
+        tensors[PREFIX + path + b] = layer.lora_B.detach().contiguous()
+    peft_config = {
+        "peft_type": "LORA", "task_type": None, "base_model_name_or_path": None, "inference_mode": True,
+        "r": config.r, "lora_alpha": config.lora_alpha, "lora_dropout": config.lora_dropout,
+        "target_modules": sorted(name for group in config.lora_targets for name in MODULE_NAMES[group]),
+        "rank_pattern": dict(config.rank_pattern), "alpha_pattern": dict(config.alpha_pattern),
+        "use_rslora": config.use_rslora, "bias": "none", "fan_in_fan_out": False, "use_dora": False,
+        "modules_to_save": None, "init_lora_weights": True,
+    }
+    created = not output_dir.exists()
+    output_dir.mkdir(exist_ok=True)
+    try:
+        with staged_outputs() as stage:
+            save_file(tensors, str(stage.path(output_dir / WEIGHTS_FILE)), metadata={"format": "pt"})
+            stage.path(output_dir / CONFIG_FILE).write_text(json.dumps(peft_config, indent=2, sort_keys=True) + "\n",
+                                                            encoding="utf-8")
+    except BaseException:
+        if created:
+            output_dir.rmdir()
+        raise
+    return output_dir
