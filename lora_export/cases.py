@@ -49,16 +49,22 @@ def _text_rows(text: bytes, batch: int, seq: int, rng: np.random.Generator) -> n
     return np.stack([data[s: s + seq] for s in starts]).astype(np.int64)
 
 
-def generation_prompt(length: int, rng: np.random.Generator) -> np.ndarray:
-    """A held-out prose prompt [1, length] int64: the start of a seeded line that begins with a letter."""
-    lines = [line.strip() for line in heldout_text().split(b"\n")]
+def generation_prompt(length: int, rng: np.random.Generator, text: bytes | None = None) -> np.ndarray:
+    """A prompt [1, length] int64 from ``text`` (default: the held-out prose): the start of a seeded line that
+    begins with a letter, or a seeded window of the text when no line is long enough."""
+    text = heldout_text() if text is None else text
+    lines = [line.strip() for line in text.split(b"\n")]
     lines = [line for line in lines if len(line) >= length and line[:1].isalpha()]
+    if not lines:
+        return _text_rows(text, 1, length, rng)
     line = lines[int(rng.integers(len(lines)))]
     return np.frombuffer(line[:length], dtype=np.uint8).astype(np.int64)[None, :]
 
 
-def parity_cases(config: ModelConfig, seed: int = 0) -> list[Case]:
-    """The seeded case list for a model config (w = local window, L = max_seq_len).
+def parity_cases(config: ModelConfig, seed: int = 0, text: bytes | None = None,
+                 source: str = "held-out prose") -> list[Case]:
+    """The seeded case list for a model config (w = local window, L = max_seq_len); the real-text cases come from
+    ``text`` (default: the held-out prose), named ``source`` in the reports.
 
     Held-out prose at N = 1 (batch 1); N = w-1, w, w+1 and N not a multiple of w when <= L (batch 2);
     N = L (batch 4); random bytes at N = L; and padding at N = L: right-padded rows of lengths L, L/2, 1 plus
@@ -66,7 +72,10 @@ def parity_cases(config: ModelConfig, seed: int = 0) -> list[Case]:
     are not repeated.
     """
     rng = np.random.default_rng(seed)
-    text = heldout_text()
+    text = heldout_text() if text is None else text
+    if len(text) <= config.max_seq_len:
+        raise ValueError(f"the validation text ({source}) has {len(text)} bytes; it needs more than "
+                         f"max_seq_len = {config.max_seq_len}")
     window, max_len = config.local_attn_window_size, config.max_seq_len
     ragged = min(max_len, 2 * window + (window + 1) // 2)
     while ragged > 1 and ragged % window == 0:
@@ -84,7 +93,7 @@ def parity_cases(config: ModelConfig, seed: int = 0) -> list[Case]:
         if 1 <= seq <= max_len and seq not in seen:
             seen.add(seq)
             ids = _text_rows(text, batch, seq, rng)
-            cases.append(Case(name, description, "held-out prose", ids, np.ones_like(ids)))
+            cases.append(Case(name, description, source, ids, np.ones_like(ids)))
     random_ids = rng.integers(0, VOCAB_SIZE, size=(2, max_len), dtype=np.int64)
     cases.append(Case("random_bytes", f"uniform random bytes, N = {max_len}, batch 2", "random bytes",
                       random_ids, np.ones_like(random_ids)))
@@ -94,7 +103,7 @@ def parity_cases(config: ModelConfig, seed: int = 0) -> list[Case]:
     mask[0, :], mask[1, :half], mask[2, :1], mask[3, max_len - half:] = 1, 1, 1, 1
     pad_ids[mask == 0] = rng.integers(0, VOCAB_SIZE, size=int((mask == 0).sum()))
     cases.append(Case("padding", f"right-padded rows of lengths {max_len}, {half}, 1 and one left-padded row "
-                      f"of length {half}; padding holds random bytes", "held-out prose", pad_ids, mask))
+                      f"of length {half}; padding holds random bytes", source, pad_ids, mask))
     return cases
 
 

@@ -1,4 +1,5 @@
-"""Command line: ``lora-train pretrain|adapt`` and ``lora-export [export|adapter|check|validate]``.
+"""Command line: ``lora-train pretrain|adapt`` and ``lora-export [export|adapter|check|validate|generate|from-peft|
+to-peft|compare-reports]``.
 
 The commands only parse options and call the library (:mod:`lora_export.train`, :mod:`lora_export.export`,
 :mod:`lora_export.validate`).
@@ -11,6 +12,8 @@ traceback. Every output and option is checked before any work starts. An interru
 from __future__ import annotations
 
 import functools
+import json
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -19,9 +22,10 @@ import click
 
 from . import __version__
 from .checkpoint import CHECKPOINT_SUFFIXES, CheckpointError, first_line, save_checkpoint
+from .compare import compare_reports, load_report, render_comparison
 from .decoder import export_decoder
-from .peft_io import CONFIG_FILE, WEIGHTS_FILE, from_peft, to_peft
 from .edge import (
+    check_ort_format,
     convert_fp16,
     convert_ort_format,
     ort_format_outputs,
@@ -33,6 +37,7 @@ from .export import (
     DEFAULT_OPSET,
     EXTERNAL_DATA_THRESHOLD,
     check_adapter_file,
+    check_output_path,
     export_adapter,
     export_onnx,
     export_outputs,
@@ -42,6 +47,7 @@ from .files import check_output_dir, check_outputs
 from .launch import INTERRUPTED_EXIT, TERMINATED_EXIT, Terminated
 from .metrics import resolve_tolerance
 from .model import ModelConfig
+from .peft_io import CONFIG_FILE, WEIGHTS_FILE, from_peft, to_peft
 from .providers import normalize_providers
 from .report import REPORT_FILES
 from .runtime import DEVICES, Sampling, check_generation, generate_bytes
@@ -79,11 +85,15 @@ def exit_on_error(command: CommandT) -> CommandT:
     return wrapper  # type: ignore[return-value]
 
 
-def check_training_output(output: Path, inputs: list[Path]) -> None:
-    """Fail before training, not after, when the output cannot be written or would replace an input."""
+def check_training_output(output: Path, inputs: list[Path], force: bool) -> None:
+    """Fail before training, not after, when the output cannot be written, would replace an input, or exists
+    without ``--force``."""
     if output.suffix not in CHECKPOINT_SUFFIXES:
         raise ValueError(f"{output}: the checkpoint output must end in .pt or .safetensors")
-    check_outputs([output], inputs)
+    check_outputs([output], inputs, overwrite=force)
+
+
+FORCE_HELP = "Replace outputs that exist already (without it, an existing output is an error)."
 
 
 def training_options(steps: int, lr: float, eval_every: int) -> Callable[[CommandT], CommandT]:
@@ -101,6 +111,7 @@ def training_options(steps: int, lr: float, eval_every: int) -> Callable[[Comman
         click.option("--eval-every", type=int, default=eval_every, show_default=True,
                      help="Held-out evaluation interval in steps."),
         click.option("--quiet", is_flag=True, help="No progress bar or parameter counts."),
+        click.option("--force", is_flag=True, help=FORCE_HELP),
     ]
 
     def decorate(command: CommandT) -> CommandT:
@@ -134,14 +145,15 @@ def train_cli() -> None:
 @click.option("--dropout", type=float, default=0.1, show_default=True, help="Dropout inside the model.")
 @exit_on_error
 def pretrain_command(output: Path, steps: int, batch_size: int, seq_len: int | None, lr: float, seed: int,
-                     data: tuple[Path, ...], eval_every: int, quiet: bool, dim: int, depth: int, heads: int,
+                     data: tuple[Path, ...], eval_every: int, quiet: bool, force: bool, dim: int, depth: int,
+                     heads: int,
                      dim_head: int, local_heads: int, window: int, global_attn: str, blindspot: int | None,
                      max_seq_len: int, dropout: float) -> None:
     """Train a base model (no LoRA) from scratch.
 
     Default data: the Python standard library's source (first 4 MB, sorted paths).
     """
-    check_training_output(output, list(data))
+    check_training_output(output, list(data), force)
     check_hyperparameters(steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr, eval_every=eval_every)
     config = ModelConfig(dim=dim, depth=depth, heads=heads, dim_head=dim_head, n_local_attn_heads=local_heads,
                          local_attn_window_size=window, global_attn=global_attn, blindspot_size=blindspot,
@@ -163,13 +175,14 @@ def pretrain_command(output: Path, steps: int, batch_size: int, seq_len: int | N
 @click.option("--rslora", is_flag=True, help="rsLoRA scaling alpha / sqrt(r).")
 @exit_on_error
 def adapt_command(base: Path, output: Path, steps: int, batch_size: int, seq_len: int | None, lr: float, seed: int,
-                  data: tuple[Path, ...], eval_every: int, quiet: bool, r: int, alpha: float, targets: str,
+                  data: tuple[Path, ...], eval_every: int, quiet: bool, force: bool, r: int, alpha: float,
+                  targets: str,
                   lora_dropout: float, rslora: bool) -> None:
     """Add LoRA to the BASE checkpoint and train only the adapters.
 
     Default data: English prose (pydoc topics). Prints the held-out loss of the base and the adapted model.
     """
-    check_training_output(output, [base, *data])
+    check_training_output(output, [base, *data], force)
     check_hyperparameters(steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr, eval_every=eval_every, r=r,
                           lora_alpha=alpha, lora_dropout=lora_dropout)
     lora_targets = [t.strip() for t in targets.split(",") if t.strip()]
@@ -209,14 +222,28 @@ def progress_printer(quiet: bool) -> Callable[[str], None]:
 
 def run_validation(model_path: Path, checkpoint: Path, adapter: Path | None, providers: str | None,
                    atol: float | None, rtol: float | None, report: Path | None, quiet: bool,
-                   precision_models: dict[str, Path] | None = None) -> None:
-    """Validate, print the summary and exit 0 (pass), 1 (parity failure) or 2 (no provider could run it)."""
+                   precision_models: dict[str, Path] | None = None, data: tuple[Path, ...] = (),
+                   json_output: bool = False) -> None:
+    """Validate, print the summary (or with ``json_output`` one JSON verdict object) and exit 0 (pass),
+    1 (parity failure) or 2 (no provider could run it)."""
+    started = time.perf_counter()
     result = validate(model_path, checkpoint, adapter_path=adapter,
                       providers=providers.split(",") if providers else None,
                       explicit_providers=providers is not None, atol=atol, rtol=rtol, report_dir=report,
-                      progress=not quiet, precision_models=precision_models)
-    click.echo(result.summary)
-    click.echo(f"report: {result.report_files['html']}")
+                      progress=not quiet and not json_output, precision_models=precision_models, data=data)
+    if json_output:
+        worst = result.worst
+        click.echo(json.dumps({
+            "status": result.status, "passed": result.passed, "summary": result.summary,
+            "model": str(result.model_path), "checkpoint": str(result.checkpoint_path),
+            "precision": result.precision, "providers": {p.name: p.ran for p in result.providers},
+            "worst": None if worst is None else {"case": worst.case, "variant": worst.variant,
+                                                 "provider": worst.provider,
+                                                 "tolerance_used": worst.metrics.tolerance_used},
+            "failures": result.failures, "report": {k: str(v) for k, v in result.report_files.items()}}))
+    else:
+        click.echo(result.summary)
+        click.echo(f"report: {result.report_files['html']} (validation {time.perf_counter() - started:.1f} s)")
     if result.status == "not run":  # e.g. an fp16 model on a machine without CUDA: nothing was checked
         click.echo(f"error: no execution provider here can run this {result.precision} model", err=True)
         raise SystemExit(2)
@@ -230,8 +257,14 @@ def validation_options(command: CommandT) -> CommandT:
         click.option("--providers", default=None,
                      help="Comma list of cpu, cuda. Given explicitly, a provider that cannot run is an error; "
                           "by default CPU runs and CUDA is tried, reported 'not run' when unavailable."),
-        click.option("--atol", type=float, default=None, help="Absolute tolerance [default: per precision]."),
-        click.option("--rtol", type=float, default=None, help="Relative tolerance [default: per precision]."),
+        click.option("--atol", type=float, default=None,
+                     help="Absolute tolerance [default: fp32 1e-4, fp16 1e-2; int8 and int4 are judged by top-1 "
+                          "agreement and eval loss]."),
+        click.option("--rtol", type=float, default=None,
+                     help="Relative tolerance [default: fp32 1e-3, fp16 1e-2]."),
+        click.option("--json", "json_output", is_flag=True,
+                     help="Print the verdict as one JSON object on stdout (status, summary, worst, failures, report "
+                          "files); exit codes unchanged."),
         click.option("--report", type=click.Path(path_type=Path), default=None,
                      help="Report directory [default: <model>_parity/ beside the model]."),
     ]
@@ -278,14 +311,15 @@ def export_cli() -> None:
               help="Write an onnxruntime-genai model directory instead: a KV-cache decoder + genai_config.json "
                    "(-o DIR, default <checkpoint>_genai/).")
 @click.option("--no-validate", is_flag=True, help="Skip the parity validation after export.")
+@click.option("--force", is_flag=True, help=FORCE_HELP)
 @validation_options
 @click.option("--quiet", is_flag=True, help="Only the summary.")
 @exit_on_error
 def export_command(checkpoint: Path, merge: bool, adapters_as_inputs: bool, output: Path | None,
                    adapter_output: Path | None, opset: int, no_simplify: bool, external_data_threshold: int,
-                   quantize: tuple[str, ...], fp16: bool, ort_format: bool, genai: bool, no_validate: bool,
-                   providers: str | None, atol: float | None, rtol: float | None, report: Path | None,
-                   quiet: bool) -> None:
+                   quantize: tuple[str, ...], fp16: bool, ort_format: bool, genai: bool, no_validate: bool, force: bool,
+                   providers: str | None, atol: float | None, rtol: float | None, json_output: bool,
+                   report: Path | None, quiet: bool) -> None:
     """Export CHECKPOINT (.pt or .safetensors) to ONNX, merged (default) or with the adapters as inputs, then
     validate it."""
     if merge and adapters_as_inputs:
@@ -298,7 +332,7 @@ def export_command(checkpoint: Path, merge: bool, adapters_as_inputs: bool, outp
         if fp16 + len(set(quantize)) > 1:
             raise click.UsageError("--genai writes one decoder: choose one of --fp16, --quantize int8, --quantize int4")
         precision = "fp16" if fp16 else quantize[0] if quantize else "fp32"
-        suffix = "" if precision == "fp32" else f"_{precision}"
+        suffix = ("" if precision == "fp32" else f"_{precision}") + ("_adapters" if adapters_as_inputs else "")
         directory = output if output is not None else checkpoint.with_name(f"{checkpoint.stem}_genai{suffix}")
         if not no_validate:
             resolve_tolerance("fp32", atol, rtol)
@@ -306,9 +340,11 @@ def export_command(checkpoint: Path, merge: bool, adapters_as_inputs: bool, outp
             check_output_dir(report or default_report_dir(directory), REPORT_FILES.values(), [checkpoint])
         export_decoder(checkpoint, directory, merge=not adapters_as_inputs, precision=precision, opset=opset,
                        progress=progress_printer(quiet))
-        click.echo(f"genai model: {directory}/ (run it: lora-export generate {directory} --prompt TEXT)")
+        click.echo(f"genai model: {directory}/ (run it: lora-export generate {directory} --prompt TEXT)",
+                   err=json_output)
         if not no_validate:
-            run_validation(directory, checkpoint, None, providers, atol, rtol, report, quiet)
+            run_validation(directory, checkpoint, None, providers, atol, rtol, report, quiet,
+                           json_output=json_output)
         return
     model_path, adapter_path = export_outputs(checkpoint, output, merge=not adapters_as_inputs,
                                               adapter_path=adapter_output)
@@ -324,14 +360,14 @@ def export_command(checkpoint: Path, merge: bool, adapters_as_inputs: bool, outp
     files = model_files(model_path, adapter_path) + [f for build in builds[1:] for f in model_files(build)]
     if ort_format:
         files += [f for build in builds for f in ort_format_outputs(build)]
-    check_outputs(files, [checkpoint])
+    check_outputs(files, [checkpoint], overwrite=force)
     if not no_validate:
         check_output_dir(report or default_report_dir(model_path), REPORT_FILES.values(), [checkpoint, *files])
     say = progress_printer(quiet)
     result = export_onnx(checkpoint, model_path, merge=not adapters_as_inputs, adapter_path=adapter_path,
                          opset=opset, simplify_graph=not no_simplify,
                          external_data_threshold=external_data_threshold, progress=say)
-    click.echo(result.summary())
+    click.echo(result.summary(), err=json_output)  # with --json, stdout holds only the verdict
     models = {"fp32": result.model_path}
     builders = {"int8": ("quantizing to int8 (onnxruntime.quantization)", quantize_int8),
                 "int4": ("quantizing to int4 (onnxruntime MatMulNBits)", quantize_int4),
@@ -340,16 +376,21 @@ def export_command(checkpoint: Path, merge: bool, adapters_as_inputs: bool, outp
         message, build = builders[name]
         say(message)
         models[name] = build(result.model_path)
+    ort_models = {}
     if ort_format:
-        for path in list(models.values()):
+        for precision, path in list(models.items()):
             say(f"converting {path.name} to ORT format")
-            convert_ort_format(path)
+            ort_path, _config = convert_ort_format(path)
+            ort_models[precision] = (ort_path, check_ort_format(path, ort_path))
     for precision, path in models.items():
         if precision != "fp32":
-            click.echo(f"{precision + ':':<13}{path} ({path.stat().st_size / 1e6:.2f} MB)")
+            click.echo(f"{precision + ':':<13}{path} ({path.stat().st_size / 1e6:.2f} MB)", err=json_output)
+    for precision, (ort_path, diff) in ort_models.items():
+        click.echo(f"{'ORT format:':<13}{ort_path} ({ort_path.stat().st_size / 1e6:.2f} MB), matches its {precision} "
+                   f".onnx on ONNX Runtime CPU (max |diff| {diff:.1e})", err=json_output)
     if not no_validate:
         run_validation(result.model_path, checkpoint, result.adapter_path, providers, atol, rtol, report, quiet,
-                       precision_models=models if len(models) > 1 else None)
+                       precision_models=models if len(models) > 1 else None, json_output=json_output)
 
 
 @export_cli.command("adapter")
@@ -358,9 +399,13 @@ def export_command(checkpoint: Path, merge: bool, adapters_as_inputs: bool, outp
               help="The adapters-as-inputs model (.onnx) the adapter is for.")
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
               help="Adapter file [default: the checkpoint's name with .onnx_adapter].")
+@click.option("--force", is_flag=True, help=FORCE_HELP)
 @exit_on_error
-def adapter_command(checkpoint: Path, model_path: Path, output: Path | None) -> None:
+def adapter_command(checkpoint: Path, model_path: Path, output: Path | None, force: bool) -> None:
     """Write only the adapter of CHECKPOINT, which must share the model's base weights."""
+    adapter_path = output or checkpoint.with_suffix(".onnx_adapter")
+    check_output_path(adapter_path, ".onnx_adapter")
+    check_outputs(model_files(adapter_path=adapter_path), [], overwrite=force)
     path = export_adapter(checkpoint, model_path, output)
     click.echo(f"wrote {path}")
 
@@ -371,11 +416,12 @@ def adapter_command(checkpoint: Path, model_path: Path, output: Path | None) -> 
               help="The lora-export base checkpoint the PEFT adapter was trained on.")
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True,
               help="Checkpoint to write: .pt or .safetensors.")
+@click.option("--force", is_flag=True, help=FORCE_HELP)
 @exit_on_error
-def from_peft_command(adapter_dir: Path, base_checkpoint: Path, output: Path) -> None:
+def from_peft_command(adapter_dir: Path, base_checkpoint: Path, output: Path, force: bool) -> None:
     """Import a PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors) trained on a
     lora-export base into a lora-export checkpoint, which every other command then takes."""
-    check_training_output(output, [base_checkpoint, adapter_dir / CONFIG_FILE, adapter_dir / WEIGHTS_FILE])
+    check_training_output(output, [base_checkpoint, adapter_dir / CONFIG_FILE, adapter_dir / WEIGHTS_FILE], force)
     from_peft(adapter_dir, base_checkpoint, output)
     click.echo(f"wrote {output}")
 
@@ -393,6 +439,18 @@ def to_peft_command(checkpoint: Path, output_dir: Path) -> None:
                   [checkpoint])
     to_peft(checkpoint, output_dir)
     click.echo(f"wrote {output_dir}/ ({CONFIG_FILE}, {WEIGHTS_FILE})")
+
+
+@export_cli.command("compare-reports")
+@click.argument("before", type=click.Path(path_type=Path))
+@click.argument("after", type=click.Path(path_type=Path))
+@click.option("--json", "json_output", is_flag=True, help="Print the comparison as JSON on stdout.")
+@exit_on_error
+def compare_reports_command(before: Path, after: Path, json_output: bool) -> None:
+    """Show what changed between two parity reports (parity.json files or report directories): verdict, errors
+    per case, latency per backend."""
+    diff = compare_reports(load_report(before), load_report(after))
+    click.echo(json.dumps(diff, indent=2) if json_output else "\n".join(render_comparison(diff)))
 
 
 @export_cli.command("check")
@@ -416,14 +474,20 @@ def check_command(model_path: Path, adapter: Path) -> None:
 @click.option("--checkpoint", type=click.Path(path_type=Path), required=True,
               help="The source checkpoint (.pt or .safetensors).")
 @click.option("--adapter", type=click.Path(path_type=Path), default=None,
-              help="Also validate with this .onnx_adapter active (adapters-as-inputs models).")
+              help="Also validate with this .onnx_adapter active (adapters-as-inputs models); it must hold the "
+                   "checkpoint's trained LoRA.")
+@click.option("--data", type=click.Path(path_type=Path), multiple=True,
+              help="Your text files or directories (repeatable) for the real-text cases and the generation prompt, "
+                   "instead of the built-in held-out prose.")
 @validation_options
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @exit_on_error
-def validate_command(model_path: Path, checkpoint: Path, adapter: Path | None, providers: str | None,
-                     atol: float | None, rtol: float | None, report: Path | None, quiet: bool) -> None:
+def validate_command(model_path: Path, checkpoint: Path, adapter: Path | None, data: tuple[Path, ...],
+                     providers: str | None, atol: float | None, rtol: float | None, json_output: bool,
+                     report: Path | None, quiet: bool) -> None:
     """Compare MODEL (.onnx) on ONNX Runtime with its PyTorch CHECKPOINT; exit 0 pass, 1 fail, 2 bad input."""
-    run_validation(model_path, checkpoint, adapter, providers, atol, rtol, report, quiet)
+    run_validation(model_path, checkpoint, adapter, providers, atol, rtol, report, quiet, data=data,
+                   json_output=json_output)
 
 
 @export_cli.command("generate")

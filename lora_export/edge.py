@@ -375,6 +375,30 @@ def convert_ort_format(model_path: str | os.PathLike, output_dir: str | os.PathL
     return outputs
 
 
+def check_ort_format(model_path: str | os.PathLike, ort_path: str | os.PathLike) -> float:
+    """Hold an ``.ort`` model against the ``.onnx`` it was converted from: both on ONNX Runtime's CPU provider, on
+    two seeded batches of held-out prose (LoRA inputs at their defaults); returns the largest |difference| of the
+    logits. Raises EdgeExportError when they differ beyond the fp32 tolerance (atol 1e-4 + rtol 1e-3 |onnx|)."""
+    tolerance = TOLERANCES["fp32"]
+    feeds = [{"input_ids": ids, "attention_mask": np.ones_like(ids)} for ids in
+             (heldout_windows(2, 32), heldout_windows(1, 7))]
+    outputs = []
+    for path in (model_path, ort_path):
+        try:
+            session, _ = open_session(path, "cpu")
+        except ParityInputError as err:
+            raise EdgeExportError(str(err)) from None
+        outputs.append([session.run(OUTPUT_NAMES, inputs)[0] for inputs in feeds])
+    worst = 0.0
+    for want, got in zip(*outputs, strict=True):
+        diff = np.abs(got.astype(np.float64) - want)
+        worst = max(worst, float(diff.max()))
+        if not (diff <= tolerance.atol + tolerance.rtol * np.abs(want)).all():
+            raise EdgeExportError(f"{ort_path}: its logits differ from {Path(model_path).name}'s "
+                                  f"(max |diff| {float(diff.max()):.3g}): the ORT-format conversion changed the model")
+    return worst
+
+
 # --------------------------------------------------------------------------- comparison
 
 

@@ -57,6 +57,8 @@ DEFAULT_OPSET = 23
 FUSED_ATTENTION_OPSET = 23  # the first with the standard Attention op
 EXTERNAL_DATA_THRESHOLD = 2 * 1024**3  # protobuf's hard limit for one file
 FORMS = ("merged", "adapters")
+#: How the CLI names each form (its flags): --merge, --adapters-as-inputs.
+FORM_NAMES = {"merged": "merged (--merge)", "adapters": "adapters-as-inputs (--adapters-as-inputs)"}
 INPUT_NAMES = ["input_ids", "attention_mask"]
 OUTPUT_NAMES = ["logits"]
 METADATA_PREFIX = "lora_export."
@@ -87,12 +89,12 @@ class ExportResult:
         """Human-readable multi-line summary for the CLI."""
         stages = ", ".join(f"{k} {v:.1f}s" for k, v in self.stage_seconds.items())
         lines = [
-            f"form:        {self.form} (opset {self.opset})",
+            f"form:        {FORM_NAMES[self.form]} (opset {self.opset})",
             f"model:       {self.model_path} ({self.file_size / 1e6:.2f} MB"
             + (", external data)" if self.external_data else ")"),
             f"nodes:       {self.nodes_exported} exported -> {self.nodes_final} final ({self.simplify_note})",
             f"parameters:  {self.parameters:,}",
-            f"time:        {stages}",
+            f"time:        {stages} (validation follows)",
         ]
         if self.adapter_path is not None:
             lines.insert(2, f"adapter:     {self.adapter_path}")
@@ -375,9 +377,10 @@ def model_file_size(path: Path) -> int:
     return path.stat().st_size + (data.stat().st_size if data.is_file() else 0)
 
 
-def default_output_path(checkpoint_path: str | os.PathLike) -> Path:
-    """``model.pt`` -> ``model.onnx`` beside it."""
-    return Path(checkpoint_path).with_suffix(".onnx")
+def default_output_path(checkpoint_path: str | os.PathLike, merge: bool = True) -> Path:
+    """``model.pt`` -> ``model.onnx`` (merged) or ``model.adapters.onnx`` (adapters as inputs) beside it: the two
+    forms of one checkpoint never share a default file (nor, through it, a report directory)."""
+    return Path(checkpoint_path).with_suffix(".onnx" if merge else ".adapters.onnx")
 
 
 def export_outputs(checkpoint_path: str | os.PathLike, output_path: str | os.PathLike | None = None, *,
@@ -386,7 +389,7 @@ def export_outputs(checkpoint_path: str | os.PathLike, output_path: str | os.Pat
 
     Every file they stand for (``model_files``) is checked before the export starts.
     """
-    output = Path(output_path) if output_path is not None else default_output_path(checkpoint_path)
+    output = Path(output_path) if output_path is not None else default_output_path(checkpoint_path, merge)
     check_output_path(output, ".onnx")
     if merge:
         if adapter_path is not None:

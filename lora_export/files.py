@@ -75,11 +75,13 @@ def _same_file(a: Path, b: Path) -> bool:
         return False
 
 
-def check_outputs(outputs: Iterable[str | os.PathLike], inputs: Iterable[str | os.PathLike | None] = ()) -> None:
+def check_outputs(outputs: Iterable[str | os.PathLike], inputs: Iterable[str | os.PathLike | None] = (),
+                  overwrite: bool = True) -> None:
     """Refuse (OutputError) outputs that cannot be written or would replace an input, before any work.
 
     An output must not be an existing directory, must lie in an existing writable directory, must not name
-    (through symlinks or hard links) any of ``inputs`` (None entries are skipped) or another output.
+    (through symlinks or hard links) any of ``inputs`` (None entries are skipped) or another output; with
+    ``overwrite`` False it must not exist at all (the CLI's default: replacing a file takes ``--force``).
     """
     outputs = [Path(p) for p in outputs]
     inputs = [Path(p) for p in inputs if p is not None]
@@ -95,6 +97,8 @@ def check_outputs(outputs: Iterable[str | os.PathLike], inputs: Iterable[str | o
         for other in outputs[:index]:
             if _same_file(output, other):
                 raise OutputError(f"{output}: named twice as an output ({other})")
+        if not overwrite and (output.exists() or output.is_symlink()):
+            raise OutputError(f"{output}: exists; pass --force to replace it (or choose another output)")
 
 
 def check_output_dir(directory: str | os.PathLike, files: Iterable[str],

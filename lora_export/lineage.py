@@ -20,6 +20,18 @@ from .metrics import ParityInputError
 from .model import VOCAB_SIZE
 
 REQUIRED_METADATA = ("form", "base_sha256", "model_config")
+#: The config fields of the LoRA alone: an adapters-as-inputs graph does not depend on them (any adapter on the
+#: same base runs on it), so a second adapter's checkpoint may differ there.
+LORA_FIELDS = ("r", "lora_alpha", "lora_targets", "lora_dropout", "use_rslora", "rank_pattern", "alpha_pattern")
+#: Config fields added after the first exports, with the value older metadata implies.
+LATER_FIELDS = {"rank_pattern": {}, "alpha_pattern": {}}
+
+
+def _comparable(config: dict, form: str) -> dict:
+    """A stored model config as validation compares it: later fields filled in, LoRA fields left out for the
+    adapters form."""
+    config = {**LATER_FIELDS, **config}
+    return {k: v for k, v in config.items() if k not in LORA_FIELDS} if form == "adapters" else config
 
 
 # --------------------------------------------------------------------------- inputs
@@ -50,11 +62,12 @@ def check_model_matches(proto: onnx.ModelProto, metadata: dict[str, str], payloa
         model_config = json.loads(metadata["model_config"])
     except json.JSONDecodeError:
         raise ParityInputError(f"{model_path}: lora_export.model_config is not valid JSON") from None
-    if model_config != payload["config"]:
-        keys = sorted(k for k in set(model_config) | set(payload["config"])
-                      if model_config.get(k) != payload["config"].get(k))
-        detail = ", ".join(f"{k} (model {model_config.get(k)!r}, checkpoint {payload['config'].get(k)!r})"
-                           for k in keys[:3])
+    if not isinstance(model_config, dict):
+        raise ParityInputError(f"{model_path}: lora_export.model_config is not a JSON object")
+    ours, theirs = _comparable(model_config, form), _comparable(payload["config"], form)
+    if ours != theirs:
+        keys = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
+        detail = ", ".join(f"{k} (model {ours.get(k)!r}, checkpoint {theirs.get(k)!r})" for k in keys[:3])
         raise ParityInputError(f"{mismatch}: model config differs in {detail}")
     if metadata["base_sha256"] != base_fingerprint(payload["base"]):
         raise ParityInputError(f"{mismatch}: the model was exported from different base weights (base_sha256)")
@@ -92,6 +105,26 @@ def check_model_matches(proto: onnx.ModelProto, metadata: dict[str, str], payloa
                      "differs); base weights and config match" + (", but merged LoRA weights may differ"
                                                                   if form == "merged" else ""))
     return notes
+
+
+def adapter_weight_mismatches(adapter: dict[str, np.ndarray], trained: dict[str, np.ndarray]) -> list[str]:
+    """Where an adapter file's tensors differ from a checkpoint's trained LoRA (``adapters.adapter_tensors``, the
+    same graph layout with scaling folded into B), one line per layer; [] when the file holds exactly those weights.
+    """
+    problems = []
+    for name in sorted(set(adapter) | set(trained)):
+        layer = name.rsplit(".", 1)[0]
+        if name not in trained:
+            problems.append(f"layer {layer}: the adapter has {name}, the checkpoint has no LoRA there")
+        elif name not in adapter:
+            problems.append(f"layer {layer}: the checkpoint's trained {name} is not in the adapter")
+        elif adapter[name].shape != trained[name].shape:
+            problems.append(f"layer {layer}: {name} is {list(adapter[name].shape)} in the adapter, "
+                            f"{list(trained[name].shape)} in the checkpoint")
+        elif not np.allclose(adapter[name], trained[name], rtol=1e-6, atol=1e-7):
+            diff = float(np.abs(adapter[name].astype(np.float64) - trained[name]).max())
+            problems.append(f"layer {layer}: {name} differs from the checkpoint's (max |diff| {diff:.3g})")
+    return list(dict.fromkeys(problems))
 
 
 def load_adapter_for(adapter_path: Path, proto: onnx.ModelProto, metadata: dict[str, str]

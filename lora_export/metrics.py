@@ -19,9 +19,11 @@ LATENCY_WARMUP = 3
 LATENCY_RUNS = 20
 LATENCY_MAX_SEQ = 256
 POLYGRAPHY_EPSILON = 2.220446049250313e-16
-#: Bin edges of log10 |onnx - torch| for the error histogram: quarter decades from 1e-12 (exact matches are
-#: counted in the first bin) to 1e2 (larger errors in the last).
-ERROR_HISTOGRAM_EDGES = np.linspace(-12.0, 2.0, 57)
+#: Bin edges of the error histogram: log10 of |onnx - torch| / (atol + rtol * |torch|), each element's error as a
+#: share of its own pass boundary (1 = the boundary, 0 in log10), in quarter decades from 1e-8 (exact matches are
+#: counted in the first bin) to 1e2 (larger errors in the last). Precisions judged without an elementwise limit
+#: (int8, int4) are binned against the fp32 boundary, for scale.
+ERROR_HISTOGRAM_EDGES = np.linspace(-8.0, 2.0, 41)
 
 
 class ParityInputError(ValueError):
@@ -122,7 +124,8 @@ def compare_logits(got: np.ndarray, ref: np.ndarray, input_ids: np.ndarray, atte
                    tolerance: Tolerance) -> tuple[Metrics, np.ndarray]:
     """Metrics of ONNX logits ``got`` against the reference ``ref`` (both [B, N, V]) at real positions.
 
-    Returns (metrics, counts of log10 |got - ref| over ERROR_HISTOGRAM_EDGES; exact matches in the first bin).
+    Returns (metrics, counts of log10 |got - ref| / (atol + rtol |ref|) over ERROR_HISTOGRAM_EDGES; exact matches in
+    the first bin).
     """
     real = attention_mask != 0
     a, b = got[real].astype(np.float64), ref[real].astype(np.float64)  # [P, V]
@@ -153,9 +156,11 @@ def compare_logits(got: np.ndarray, ref: np.ndarray, input_ids: np.ndarray, atte
         loss_ref=next_byte_loss(ref, input_ids, attention_mask),
         loss_onnx=next_byte_loss(got, input_ids, attention_mask),
     )
+    scale = tolerance if tolerance.atol is not None else TOLERANCES["fp32"]
+    share = diff / (scale.atol + scale.rtol * abs_b)
     low, high = ERROR_HISTOGRAM_EDGES[0], ERROR_HISTOGRAM_EDGES[-1]
-    log_diff = np.log10(np.clip(diff[np.isfinite(diff)], 10.0**low, 10.0**high))
-    return metrics, np.histogram(log_diff, bins=ERROR_HISTOGRAM_EDGES)[0]
+    log_share = np.log10(np.clip(share[np.isfinite(share)], 10.0**low, 10.0**high))
+    return metrics, np.histogram(log_share, bins=ERROR_HISTOGRAM_EDGES)[0]
 
 
 def judge(metrics: Metrics, tolerance: Tolerance) -> list[str]:

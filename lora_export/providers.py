@@ -46,6 +46,37 @@ class ProviderStatus:
         """'ran' or 'not run: <reason>'."""
         return "ran" if self.ran else f"not run: {self.reason}"
 
+    def brief(self) -> str:
+        """For summaries and tables: 'ran', or why not in a few words. A CPU that did not run was skipped on purpose
+        (fp16), and says why; an accelerator that did not run was only tried (asked for explicitly, one that cannot
+        run is an error), so it is 'not available on this machine', its long reason kept in parity.json."""
+        if self.ran:
+            return "ran"
+        return f"not run: {self.reason}" if self.requested == "cpu" else (
+            "not run: not available on this machine (reason in parity.json)")
+
+
+def machine_record() -> dict:
+    """What the figures of a report were measured on: CPU model and cores, load, threads, library versions."""
+    import platform
+
+    import onnx
+
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as cpuinfo:
+        cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), cpu)
+    versions = {"python": platform.python_version(), "torch": torch.__version__, "onnx": onnx.__version__,
+                "onnxruntime": ort.__version__}
+    with contextlib.suppress(ImportError):
+        import onnxruntime_genai
+
+        versions["onnxruntime_genai"] = onnxruntime_genai.__version__
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    return {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(), "load_average": load,
+            "torch_threads": torch.get_num_threads(), "ort_intra_op_threads": "default (one per core)",
+            "versions": versions,
+            "latency_caveat": "latency is this machine's, under the load above; compare ratios measured in one "
+                              "run, not absolute figures across machines"}
 
 
 # --------------------------------------------------------------------------- providers

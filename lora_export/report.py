@@ -45,6 +45,7 @@ class Section:
     headers: list[str] = field(default_factory=list)
     rows: list[list[str]] = field(default_factory=list)
     bullets: list[str] = field(default_factory=list)
+    text_columns: tuple[int, ...] = ()  # columns of generated text: whitespace is made visible in HTML
 
 
 def _plain(value: Any) -> Any:
@@ -87,6 +88,7 @@ def report_json(result: ParityResult) -> dict:
         "worst": None if result.worst is None else asdict(result.worst),
         "failures": result.failures,
         "notes": result.notes,
+        "environment": result.environment,
     }
     if result.precisions is not None:
         document["precisions"] = result.precisions
@@ -144,7 +146,7 @@ def decode_section(result: ParityResult) -> Section:
                     "greedy generation. ms/byte: median time of generate_next_token over the first and the last "
                     "quarter of the generated positions (a bounded local cache keeps the late bytes as cheap)."],
         headers=["Variant", "Device", "Prompt + new", "max abs", "tol. used", "Step top-1", "Identical",
-                 "ms/byte early", "ms/byte late", "Generated", "Verdict"],
+                 "ms/byte early", "ms/byte late", "Generated", "Verdict"], text_columns=(9,),
     )
     for run in result.decode:
         quarter = max(1, len(run.step_ms) // 4)
@@ -160,7 +162,7 @@ def decode_section(result: ParityResult) -> Section:
 def report_sections(result: ParityResult) -> list[Section]:
     """The report's content, shared by the Markdown and HTML renderings."""
     tol = result.tolerance
-    overview = Section("Overview", headers=["", ""], rows=[
+    overview = Section("Overview", headers=["Item", "Value"], rows=[
         ["Result", VERDICTS[result.status]],
         ["Summary", result.summary],
         ["Model", f"{result.model_path} (form {result.form}, opset {result.model_metadata.get('opset', '?')})"],
@@ -173,11 +175,15 @@ def report_sections(result: ParityResult) -> list[Section]:
     ])
     if result.worst is not None:
         worst = result.worst
+        verdict = "; ".join(worst.failures) if worst.failures else (
+            f"passes, {worst.metrics.tolerance_used:.1%} of the tolerance" if worst.metrics.tolerance_used is not None
+            else "passes")
         overview.paragraphs.append(
             f"Worst: case '{worst.case}', output '{worst.output}' (variant {worst.variant}, {worst.provider}), "
-            f"largest error at [row, position, byte] = {worst.metrics.worst_index}: {'; '.join(worst.failures)}.")
+            f"largest error at [row, position, byte] = {worst.metrics.worst_index}: {verdict}.")
     providers = Section("Providers", headers=["Provider", "Requested as", "Status", "Session providers"], rows=[
-        [p.name, p.requested, p.status(), ", ".join(p.session_providers) or "-"] for p in result.providers
+        [p.name, p.requested, p.brief(), ", ".join(p.session_providers) if p.ran else "- (no session on it)"]
+        for p in result.providers
     ])
     cases = Section("Cases", headers=["Case", "Batch", "N", "Real tokens", "Source", "What it covers"], rows=[
         [info["name"], str(info["batch"]), str(info["seq_len"]), str(info["real_tokens"]), info["source"],
@@ -203,11 +209,17 @@ def report_sections(result: ParityResult) -> list[Section]:
         paragraphs=["Bytes generated greedily from a held-out prompt; ONNX Runtime re-runs the graph on the "
                     "growing sequence (no KV cache), cropped to max_seq_len. Non-ASCII bytes are shown as "
                     "\\x escapes."],
-        headers=["Variant", "Provider", "Prompt", "PyTorch", "ONNX Runtime", "Identical"],
+        headers=["Variant", "Provider", "Prompt", "PyTorch", "ONNX Runtime", "Identical"], text_columns=(2, 3, 4),
         rows=[[g.variant, g.provider, g.prompt, g.reference, g.onnx,
                "yes" if g.identical else f"NO (from byte {g.first_mismatch})"] for g in result.generations],
     )
-    latency = Section("Latency", paragraphs=["Milliseconds per forward pass after warm-up, on this machine."],
+    env = result.environment or {}
+    versions = env.get("versions", {})
+    machine = (f" Measured on {env.get('cpu')}, {env.get('cores')} cores, load {env.get('load_average')}, "
+               f"torch {versions.get('torch')} / onnxruntime {versions.get('onnxruntime')}"
+               "; each backend timed in its own warmed block. A shared or loaded machine slows PyTorch more than "
+               "ONNX Runtime: compare ratios within one report, not figures across machines." if env else "")
+    latency = Section("Latency", paragraphs=["Milliseconds per forward pass after warm-up." + machine],
                       headers=["Variant", "Backend", "Shape", "p50 ms", "p90 ms", "Runs (warm-up)"],
                       rows=[[t.variant, t.backend, f"{t.batch} x {t.seq_len}", f"{t.p50_ms:.3f}", f"{t.p90_ms:.3f}",
                              f"{t.runs} ({t.warmup})"] for t in result.latencies])
@@ -252,22 +264,26 @@ def _png(figure: Figure) -> bytes:
 
 
 def error_histogram_png(result: ParityResult) -> bytes:
-    """One histogram of log10 |onnx - torch| per provider that ran, counts on a log axis, atol marked."""
-    providers = list(result.error_histograms)
-    figure = Figure(figsize=(7, 2.4 * max(1, len(providers))), layout="constrained")
-    axes = figure.subplots(max(1, len(providers)), 1, squeeze=False)[:, 0]
-    for ax, name in zip(axes, providers, strict=False):
-        counts = result.error_histograms[name]
+    """One histogram per variant and provider of each logit's error as a share of its pass boundary
+    atol + rtol * |torch| (log10; the boundary at 0), counts on a log axis."""
+    keys = list(result.error_histograms)
+    figure = Figure(figsize=(7, 2.2 * max(1, len(keys))), layout="constrained")
+    axes = figure.subplots(max(1, len(keys)), 1, squeeze=False)[:, 0]
+    for ax, key in zip(axes, keys, strict=False):
+        counts = result.error_histograms[key]
+        variant, _, provider = key.rpartition(" | ")  # "<variant> | <provider>"
         ax.stairs(counts, ERROR_HISTOGRAM_EDGES, fill=True, color="tab:blue")
         ax.set_yscale("log")
-        if result.tolerance.atol is not None:
-            ax.axvline(math.log10(max(result.tolerance.atol, 10.0 ** ERROR_HISTOGRAM_EDGES[0])), color="tab:red",
-                       linestyle="--", label=f"atol {result.tolerance.atol:g}")
-            ax.legend(loc="upper right")
-        worst = max((c.metrics.max_abs for c in result.comparisons if c.provider == name), default=float("nan"))
-        ax.set_title(f"{name}: {int(counts.sum())} elements, max |error| {worst:.2e}")
-        ax.set_ylabel("count")
-    axes[-1].set_xlabel(f"log10 |onnx - torch| at real positions (exact matches at {ERROR_HISTOGRAM_EDGES[0]:g})")
+        ax.axvline(0.0, color="tab:red", linestyle="--", label="pass boundary (atol + rtol |torch|)")
+        ax.legend(loc="upper left", fontsize="small")
+        used = max((c.metrics.tolerance_used or 0.0 for c in result.comparisons
+                    if c.provider == provider and variant in ("", c.variant)), default=0.0)
+        ax.set_title(f"{variant or 'all variants'} on {provider}: {int(counts.sum())} logits, worst {used:.1%} of "
+                     "its boundary", fontsize="medium")
+        ax.set_ylabel("logits")
+    boundary = "" if result.tolerance.atol is not None else " (fp32 boundary, for scale)"
+    axes[-1].set_xlabel(f"log10 |onnx - torch| / (atol + rtol |torch|){boundary}; exact at "
+                        f"{ERROR_HISTOGRAM_EDGES[0]:g}")
     return _png(figure)
 
 
@@ -279,9 +295,10 @@ def latency_png(result: ParityResult) -> bytes:
     p50 = [t.p50_ms for t in timings]
     spread = [[0.0] * len(timings), [t.p90_ms - t.p50_ms for t in timings]]
     ax.barh([f"{t.variant} | {t.backend}" for t in timings], p50, xerr=spread, color="tab:green", capsize=3)
+    ax.set_xscale("log")  # one slow backend must not flatten the others
     ax.invert_yaxis()
     shape = f"batch {timings[0].batch}, N = {timings[0].seq_len}" if timings else ""
-    ax.set_xlabel(f"ms per forward pass ({shape}; bar p50, whisker p90)")
+    ax.set_xlabel(f"ms per forward pass, log scale ({shape}; bar p50, whisker p90)")
     return _png(figure)
 
 
@@ -300,32 +317,77 @@ def decode_latency_png(result: ParityResult) -> bytes:
     return _png(figure)
 
 
+#: Cell texts that carry a verdict, and the class that colours them (the word itself always says it too).
+CELL_CLASSES = (("FAIL", "failed"), ("NO", "failed"), ("not available", "not-run"), ("not run", "not-run"),
+                ("pass", "passed"), ("ran", "passed"), ("yes", "passed"))
+
+
+def _cell_class(text: str) -> str:
+    return next((f" class='{cls}'" for prefix, cls in CELL_CLASSES if text.startswith(prefix)), "")
+
+
+def _visible_whitespace(text: str) -> str:
+    """Generated text with its whitespace shown: a space as a middle dot, a newline as a return symbol."""
+    return text.replace(" ", "\u00b7").replace("\\x0a", "\u21b5").replace("\n", "\u21b5") or "(nothing)"
+
+
+def _html_section(section: Section) -> list[str]:
+    body = [f"<h2>{html.escape(section.title)}</h2>"]
+    body += [f"<p>{html.escape(paragraph)}</p>" for paragraph in section.paragraphs]
+    if section.headers:
+        body.append("<table><thead><tr>" + "".join(f"<th scope='col'>{html.escape(h)}</th>" for h in section.headers)
+                    + "</tr></thead><tbody>")
+        for row in section.rows:
+            cells = [_visible_whitespace(cell) if index in section.text_columns else cell
+                     for index, cell in enumerate(row)]
+            failing = any(cell.startswith(("FAIL", "NO ")) for cell in row)
+            body.append(f"<tr{' class=row-failed' if failing else ''}>" + "".join(
+                f"<td{_cell_class(cell)}>{html.escape(cell)}</td>" for cell in cells) + "</tr>")
+        body.append("</tbody></table>")
+    if section.bullets:
+        body.append("<ul>" + "".join(f"<li>{html.escape(b)}</li>" for b in section.bullets) + "</ul>")
+    return body
+
+
 def render_html(result: ParityResult) -> str:
-    """parity.html: self-contained page with the sections and the two plots embedded as PNG data URIs."""
-    verdict = VERDICTS[result.status]
-    body = [f"<h1>Parity report: {html.escape(result.model_path.name)} "
-            f"<span class='{result.status.replace(' ', '-')}'>{verdict}</span></h1>"]
-    for section in report_sections(result):
-        body.append(f"<h2>{html.escape(section.title)}</h2>")
-        body += [f"<p>{html.escape(paragraph)}</p>" for paragraph in section.paragraphs]
-        if section.headers:
-            body.append("<table><thead><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in section.headers)
-                        + "</tr></thead><tbody>")
-            body += ["<tr>" + "".join(f"<td>{html.escape(cell)}</td>" for cell in row) + "</tr>"
-                     for row in section.rows]
-            body.append("</tbody></table>")
-        if section.bullets:
-            body.append("<ul>" + "".join(f"<li>{html.escape(b)}</li>" for b in section.bullets) + "</ul>")
-    body.append("<h2>Plots</h2>")
+    """parity.html: one self-contained page. First screen: the verdict (coloured and in words), the summary, the
+    worst case (pass or fail), what ran where, and the plots; then every section's table."""
+    verdict, status = VERDICTS[result.status], result.status.replace(" ", "-")
+    body = [f"<h1>Parity report: {html.escape(result.model_path.name)}</h1>",
+            f"<p id='verdict' class='verdict {status}' role='status'><strong>{verdict}</strong> "
+            f"{html.escape(result.summary.removeprefix(verdict + ':').strip())}</p>"]
+    if result.worst is not None:
+        worst = result.worst
+        outcome = "; ".join(worst.failures) if worst.failures else (
+            "passes" + ("" if worst.metrics.tolerance_used is None
+                        else f" at {worst.metrics.tolerance_used:.1%} of its tolerance"))
+        body.append(f"<p id='worst'><strong>Worst case:</strong> {html.escape(worst.case)} "
+                    f"(variant {html.escape(worst.variant)}, {html.escape(worst.provider)}, output "
+                    f"{html.escape(worst.output)}): max |error| {worst.metrics.max_abs:.3g}, {html.escape(outcome)}"
+                    "</p>")
+    body.append("<ul id='providers'>" + "".join(
+        f"<li><strong>{html.escape(p.name)}</strong>: <span{_cell_class(p.brief())}>{html.escape(p.brief())}</span>"
+        + (f" (session providers: {html.escape(', '.join(p.session_providers))})" if p.ran else "") + "</li>"
+        for p in result.providers) + "</ul>")
     plots = ([("Decode latency per byte against position", decode_latency_png)] if result.decode else
-             [("Error histogram per provider", error_histogram_png), ("Latency per backend", latency_png)])
+             [("Error per variant and provider, as a share of its pass boundary", error_histogram_png),
+              ("Latency per backend", latency_png)])
+    body.append("<div class='plots'>")
     for title, draw in plots:
         data = base64.b64encode(draw(result)).decode("ascii")
-        body.append(f"<figure><img alt='{title}' src='data:image/png;base64,{data}'>"
-                    f"<figcaption>{title}</figcaption></figure>")
-    style = ("body{font-family:sans-serif;margin:2em;max-width:1400px}table{border-collapse:collapse;margin:1em 0}"
+        body.append(f"<figure><img alt='{html.escape(title)}' src='data:image/png;base64,{data}'>"
+                    f"<figcaption>{html.escape(title)}</figcaption></figure>")
+    body.append("</div>")
+    for section in report_sections(result):
+        body += _html_section(section)
+    style = ("body{font-family:sans-serif;margin:1.5em;max-width:1400px}table{border-collapse:collapse;margin:1em 0}"
              "td,th{border:1px solid #ccc;padding:3px 6px;font-size:13px;text-align:left}th{background:#f3f3f3}"
-             ".passed{color:#187a18}.failed{color:#b00}.not-run{color:#a60}img{max-width:100%}")
+             ".verdict{font-size:1.15em;padding:.6em .8em;border-radius:4px;border:2px solid}"
+             ".verdict.passed{background:#e6f4e6;border-color:#187a18}.verdict.failed{background:#fde8e8;"
+             "border-color:#b00}.verdict.not-run{background:#fff4e0;border-color:#a60}"
+             "td.passed,span.passed{color:#126312}td.failed{color:#a00;font-weight:bold}"
+             "td.not-run,span.not-run{color:#8a5300}tr.row-failed{background:#fff0f0}"
+             ".plots{display:flex;flex-wrap:wrap;gap:1em}.plots figure{margin:0;max-width:600px}img{max-width:100%}")
     return ("<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
             f"<title>Parity report: {html.escape(result.model_path.name)} - {verdict}</title>"
             f"<style>{style}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")

@@ -86,6 +86,7 @@ class ParityResult:
     #: decode parity of a genai decoder directory (``lora_export.decode_parity``), empty for a scoring graph
     decode: list[DecodeRun] = field(default_factory=list)
     report_dir: Path | None = None
+    environment: dict | None = None  # providers.machine_record() of the machine that measured
     report_files: dict[str, Path] = field(default_factory=dict)
 
     @property

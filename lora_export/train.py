@@ -28,12 +28,12 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from .checkpoint import base_fingerprint, build_model, read_checkpoint
 from .files import file_sha256
 from .layers import count_parameters, lora_state_dict, mark_only_lora_as_trainable
 from .model import LoRATransformerLM, ModelConfig
+from .progress import progress_bar
 
 STDLIB_MAX_BYTES = 4_000_000
 SKIPPED_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"})
@@ -71,11 +71,27 @@ def prose_text() -> bytes:
     return "\n\n".join(topics[key] for key in sorted(topics)).encode("utf-8")
 
 
+def text_files(paths: Sequence[str | os.PathLike]) -> list[Path]:
+    """The files to read for ``paths``: each file as given, each directory's files (recursively, sorted by path,
+    hidden ones left out). A directory without files is a ValueError."""
+    files = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.is_file()
+                           and not any(part.startswith(".") for part in p.relative_to(path).parts))
+            if not found:
+                raise ValueError(f"{path}: data directory holds no files")
+            files += found
+        else:
+            files.append(path)
+    return files
+
+
 def read_text_files(paths: Sequence[str | os.PathLike]) -> bytes:
-    """The files' bytes, in the order given, joined by newlines. An empty file is a ValueError."""
+    """The bytes of ``text_files(paths)``, in that order, joined by newlines. An empty file is a ValueError."""
     chunks = []
-    for path in paths:
-        chunk = Path(path).read_bytes()
+    for path in text_files(paths):
+        chunk = path.read_bytes()
         if not chunk:
             raise ValueError(f"{path}: data file is empty")
         chunks.append(chunk)
@@ -223,7 +239,7 @@ def train_loop(
     losses, eval_losses = [], [[0, evaluate(model, data.val, seq_len)]]
     running = None
     model.train()
-    bar = tqdm(range(steps), desc=desc, disable=not progress, dynamic_ncols=True)
+    bar = progress_bar(range(steps), desc=desc, enabled=progress)
     for step in bar:
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, steps, lr, warmup)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import functools
 import os
-import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -30,9 +29,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
-from tqdm import tqdm
 
-from .adapters import activate_adapters, attach_adapter
+from .adapters import activate_adapters, adapter_tensors, attach_adapter
 from .cases import generation_prompt, parity_cases
 from .checkpoint import CheckpointError, build_model, first_line, read_checkpoint
 from .decode_parity import decode_parity
@@ -41,7 +39,7 @@ from .edge import EdgeExportError, compare_precisions
 from .export import OUTPUT_NAMES, ExportError, load_onnx, model_files, read_metadata
 from .files import OutputError, check_output_dir
 from .layers import merge_lora
-from .lineage import check_model_matches, load_adapter_for
+from .lineage import adapter_weight_mismatches, check_model_matches, load_adapter_for
 from .metrics import (
     ERROR_HISTOGRAM_EDGES,
     LATENCY_MAX_SEQ,
@@ -55,9 +53,18 @@ from .metrics import (
     resolve_tolerance,
 )
 from .model import VOCAB_SIZE, LoRATransformerLM
-from .providers import PROVIDERS, ProviderStatus, ProviderUnavailableError, normalize_providers, open_session
+from .progress import progress_bar
+from .providers import (
+    PROVIDERS,
+    ProviderStatus,
+    ProviderUnavailableError,
+    machine_record,
+    normalize_providers,
+    open_session,
+)
 from .report import REPORT_FILES, write_reports
 from .results import Comparison, Generation, Latency, ParityResult
+from .train import read_text_files, text_files
 
 GENERATE_BYTES = 24
 PROMPT_BYTES = 16
@@ -143,16 +150,17 @@ def _variants(form: str, adapter_path: Path | None, tensors: dict[str, np.ndarra
 def _summary(status: str, comparisons: list[Comparison], worst: Comparison | None, failures: list[str],
              providers: list[ProviderStatus], tolerance: Tolerance) -> str:
     """One line: PASS with the tolerance headroom, FAIL naming the worst case and output, or NOT RUN."""
-    not_run = "; ".join(f"{p.name} not run: {p.reason}" for p in providers if not p.ran)
+    not_run = "; ".join(f"{p.name} {p.brief()}" for p in providers if not p.ran)
     ran = [p.name for p in providers if p.ran]
     if status == "not run":
         return f"NOT RUN: no execution provider could run the model; {not_run}"
     if status == "passed":
-        used = [c.metrics.tolerance_used for c in comparisons if c.metrics.tolerance_used is not None]
-        headroom = f", worst {max(used):.1%} of the tolerance" if used else ""
+        headroom = "" if worst is None or worst.metrics.tolerance_used is None else (
+            f", worst {worst.metrics.tolerance_used:.1%} of the tolerance (case '{worst.case}', variant "
+            f"{worst.variant}, {worst.provider})")
         line = (f"PASS: {len(comparisons)} comparisons on {', '.join(ran)} within {tolerance.describe()}"
                 f"{headroom}; greedy generation identical")
-    elif worst is not None:
+    elif worst is not None and worst.failures:
         line = (f"FAIL: worst case '{worst.case}', output '{worst.output}' (variant {worst.variant}, "
                 f"{worst.provider}): {worst.failures[0]}; {len(failures)} failing checks")
     else:
@@ -167,7 +175,7 @@ def _progress_callback(progress: bool | Callable[[int, int, str], None], total: 
         return (lambda done, label: progress(done, total, label)), (lambda: None)
     if not progress:
         return (lambda done, label: None), (lambda: None)
-    bar = tqdm(total=total, desc="parity", unit="case", file=sys.stderr, leave=False)
+    bar = progress_bar(total=total, desc="parity", unit="case", leave=False)
 
     def report(done: int, label: str) -> None:
         bar.set_postfix_str(label, refresh=False)
@@ -229,6 +237,7 @@ def validate(
     generate_bytes: int = GENERATE_BYTES,
     latency_runs: int = LATENCY_RUNS,
     precision_models: Mapping[str, str | os.PathLike] | None = None,
+    data: Sequence[str | os.PathLike] = (),
 ) -> ParityResult:
     """Check an exported ONNX model against its checkpoint on ONNX Runtime and write the parity reports.
 
@@ -241,7 +250,9 @@ def validate(
     report_dir defaults to ``<model stem>_parity/`` beside the model. progress: True for a tqdm bar on stderr,
     or a callback(done, total, label) per case. precision_models: {precision: .onnx path} of builds of the
     same export (e.g. fp32 / fp16 / int8) for the report's precision table, measured by
-    ``lora_export.edge.compare_precisions`` with ``latency_runs`` timed runs.
+    ``lora_export.edge.compare_precisions`` with ``latency_runs`` timed runs. data: the user's text files (as
+    ``lora-train --data``; directories of them too) for the real-text cases and the generation prompt instead of
+    the built-in held-out prose; the cases' ``source`` and a note name them.
 
     Returns the ParityResult (``status`` 'passed' / 'failed' / 'not run' when no provider could run the model,
     ``summary``, ``report_files``); raises ParityInputError for inputs that cannot be validated (CLI exit 2).
@@ -254,7 +265,17 @@ def validate(
         return validate_decoder(model_path, checkpoint_path, adapter_path=adapter_path, providers=providers,
                                 explicit_providers=explicit_providers, atol=atol, rtol=rtol, report_dir=report_dir,
                                 seed=seed)
+    text, source = None, "held-out prose"
+    if data:
+        try:
+            text = read_text_files(data)
+        except (OSError, ValueError) as err:
+            raise ParityInputError(str(err)) from None
+        source = "your data: " + ", ".join(Path(path).name for path in data)
     proto, payload, metadata, notes = _model_and_checkpoint(model_path, checkpoint_path)
+    if data:
+        notes.append(f"real-text cases and the generation prompt come from {source} ({len(text):,} bytes), "
+                     "not the built-in held-out prose")
     form = metadata["form"]
     precision = metadata.get("precision", "fp32")
     tolerance = resolve_tolerance(precision, atol, rtol)
@@ -268,7 +289,8 @@ def validate(
             raise ParityInputError(f"fp16 models run on CUDA: {FP16_CPU_REASON}; ask for cuda, not cpu only")
         requested = ["cpu", "cuda"]  # CPU is reported as not run; CUDA is where fp16 is measured
     report_dir = _checked_report_dir(report_dir, model_path, [*model_files(model_path), checkpoint_path,
-                                                             *model_files(adapter_path=adapter_path)])
+                                                             *model_files(adapter_path=adapter_path),
+                                                             *text_files(data)])
 
     sessions, statuses = {}, []
     for provider in requested:
@@ -291,18 +313,31 @@ def validate(
             raise ParityInputError(str(err)) from None
 
     model = build_model(payload, checkpoint_path)
+    lineage_failures = []
+    if tensors is not None:  # the adapter file must hold the checkpoint's trained weights, not just run
+        trained = adapter_tensors(model)
+        if trained:
+            lineage_failures = [f"adapter {adapter_path.name} is not {checkpoint_path.name}'s trained LoRA: {problem}"
+                                for problem in adapter_weight_mismatches(tensors, trained)]
+        else:
+            notes.append(f"{checkpoint_path.name} has no LoRA: the adapter file itself is the reference, its weights "
+                         "are not tied to a checkpoint")
     if form == "merged":
         merge_lora(model)
     variants = _variants(form, adapter_path, tensors)
-    cases = parity_cases(model.config, seed)
+    try:
+        cases = parity_cases(model.config, seed, text, source)
+    except ValueError as err:
+        raise ParityInputError(str(err)) from None
     rng = np.random.default_rng(seed + 1)
-    prompt = generation_prompt(min(PROMPT_BYTES, model.config.max_seq_len), rng)
+    prompt = generation_prompt(min(PROMPT_BYTES, model.config.max_seq_len), rng, text)
     latency_seq = min(LATENCY_MAX_SEQ, model.config.max_seq_len)
     latency_ids = rng.integers(0, VOCAB_SIZE, size=(1, latency_seq), dtype=np.int64)
     latency_mask = np.ones_like(latency_ids)
 
     comparisons, generations, latencies = [], [], []
-    histograms = {name: np.zeros(len(ERROR_HISTOGRAM_EDGES) - 1, np.int64) for name in sessions}
+    histograms = {f"{variant.name} | {name}": np.zeros(len(ERROR_HISTOGRAM_EDGES) - 1, np.int64)
+                  for variant in variants for name in sessions}
     total = len(variants) * len(sessions) * len(cases)
     report_progress, close_progress = _progress_callback(progress, total)
     try:
@@ -321,7 +356,7 @@ def validate(
                     failures = judge(metrics, tolerance)
                     comparisons.append(Comparison(variant.name, name, case.name, OUTPUT_NAMES[0], metrics,
                                                   not failures, failures))
-                    histograms[name] += counts
+                    histograms[f"{variant.name} | {name}"] += counts
                     report_progress(len(comparisons), f"{variant.name}/{name}/{case.name}")
                 ref_bytes, onnx_bytes = greedy_generation(session, variant, model, prompt, generate_bytes)
                 mismatch = np.flatnonzero(ref_bytes != onnx_bytes)
@@ -341,9 +376,11 @@ def validate(
                  for g in generations if not g.identical]
     failures += [f"precision {row['precision']} ({row['provider']}): {reason}"
                  for row in precisions or [] for reason in row["failures"]]
+    failures += lineage_failures
     failing = [c for c in comparisons if not c.passed]
-    worst = max(failing, key=lambda c: (not c.metrics.finite, c.metrics.tolerance_used or 0.0,
-                                        -c.metrics.top1_agreement), default=None)
+    # the worst case is named on a pass too: the comparison closest to its limit
+    worst = max(failing or comparisons, key=lambda c: (not c.metrics.finite, c.metrics.tolerance_used or 0.0,
+                                                       -c.metrics.top1_agreement), default=None)
     verdict = "not run" if not sessions else "failed" if failures else "passed"
     result = ParityResult(
         status=verdict, summary=_summary(verdict, comparisons, worst, failures, statuses, tolerance),
@@ -353,7 +390,7 @@ def validate(
         comparisons=comparisons, generations=generations, latencies=latencies, failures=failures, worst=worst,
         notes=notes, error_histograms=histograms,
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"), precisions=precisions,
-        report_dir=report_dir,
+        report_dir=report_dir, environment=machine_record(),
     )
     return _with_reports(result, report_dir)
 
@@ -434,7 +471,7 @@ def validate_decoder(
                   f"(>= {tolerance.top1_min:.0%})")
         summary = (f"PASS: {precision} decode parity through onnxruntime-genai, {len(runs)} runs "
                    f"({', '.join(dict.fromkeys(run.variant for run in runs))}), {detail}")
-    not_run = "; ".join(f"{p.name} not run: {p.reason}" for p in statuses if not p.ran)
+    not_run = "; ".join(f"{p.name} {p.brief()}" for p in statuses if not p.ran)
     result = ParityResult(
         status=verdict, summary=f"{summary}; {not_run}" if not_run else summary, model_path=model_dir,
         checkpoint_path=checkpoint_path, adapter_path=adapter_path, form=form, precision=precision,
@@ -443,5 +480,6 @@ def validate_decoder(
         variants=list(dict.fromkeys(run.variant for run in runs)), cases=[], comparisons=[], generations=[],
         latencies=[], failures=failures, worst=None, notes=notes, error_histograms={},
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"), decode=runs, report_dir=report_dir,
+        environment=machine_record(),
     )
     return _with_reports(result, report_dir)

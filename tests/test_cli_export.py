@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import shutil
@@ -166,3 +167,31 @@ def test_adapter_outputs_that_would_destroy_or_half_write_are_refused(adapter_ex
 def test_short_help_option():
     code, out, _ = invoke("-h")
     assert code == 0 and "validate" in out
+
+
+def test_forms_have_their_own_default_outputs_and_replacing_one_takes_force(tiny_checkpoint, tmp_path):
+    """merged and adapters-as-inputs of one checkpoint never collide; a second export to an existing output is
+    refused (exit 2, file untouched) until --force; --json puts exactly one verdict object on stdout; the .ort
+    builds are checked against their .onnx and listed; compare-reports tells two runs apart."""
+    checkpoint = tmp_path / "c.pt"
+    shutil.copy(tiny_checkpoint, checkpoint)
+    code, out, err = invoke(checkpoint, "--json", "--ort-format", "--providers", "cpu")
+    assert code == 0, err
+    verdict = json.loads(out)  # the only stdout line
+    assert verdict["status"] == "passed" and verdict["worst"]["case"] and verdict["providers"] == {
+        "CPUExecutionProvider": True}
+    assert "ORT format:" in err and "matches its fp32 .onnx" in err
+    code, _, err = invoke(checkpoint, "--adapters-as-inputs", "--no-validate")
+    assert code == 0, err
+    assert {p.name for p in tmp_path.iterdir()} >= {"c.onnx", "c.ort", "c.adapters.onnx", "c.adapters.onnx_adapter",
+                                                     "c_parity"}
+    before = (tmp_path / "c.onnx").read_bytes()
+    code, _, err = invoke(checkpoint, "--no-validate")
+    assert_one_line_error(code, err, "exists; pass --force to replace it")
+    assert (tmp_path / "c.onnx").read_bytes() == before
+    code, _, err = invoke(checkpoint, "--force", "--report", tmp_path / "second", "--providers", "cpu")
+    assert code == 0, err
+    code, out, err = invoke("compare-reports", tmp_path / "c_parity", tmp_path / "second")
+    assert code == 0 and out.startswith("verdict: passed -> passed") and "latency p50" in out, err
+    code, _, err = invoke("compare-reports", tmp_path / "c_parity", tmp_path / "missing")
+    assert_one_line_error(code, err, "no such report")

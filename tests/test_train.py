@@ -171,3 +171,17 @@ def assert_plain(value: object) -> None:
             assert_plain(v)
     else:
         assert value is None or type(value) in (str, int, float, bool), type(value)
+
+
+def test_data_directories_are_read_file_by_file_in_path_order(tmp_path):
+    from lora_export.train import read_text_files
+
+    (tmp_path / "corpus" / "b").mkdir(parents=True)
+    (tmp_path / "corpus" / "z.txt").write_bytes(b"last")
+    (tmp_path / "corpus" / "b" / "a.txt").write_bytes(b"first")
+    (tmp_path / "corpus" / ".hidden").write_bytes(b"never")
+    (tmp_path / "one.txt").write_bytes(b"given")
+    assert read_text_files([tmp_path / "corpus", tmp_path / "one.txt"]) == b"first\nlast\ngiven"
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="holds no files"):
+        read_text_files([tmp_path / "empty"])

@@ -107,7 +107,10 @@ def test_implicit_cuda_is_reported_not_run(merged_result: ParityResult, cuda_run
     status = next(p for p in merged_result.providers if p.requested == "cuda")
     assert not status.ran and status.reason
     assert "CUDAExecutionProvider" not in {c.provider for c in merged_result.comparisons}
-    assert f"not run: {status.reason}" in merged_result.report_files["markdown"].read_text()
+    markdown = merged_result.report_files["markdown"].read_text()
+    assert "not available on this machine (reason in parity.json)" in markdown and status.reason not in markdown
+    document = json.loads(merged_result.report_files["json"].read_text())
+    assert status.reason in [p["reason"] for p in document["providers"]]  # the detail stays in the JSON
     assert "not run" in merged_result.summary
 
 
@@ -191,6 +194,31 @@ def test_adapter_form_with_and_without_its_adapter(adapter_export: ExportResult,
                                for v in ("base", "adapter"))
     assert abs(base_loss - adapter_loss) > 1e-3  # the adapter really changes the model being compared
     assert {g.variant for g in result.generations} == {"base", "adapter"}
+
+
+def test_second_adapter_validates_against_its_own_checkpoint_and_the_wrong_one_fails(
+        adapter_export: ExportResult, tiny_checkpoint: Path, tmp_path: Path) -> None:
+    """Same base, other r, alpha and targets: validated against its own checkpoint it passes; against the first
+    checkpoint it fails naming a layer (the file runs, but is not that checkpoint's trained LoRA)."""
+    from conftest import same_base_other_rank
+
+    from lora_export.export import export_adapter
+
+    payload = read_checkpoint(tiny_checkpoint)
+    torch.manual_seed(3)
+    other = same_base_other_rank(tiny_checkpoint, r=2, seed=3)
+    config = ModelConfig.from_dict({**payload["config"], "r": 2, "lora_alpha": 3.0, "lora_targets": ["q", "ff"]})
+    second = LoRATransformerLM(config).eval()
+    second.load_state_dict({k: v for k, v in other.state_dict().items() if k in second.state_dict()}, strict=False)
+    save_checkpoint(tmp_path / "second.pt", second)
+    adapter = export_adapter(tmp_path / "second.pt", adapter_export.model_path, tmp_path / "second.onnx_adapter")
+    result = validate(adapter_export.model_path, tmp_path / "second.pt", adapter_path=adapter, providers=["cpu"],
+                      report_dir=tmp_path / "own", **FAST)
+    assert result.passed, result.summary
+    wrong = validate(adapter_export.model_path, tiny_checkpoint, adapter_path=adapter, providers=["cpu"],
+                     report_dir=tmp_path / "wrong", **FAST)
+    assert wrong.status == "failed" and "is not tiny.pt's trained LoRA: layer " in wrong.summary, wrong.summary
+    assert any("blocks.0.attn.to_k" in failure and "not in the adapter" in failure for failure in wrong.failures)
 
 
 # --------------------------------------------------------------------------- bad input
@@ -420,3 +448,21 @@ def test_a_tolerance_override_replaces_only_what_is_given(atol, rtol, expected) 
     tolerance = resolve_tolerance("fp32", atol, rtol)
     assert (tolerance.atol, tolerance.rtol) == expected and tolerance.top1_min == TOLERANCES["fp32"].top1_min
     assert resolve_tolerance("int8", None, None) == TOLERANCES["int8"]  # int8 keeps its elementwise check off
+
+
+def test_validation_on_the_users_own_text(merged_export: ExportResult, tiny_checkpoint: Path, tmp_path: Path) -> None:
+    """--data: the real-text cases and the prompt come from the user's files (a directory too), and say so."""
+    (tmp_path / "data" / "sub").mkdir(parents=True)
+    own = b"Quarterly revenue grew in every region we serve.\n" * 8
+    (tmp_path / "data" / "a.txt").write_bytes(own)
+    (tmp_path / "data" / "sub" / "b.txt").write_bytes(own.upper())
+    result = validate(merged_export.model_path, tiny_checkpoint, data=[tmp_path / "data"], providers=["cpu"],
+                      report_dir=tmp_path / "r", **FAST)
+    assert result.passed, result.summary
+    real_text = [case for case in result.cases if case.source != "random bytes"]
+    assert real_text and all(case.source == "your data: data" for case in real_text)
+    assert any("your data: data" in note for note in result.notes)
+    assert result.generations[0].prompt in own.decode() + own.upper().decode()
+    (tmp_path / "short.txt").write_bytes(b"too short")
+    with pytest.raises(ParityInputError, match="needs more than max_seq_len"):
+        validate(merged_export.model_path, tiny_checkpoint, data=[tmp_path / "short.txt"], report_dir=tmp_path / "s")

@@ -26,13 +26,13 @@ THREADS = 1
 BASE = "models/demo-base.pt"
 DEMO = "models/demo.pt"
 PRETRAIN = [
-    "pretrain", "-o", BASE,
+    "pretrain", "-o", BASE, "--force",
     "--dim", "128", "--depth", "4", "--heads", "4", "--dim-head", "32", "--local-heads", "2", "--window", "64",
     "--global-attn", "softmax", "--max-seq-len", "256", "--dropout", "0",
     "--steps", "2500", "--batch-size", "16", "--lr", "3e-3", "--eval-every", "250", "--seed", "0",
 ]
 ADAPT = [
-    "adapt", BASE, "-o", DEMO,
+    "adapt", BASE, "-o", DEMO, "--force",
     "--r", "8", "--alpha", "16", "--targets", "q,k,v,o,ff",
     "--steps", "400", "--batch-size", "16", "--lr", "3e-3", "--eval-every", "100", "--seed", "0",
 ]
