@@ -7,10 +7,11 @@ Olive's metric comparison, but of the parity verdicts lora-export writes.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
+
+from .files import read_json
 
 
 class ReportError(ValueError):
@@ -23,11 +24,9 @@ def load_report(path: str | os.PathLike) -> dict[str, Any]:
     if path.is_dir():
         path = path / "parity.json"
     try:
-        document = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ReportError(f"{path}: no such report") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ReportError(f"{path}: not a readable parity.json: {err}") from None
+        document = read_json(path)
+    except ValueError as err:
+        raise ReportError(f"{err} (expected a report directory or its parity.json)") from None
     if not isinstance(document, dict) or document.get("schema_version") != 1 or "comparisons" not in document:
         raise ReportError(f"{path}: not a lora-export parity.json (schema_version 1)")
     return document

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -248,3 +249,14 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     """
     with staged_outputs() as stage:
         write(str(stage.path(path)))
+
+
+def read_json(path: str | os.PathLike) -> object:
+    """The JSON value of a file. Raises ValueError with one line: no such file, or not readable JSON."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such file") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: not readable JSON: {err}") from None

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from .checkpoint import base_fingerprint, build_model, read_checkpoint, save_checkpoint
-from .files import file_sha256, staged_outputs
+from .files import file_sha256, read_json, staged_outputs
 from .layers import lora_layers
 from .model import LoRATransformerLM, ModelConfig, short_repr
 
@@ -57,11 +57,9 @@ def _read_config(directory: Path) -> dict[str, Any]:
         raise PeftError(f"{directory}: not a directory (a PEFT adapter directory holds {CONFIG_FILE} and "
                         f"{WEIGHTS_FILE})")
     try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise PeftError(f"{config_path}: no such file") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise PeftError(f"{config_path}: not readable JSON: {err}") from None
+        config = read_json(config_path)
+    except ValueError as err:
+        raise PeftError(str(err)) from None
     if not isinstance(config, dict):
         raise PeftError(f"{config_path}: not a JSON object")
     if config.get("peft_type") != "LORA":

@@ -194,4 +194,4 @@ def test_forms_have_their_own_default_outputs_and_replacing_one_takes_force(tiny
     code, out, err = invoke("compare-reports", tmp_path / "c_parity", tmp_path / "second")
     assert code == 0 and out.startswith("verdict: passed -> passed") and "latency p50" in out, err
     code, _, err = invoke("compare-reports", tmp_path / "c_parity", tmp_path / "missing")
-    assert_one_line_error(code, err, "no such report")
+    assert_one_line_error(code, err, "no such file")
