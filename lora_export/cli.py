@@ -34,7 +34,6 @@ from .edge import (
     quantize_int8,
 )
 from .export import (
-    DEFAULT_OPSET,
     EXTERNAL_DATA_THRESHOLD,
     check_adapter_file,
     check_output_path,
@@ -51,6 +50,7 @@ from .peft_io import CONFIG_FILE, WEIGHTS_FILE, from_peft, to_peft
 from .providers import normalize_providers
 from .report import REPORT_FILES
 from .runtime import DEVICES, Sampling, check_generation, generate_bytes
+from .tracing import DEFAULT_OPSET
 from .train import adapt, check_hyperparameters, load_data, pretrain
 from .validate import default_report_dir, validate
 

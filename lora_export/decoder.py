@@ -34,19 +34,17 @@ from .attention import fused_attention
 from .checkpoint import base_fingerprint, build_model, first_line, read_checkpoint
 from .edge import EdgeExportError, convert_model_fp16, quantize_model_int4, quantize_model_int8
 from .export import (
-    DEFAULT_OPSET,
     ExportError,
-    add_rank0_defaults,
     attention_kernels,
     count_parameters_onnx,
     model_files,
     set_metadata,
     strip_debug_info,
-    trace_forms,
     write_model_files,
 )
 from .files import OutputError, check_outputs, file_sha256, staged_outputs
 from .model import VOCAB_SIZE, LoRATransformerLM, ModelConfig
+from .tracing import DEFAULT_OPSET, add_rank0_defaults, trace_forms
 
 #: Positions a local slot keeps beyond its window (genai's ``cache_slack``, set explicitly: its per-provider
 #: default differs between CPU and CUDA).

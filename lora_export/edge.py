@@ -47,7 +47,6 @@ from .cases import heldout_text
 from .checkpoint import CheckpointError, build_model, first_line, read_checkpoint
 from .export import (
     EXTERNAL_DATA_THRESHOLD,
-    OUTPUT_NAMES,
     ExportError,
     check_output_path,
     load_onnx,
@@ -71,6 +70,7 @@ from .metrics import (
     percentiles_ms,
 )
 from .providers import open_session
+from .tracing import OUTPUT_NAMES
 
 PRECISIONS = ("fp32", "fp16", "int8", "int4")
 #: int4 blocks: 32 weights share a scale and a zero point (onnxruntime-genai's model builder's default block size).

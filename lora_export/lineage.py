@@ -14,10 +14,11 @@ import onnx
 
 from .adapters import AdapterError, check_adapter, model_version_from_fingerprint, read_adapter
 from .checkpoint import base_fingerprint
-from .export import FORMS, INPUT_NAMES, OUTPUT_NAMES
+from .export import FORMS
 from .files import file_sha256
 from .metrics import ParityInputError
 from .model import VOCAB_SIZE
+from .tracing import INPUT_NAMES, OUTPUT_NAMES
 
 REQUIRED_METADATA = ("form", "base_sha256", "model_config")
 #: The config fields of the LoRA alone: an adapters-as-inputs graph does not depend on them (any adapter on the

@@ -36,7 +36,7 @@ from .checkpoint import CheckpointError, build_model, first_line, read_checkpoin
 from .decode_parity import decode_parity
 from .decoder import ADAPTER_FILE, MODEL_FILE
 from .edge import EdgeExportError, compare_precisions
-from .export import OUTPUT_NAMES, ExportError, load_onnx, model_files, read_metadata
+from .export import ExportError, load_onnx, model_files, read_metadata
 from .files import OutputError, check_output_dir
 from .layers import merge_lora
 from .lineage import adapter_weight_mismatches, check_model_matches, load_adapter_for
@@ -64,6 +64,7 @@ from .providers import (
 )
 from .report import REPORT_FILES, write_reports
 from .results import Comparison, Generation, Latency, ParityResult
+from .tracing import OUTPUT_NAMES
 from .train import read_text_files, text_files
 
 GENERATE_BYTES = 24

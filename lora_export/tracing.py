@@ -1,0 +1,167 @@
+"""Tracing a lora-export model to ONNX with torch.onnx's dynamo exporter, in either form.
+
+merged: the LoRA folded into the base weights, a plain graph. adapters: every LoRA layer's A_t / B_t are graph
+inputs (``AdaptersAsInputs``), each layer with its own symbolic rank (``<path>.lora_rank``) and a rank-0 default
+initializer, so ONNX Runtime's multi-LoRA API feeds any adapter of the same base. ``trace_forms`` serves the
+scoring graph (``trace_to_onnx``) and the KV-cache decoder (``lora_export.decoder``). From opset 23 on the
+global softmax heads become ONNX ``Attention`` nodes; below it, ``decomposed_attention`` keeps the exporter off
+its own (mismatching) decomposition of a masked SDPA.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import io
+import logging
+import warnings
+from collections.abc import Callable
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+from .adapters import lora_input_specs, rank_axis
+from .attention import decomposed_attention
+from .layers import LoRALayer, lora_layers, merge_lora
+from .model import LoRATransformerLM, ModelConfig
+
+DEFAULT_OPSET = 23
+FUSED_ATTENTION_OPSET = 23  # the first with the standard Attention op
+INPUT_NAMES = ["input_ids", "attention_mask"]
+OUTPUT_NAMES = ["logits"]
+
+
+class AdaptersAsInputs(nn.Module):
+    """A module over ``base`` whose LoRA layers take A_t / B_t from forward() arguments (graph inputs).
+
+    forward(*inputs, A_0, B_0, A_1, B_1, ...): the first ``n_inputs`` arguments go to ``inner`` (``base`` itself
+    or a module built on it), the rest are the LoRA pairs of the layers in ``layer_names`` order. ``fold``: the
+    linear layers merge A_t @ B_t into their weight at run time (see ``LoRALayer.use_external_lora``).
+    """
+
+    def __init__(self, inner: nn.Module, base: LoRATransformerLM, layer_names: list[str], n_inputs: int,
+                 fold: bool = False) -> None:
+        super().__init__()
+        self.inner = inner
+        self.n_inputs = n_inputs
+        self.fold = fold
+        modules = dict(base.named_modules())
+        self.layers: list[LoRALayer] = [modules[name] for name in layer_names]
+
+    def forward(self, *args: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        inputs, lora = args[: self.n_inputs], args[self.n_inputs:]
+        for layer, lora_a_t, lora_b_t in zip(self.layers, lora[0::2], lora[1::2], strict=True):
+            layer.use_external_lora(lora_a_t, lora_b_t, self.fold)
+        try:
+            return self.inner(*inputs)
+        finally:
+            for layer in self.layers:
+                layer.use_external_lora(None, None)
+
+
+def base_model_of(model: LoRATransformerLM, state: dict[str, torch.Tensor]) -> LoRATransformerLM:
+    """A plain (r = 0) model of the same architecture holding ``state`` (base weights)."""
+    config = ModelConfig.from_dict({**model.config.to_dict(), "r": 0, "rank_pattern": {}, "alpha_pattern": {}})
+    base = LoRATransformerLM(config)
+    base.load_state_dict(state)
+    return base.eval()
+
+
+def _example_inputs(config: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    n = min(config.max_seq_len, max(3, config.local_attn_window_size + 3))
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 256, (2, n), generator=generator)
+    return ids, torch.ones(2, n, dtype=torch.int64)
+
+
+def _torch_export(module: nn.Module, args: tuple, input_names: list[str], dynamic_shapes: tuple,
+                  opset: int, output_names: list[str] = OUTPUT_NAMES) -> onnx.ModelProto:
+    """torch.onnx.export with the dynamo exporter, its console chatter and warnings silenced."""
+    torch_onnx_log = logging.getLogger("torch.onnx")
+    level = torch_onnx_log.level
+    torch_onnx_log.setLevel(logging.ERROR)
+    fused = contextlib.nullcontext() if opset >= FUSED_ATTENTION_OPSET else decomposed_attention()
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), fused:
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(
+                module, args, dynamo=True, input_names=input_names, output_names=output_names,
+                dynamic_shapes=dynamic_shapes, opset_version=opset, optimize=True, verbose=False,
+            )
+    finally:
+        torch_onnx_log.setLevel(level)
+    return program.model_proto
+
+
+def trace_to_onnx(model: LoRATransformerLM, form: str, opset: int) -> tuple[onnx.ModelProto, list[str]]:
+    """Export ``model`` (unmerged checkpoint model) in ``form``; returns the proto and its LoRA layer names."""
+    ids, mask = _example_inputs(model.config)
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    seq = torch.export.Dim("seq", min=1, max=model.config.max_seq_len)
+    # a scoring pass runs many tokens through each weight: the LoRA inputs are folded into it at run time
+    return trace_forms(model, form, opset, lambda base: base, (ids, mask), INPUT_NAMES,
+                       [{0: batch, 1: seq}, {0: batch, 1: seq}], OUTPUT_NAMES, fold_lora=True)
+
+
+def _dynamic_shapes(module: nn.Module, shapes: list[dict]) -> tuple:
+    """torch.export's dynamic_shapes for ``shapes`` (one per argument): one entry per parameter of forward, so a
+    forward(*args) takes them all as one tuple."""
+    parameters = list(inspect.signature(module.forward).parameters.values())
+    if parameters and parameters[0].kind is inspect.Parameter.VAR_POSITIONAL:
+        return (tuple(shapes),)
+    return tuple(shapes)
+
+
+def trace_forms(model: LoRATransformerLM, form: str, opset: int, build: Callable[[LoRATransformerLM], nn.Module],
+                args: tuple, input_names: list[str], shapes: list[dict], output_names: list[str],
+                fold_lora: bool = False) -> tuple[onnx.ModelProto, list[str]]:
+    """Export ``build(base)`` in ``form`` with the dynamo exporter; returns the proto and its LoRA layer names.
+
+    merged: the LoRA folded into the base first. adapters: every LoRA layer's A_t / B_t become graph inputs after
+    ``input_names`` (a rank of its own per layer). ``build`` turns the plain base model into the module to export
+    (the model itself, or a decoder over it) whose forward takes ``args`` (dynamic shapes ``shapes``).
+    ``fold_lora``: the adapter form's linear layers merge their LoRA inputs into the weight at run time.
+    """
+    if form == "merged":
+        merge_lora(model, safe_merge=True)
+    base = base_model_of(model, {k: v for k, v in model.state_dict().items() if "lora_" not in k})
+    if form == "merged":
+        module = build(base)
+        return _torch_export(module, args, input_names, _dynamic_shapes(module, shapes), opset, output_names), []
+    names, lora_args, lora_names, lora_shapes = [], [], [], []
+    example_rank = 3  # any rank > 1: torch.export specialises 0 and 1
+    for index, (name, layer) in enumerate(lora_layers(model)):
+        rank = torch.export.Dim(f"lora_rank_{index}", min=1, max=4096)  # one rank per layer
+        names.append(name)
+        lora_args += [torch.zeros(layer.in_features, example_rank), torch.zeros(example_rank, layer.out_features)]
+        lora_names += [f"{name}.lora_A", f"{name}.lora_B"]
+        lora_shapes += [{1: rank}, {0: rank}]
+    module = AdaptersAsInputs(build(base), base, names, len(args), fold_lora)
+    proto = _torch_export(module, (*args, *lora_args), input_names + lora_names,
+                          _dynamic_shapes(module, shapes + lora_shapes), opset, output_names)
+    name_rank_axes(proto, names)
+    return proto, names
+
+
+def name_rank_axes(model: onnx.ModelProto, layer_names: list[str]) -> None:
+    """Rename the exporter's per-layer rank symbols (``lora_rank_<i>``) to ``<layer path>.lora_rank``."""
+    renames = {f"lora_rank_{index}": rank_axis(name) for index, name in enumerate(layer_names)}
+    values = [*model.graph.input, *model.graph.output, *model.graph.value_info]
+    for value in values:
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.HasField("dim_param") and dim.dim_param in renames:
+                dim.dim_param = renames[dim.dim_param]
+
+
+def add_rank0_defaults(model: onnx.ModelProto) -> None:
+    """Give every LoRA input a same-named rank-0 initializer: no adapter fed = the base model."""
+    existing = {init.name for init in model.graph.initializer}
+    for name, (elem_type, dims) in lora_input_specs(model).items():
+        if name in existing:
+            continue
+        shape = [0 if isinstance(d, str) else d for d in dims]
+        array = np.zeros(shape, dtype=onnx.helper.tensor_dtype_to_np_dtype(elem_type))
+        model.graph.initializer.append(onnx.numpy_helper.from_array(array, name))
+    model.ir_version = max(model.ir_version, 4)
