@@ -35,11 +35,13 @@ class LineProgress:
 
     def update(self, n: int = 1) -> None:
         self.n += n
-        while self.enabled and self.total and self.n * LINES >= self._next * self.total:
+        if not (self.enabled and self.total and self.n * LINES >= self._next * self.total):
+            return
+        while self.n * LINES >= self._next * self.total:  # one line, however many tenths this step crossed
             self._next += 1
-            suffix = f" {self.postfix}" if self.postfix else ""
-            print(f"{self.desc}: {self.n}/{self.total} ({100 * self.n // self.total}%){suffix}", file=sys.stderr,
-                  flush=True)
+        suffix = f" {self.postfix}" if self.postfix else ""
+        print(f"{self.desc}: {self.n}/{self.total} ({100 * self.n // self.total}%){suffix}", file=sys.stderr,
+              flush=True)
 
     def close(self) -> None:
         pass

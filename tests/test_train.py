@@ -185,3 +185,21 @@ def test_data_directories_are_read_file_by_file_in_path_order(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="holds no files"):
         read_text_files([tmp_path / "empty"])
+
+
+def test_progress_off_a_terminal_is_a_few_plain_lines(capsys):
+    """A log gets at most one line per tenth of the work, no carriage-return frames, each count once."""
+    from lora_export.progress import progress_bar
+
+    bar = progress_bar(range(250), desc="pretrain")
+    for step in bar:
+        bar.set_postfix(loss=f"{step:.1f}")
+    small = progress_bar(total=8, desc="parity")
+    for done in range(1, 9):
+        small.update(1)
+    lines = capsys.readouterr().err.splitlines()
+    assert "\r" not in "".join(lines)
+    pretrain = [line for line in lines if line.startswith("pretrain")]
+    assert len(pretrain) == 10 and pretrain[-1].startswith("pretrain: 250/250 (100%) loss=249.0")
+    parity = [line.split(" (")[0] for line in lines if line.startswith("parity")]
+    assert len(parity) == len(set(parity)) == 8
