@@ -365,6 +365,14 @@ def render_html(result: ParityResult) -> str:
                     f"(variant {html.escape(worst.variant)}, {html.escape(worst.provider)}, output "
                     f"{html.escape(worst.output)}): max |error| {worst.metrics.max_abs:.3g}, {html.escape(outcome)}"
                     "</p>")
+    elif result.decode:
+        run = max(result.decode, key=lambda r: (not r.passed, r.tolerance_used or 0.0, -r.top1_agreement))
+        limit = ("" if run.tolerance_used is None else f"{run.tolerance_used:.1%} of the tolerance, ") + (
+            f"step top-1 {run.top1_agreement:.1%}")
+        body.append(f"<p id='worst'><strong>Worst run:</strong> {html.escape(run.variant)} on genai "
+                    f"{html.escape(run.device)}: max |error| {run.max_abs:.3g}, {limit}, "
+                    f"{'bytes identical' if run.identical else f'bytes differ from byte {run.first_mismatch}'}; "
+                    f"{'passes' if run.passed else html.escape('; '.join(run.failures))}</p>")
     body.append("<ul id='providers'>" + "".join(
         f"<li><strong>{html.escape(p.name)}</strong>: <span{_cell_class(p.brief())}>{html.escape(p.brief())}</span>"
         + (f" (session providers: {html.escape(', '.join(p.session_providers))})" if p.ran else "") + "</li>"

@@ -4,6 +4,7 @@ adapters swapped on one loaded model, a bounded local cache, one-line refusals."
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -184,7 +185,8 @@ def test_validate_decoder_directories_pass(genai_merged, genai_adapters, tiny_ch
     jsonschema.validate(document, json.loads(SCHEMA_PATH.read_text()))
     assert "## Decode (onnxruntime-genai)" in (tmp_path / "a" / "parity.md").read_text()
     page = (tmp_path / "a" / "parity.html").read_text()
-    assert "Decode latency per byte against position" in page and "Error histogram" not in page
+    assert "Decode latency per byte against position" in page and "as a share of its pass boundary" not in page
+    assert re.search(r"<strong>Worst run:</strong> (base|adapter trained) on genai cpu: .*passes</p>", page)
 
 
 @pytest.mark.parametrize(("shift", "failure"), [(5e-3, "step logits"), (100.0, "greedy bytes differ")])

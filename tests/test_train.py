@@ -195,7 +195,7 @@ def test_progress_off_a_terminal_is_a_few_plain_lines(capsys):
     for step in bar:
         bar.set_postfix(loss=f"{step:.1f}")
     small = progress_bar(total=8, desc="parity")
-    for done in range(1, 9):
+    for _ in range(8):
         small.update(1)
     lines = capsys.readouterr().err.splitlines()
     assert "\r" not in "".join(lines)
