@@ -25,7 +25,6 @@ from .checkpoint import CHECKPOINT_SUFFIXES, CheckpointError, first_line, save_c
 from .compare import compare_reports, load_report, render_comparison
 from .decoder import export_decoder
 from .edge import (
-    check_ort_format,
     convert_fp16,
     convert_ort_format,
     ort_format_outputs,
@@ -47,6 +46,7 @@ from .launch import INTERRUPTED_EXIT, TERMINATED_EXIT, Terminated
 from .metrics import resolve_tolerance
 from .model import ModelConfig
 from .peft_io import CONFIG_FILE, WEIGHTS_FILE, from_peft, to_peft
+from .precisions import check_ort_format
 from .providers import normalize_providers
 from .report import REPORT_FILES
 from .runtime import DEVICES, Sampling, check_generation, generate_bytes

@@ -81,7 +81,7 @@ class ParityResult:
     error_histograms: dict[str, np.ndarray]  # provider -> counts of log10 |onnx - torch| in ERROR_HISTOGRAM_EDGES
     created: str
     tool_version: str = __version__
-    #: rows of ``lora_export.edge.compare_precisions`` (validate's precision_models), None when not measured
+    #: rows of ``lora_export.precisions.compare_precisions`` (validate's precision_models), None when not measured
     precisions: list[dict] | None = None
     #: decode parity of a genai decoder directory (``lora_export.decode_parity``), empty for a scoring graph
     decode: list[DecodeRun] = field(default_factory=list)

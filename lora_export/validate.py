@@ -12,7 +12,7 @@ The model and adapter must come from the checkpoint (``lora_export.lineage``). W
 for it explicitly. fp16 models (``lora_export.precision`` metadata) are measured on CUDA only: ONNX Runtime's CPU
 provider has few float16 kernels. When no provider ran, the result's ``status`` is ``'not run'``: neither passed
 nor failed. Given the edge builds of the model (``precision_models``), the report also carries
-``lora_export.edge.compare_precisions``'s table across fp32 / fp16 / int8.
+``lora_export.precisions.compare_precisions``'s table across fp32 / fp16 / int8.
 Reports are written by ``lora_export.report``.
 """
 
@@ -35,7 +35,7 @@ from .cases import generation_prompt, parity_cases
 from .checkpoint import CheckpointError, build_model, first_line, read_checkpoint
 from .decode_parity import decode_parity
 from .decoder import ADAPTER_FILE, MODEL_FILE
-from .edge import EdgeExportError, compare_precisions
+from .edge import EdgeExportError
 from .export import ExportError, load_onnx, model_files, read_metadata
 from .files import OutputError, check_output_dir
 from .layers import merge_lora
@@ -53,6 +53,7 @@ from .metrics import (
     resolve_tolerance,
 )
 from .model import VOCAB_SIZE, LoRATransformerLM
+from .precisions import compare_precisions
 from .progress import progress_bar
 from .providers import (
     PROVIDERS,
@@ -251,7 +252,7 @@ def validate(
     report_dir defaults to ``<model stem>_parity/`` beside the model. progress: True for a tqdm bar on stderr,
     or a callback(done, total, label) per case. precision_models: {precision: .onnx path} of builds of the
     same export (e.g. fp32 / fp16 / int8) for the report's precision table, measured by
-    ``lora_export.edge.compare_precisions`` with ``latency_runs`` timed runs. data: the user's text files (as
+    ``lora_export.precisions.compare_precisions`` with ``latency_runs`` timed runs. data: the user's text files (as
     ``lora-train --data``; directories of them too) for the real-text cases and the generation prompt instead of
     the built-in held-out prose; the cases' ``source`` and a note name them.
 

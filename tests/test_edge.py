@@ -21,16 +21,15 @@ from lora_export.adapters import activate_adapters, attach_adapter, lora_input_s
 from lora_export.checkpoint import load_checkpoint, save_checkpoint
 from lora_export.edge import (
     EdgeExportError,
-    compare_precisions,
     constant_weight_nodes,
     convert_fp16,
     convert_ort_format,
-    heldout_windows,
     quantize_int4,
     quantize_int8,
 )
 from lora_export.export import ExportResult, export_adapter, read_metadata
 from lora_export.metrics import TOLERANCES, ParityInputError, compare_logits, judge
+from lora_export.precisions import compare_precisions, heldout_windows
 from lora_export.validate import validate
 
 FAST = {"warmup": 1, "runs": 3}
