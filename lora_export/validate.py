@@ -447,6 +447,10 @@ def validate_decoder(
                                                             *model_files(adapter_path=adapter_path)])
 
     model = build_model(payload, checkpoint_path)
+    # the directory's own adapter must be the checkpoint's trained LoRA (a given --adapter may be any other)
+    lineage_failures = [f"{ADAPTER_FILE} is not {checkpoint_path.name}'s trained LoRA: {problem}"
+                        for problem in adapter_weight_mismatches(adapters["trained"][1], adapter_tensors(model))
+                        ] if "trained" in adapters else []
     window = model.config.local_attn_window_size
     prompt = generation_prompt(min(window + 8, model.config.max_seq_len // 2), np.random.default_rng(seed + 1))[0]
     statuses, runs = [], []
@@ -461,6 +465,7 @@ def validate_decoder(
                                                f"onnxruntime-genai: {first_line(err)}") from None
             statuses.append(ProviderStatus(provider, PROVIDERS[provider], False, [], first_line(err)))
     failures = [f"decode ({run.variant}, genai {run.device}): {reason}" for run in runs for reason in run.failures]
+    failures += lineage_failures
     verdict = "failed" if failures else "passed"
     if failures:
         summary = f"FAIL: {failures[0]}; {len(failures)} failing checks"

@@ -275,3 +275,19 @@ def test_int4_decoder_runs_in_genai_with_the_fp32_adapter(tiny_checkpoint, genai
     result = validate(directory, tiny_checkpoint, providers=["cpu"], report_dir=tmp_path / "r")
     assert result.precision == "int4" and all(run.tolerance_used is None for run in result.decode)
     assert result.passed == all(run.top1_agreement >= 0.9 for run in result.decode)
+
+
+def test_decoder_directory_whose_adapter_is_not_the_checkpoints_fails_naming_the_layer(genai_adapters,
+                                                                                       tiny_checkpoint, tmp_path):
+    from lora_export.adapters import write_adapter
+
+    broken = tmp_path / "broken"
+    shutil.copytree(genai_adapters, broken)
+    tensors, version = read_adapter(broken / ADAPTER_FILE)
+    tensors["blocks.0.attn.to_v.lora_B"] = tensors["blocks.0.attn.to_v.lora_B"] * 1.5
+    (broken / ADAPTER_FILE).unlink()
+    (broken / f"{ADAPTER_FILE}.json").unlink()
+    write_adapter(broken / ADAPTER_FILE, tensors, version)
+    result = validate(broken, tiny_checkpoint, providers=["cpu"], report_dir=tmp_path / "r")
+    assert result.status == "failed"
+    assert any("is not tiny.pt's trained LoRA: layer blocks.0.attn.to_v" in f for f in result.failures), result.failures
