@@ -43,18 +43,21 @@ class LoRALayer:
         self.external_lora: tuple[torch.Tensor, torch.Tensor] | None = None
         self.fold_external_lora = False
 
+    def new_lora_parameters(self) -> None:
+        """Fresh lora_A [r, in_features] (Kaiming-uniform, a = sqrt(5)) and lora_B [out_features, r] (zeros), so
+        the update starts at exactly zero."""
+        device = self.weight.device
+        self.lora_A = nn.Parameter(torch.empty(self.r, self.in_features, device=device))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, self.r, device=device))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+
     def set_rank(self, r: int, lora_alpha: float) -> None:
         """Give this LoRA layer its own rank and alpha (``ModelConfig.rank_pattern`` / ``alpha_pattern``, PEFT's
-        per-layer ranks): a fresh Kaiming-uniform lora_A [r, in] and zero lora_B [out, r], as at construction."""
-        if self.r == 0 or self.merged:
-            raise ValueError("set_rank needs an unmerged layer that has LoRA (r > 0)")
+        per-layer ranks), with new parameters as at construction."""
+        if self.r == 0 or self.merged or r < 1:
+            raise ValueError("set_rank needs an unmerged layer that has LoRA (r > 0) and a new r >= 1")
         self.init_lora(r, lora_alpha, self.use_rslora)
-        if r == 0:
-            raise ValueError("set_rank needs r >= 1")
-        device = self.weight.device
-        self.lora_A = nn.Parameter(torch.empty(r, self.in_features, device=device))
-        self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, device=device))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.new_lora_parameters()
 
     def delta_weight(self) -> torch.Tensor:
         """scaling * B @ A in the base weight's layout."""
@@ -125,9 +128,7 @@ class LoRALinear(nn.Linear, LoRALayer):
         nn.Linear.__init__(self, in_features, out_features, bias=bias)
         self.init_lora(r, lora_alpha, use_rslora)
         if r > 0:
-            self.lora_A = nn.Parameter(torch.empty(r, in_features))
-            self.lora_B = nn.Parameter(torch.zeros(out_features, r))
-            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+            self.new_lora_parameters()
             self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
             self.weight.requires_grad = False
             if self.bias is not None:
@@ -138,12 +139,13 @@ class LoRALinear(nn.Linear, LoRALayer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., in_features] -> [..., out_features]."""
+        if self.external_lora is not None and self.fold_external_lora:
+            lora_a_t, lora_b_t = self.external_lora
+            folded = x @ (self.weight.T + lora_a_t @ lora_b_t)
+            return folded if self.bias is None else folded + self.bias
         result = F.linear(x, self.weight, self.bias)
         if self.external_lora is not None:
             lora_a_t, lora_b_t = self.external_lora
-            if self.fold_external_lora:
-                folded = x @ (self.weight.T + lora_a_t @ lora_b_t)
-                return folded if self.bias is None else folded + self.bias
             return result + (x @ lora_a_t) @ lora_b_t
         if self.r > 0 and not self.merged:
             result = result + (self.lora_dropout(x) @ self.lora_A.T @ self.lora_B.T) * self.scaling
@@ -172,9 +174,7 @@ class LoRAEmbedding(nn.Embedding, LoRALayer):
         self.init_lora(r, lora_alpha, use_rslora)
         self.in_features, self.out_features = num_embeddings, embedding_dim
         if r > 0:
-            self.lora_A = nn.Parameter(torch.empty(r, num_embeddings))
-            self.lora_B = nn.Parameter(torch.zeros(embedding_dim, r))
-            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+            self.new_lora_parameters()
             self.weight.requires_grad = False
 
     def delta_weight(self) -> torch.Tensor:
