@@ -12,12 +12,12 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from .adapters import AdapterError, check_adapter, model_version_from_fingerprint, read_adapter
+from .adapters import AdapterError, adapter_tensors, check_adapter, model_version_from_fingerprint, read_adapter
 from .checkpoint import base_fingerprint
 from .export import FORMS
 from .files import file_sha256
 from .metrics import ParityInputError
-from .model import VOCAB_SIZE
+from .model import VOCAB_SIZE, LoRATransformerLM
 from .tracing import INPUT_NAMES, OUTPUT_NAMES
 
 REQUIRED_METADATA = ("form", "base_sha256", "model_config")
@@ -126,6 +126,17 @@ def adapter_weight_mismatches(adapter: dict[str, np.ndarray], trained: dict[str,
             diff = float(np.abs(adapter[name].astype(np.float64) - trained[name]).max())
             problems.append(f"layer {layer}: {name} differs from the checkpoint's (max |diff| {diff:.3g})")
     return list(dict.fromkeys(problems))
+
+
+def trained_lora_failures(adapter_name: str, adapter: dict[str, np.ndarray], model: LoRATransformerLM,
+                          checkpoint_path: Path) -> list[str] | None:
+    """Failures, one per differing layer, when ``adapter`` is not ``model``'s trained LoRA (the checkpoint at
+    ``checkpoint_path``); None when the checkpoint has no LoRA to hold it against."""
+    trained = adapter_tensors(model)
+    if not trained:
+        return None
+    return [f"{adapter_name} is not {checkpoint_path.name}'s trained LoRA: {problem}"
+            for problem in adapter_weight_mismatches(adapter, trained)]
 
 
 def load_adapter_for(adapter_path: Path, proto: onnx.ModelProto, metadata: dict[str, str]

@@ -137,8 +137,11 @@ def compare_logits(got: np.ndarray, ref: np.ndarray, input_ids: np.ndarray, atte
     cosine = float(flat_a @ flat_b / norms) if norms > 0 else float(np.array_equal(flat_a, flat_b))
     worst = np.unravel_index(int(np.nanargmax(diff)) if not np.isnan(diff).all() else 0, diff.shape)
     row, pos = np.argwhere(real)[worst[0]]
+    # each element's pass boundary; precisions without an elementwise limit use fp32's, for the histogram's scale
+    scale = tolerance if tolerance.atol is not None else TOLERANCES["fp32"]
+    boundary = scale.atol + scale.rtol * abs_b
     if tolerance.atol is not None:
-        allowed = tolerance.atol + tolerance.rtol * abs_b
+        allowed = boundary
         used = np.divide(diff, allowed, out=np.zeros_like(diff), where=diff != 0)  # 0/0 (exact) uses nothing
         tolerance_used, outside = float(used.max()), int(np.sum(~(diff <= allowed)))
         tie = tolerance.atol + tolerance.rtol * np.abs(b.max(axis=-1))
@@ -156,8 +159,7 @@ def compare_logits(got: np.ndarray, ref: np.ndarray, input_ids: np.ndarray, atte
         loss_ref=next_byte_loss(ref, input_ids, attention_mask),
         loss_onnx=next_byte_loss(got, input_ids, attention_mask),
     )
-    scale = tolerance if tolerance.atol is not None else TOLERANCES["fp32"]
-    share = diff / (scale.atol + scale.rtol * abs_b)
+    share = diff / boundary
     low, high = ERROR_HISTOGRAM_EDGES[0], ERROR_HISTOGRAM_EDGES[-1]
     log_share = np.log10(np.clip(share[np.isfinite(share)], 10.0**low, 10.0**high))
     return metrics, np.histogram(log_share, bins=ERROR_HISTOGRAM_EDGES)[0]

@@ -30,7 +30,7 @@ import onnx
 import onnxruntime as ort
 import torch
 
-from .adapters import activate_adapters, adapter_tensors, attach_adapter
+from .adapters import activate_adapters, attach_adapter
 from .cases import generation_prompt, parity_cases
 from .checkpoint import CheckpointError, build_model, first_line, read_checkpoint
 from .decode_parity import decode_parity
@@ -39,7 +39,7 @@ from .edge import EdgeExportError
 from .export import ExportError, load_onnx, model_files, read_metadata
 from .files import OutputError, check_output_dir
 from .layers import merge_lora
-from .lineage import adapter_weight_mismatches, check_model_matches, load_adapter_for
+from .lineage import check_model_matches, load_adapter_for, trained_lora_failures
 from .metrics import (
     ERROR_HISTOGRAM_EDGES,
     LATENCY_MAX_SEQ,
@@ -268,11 +268,12 @@ def validate(
                                 explicit_providers=explicit_providers, atol=atol, rtol=rtol, report_dir=report_dir,
                                 seed=seed)
     text, source = None, "held-out prose"
+    try:
+        data_files = text_files(data)  # directories walked once: read here, checked against the outputs below
+        text = read_text_files(data_files) if data_files else None
+    except (OSError, ValueError) as err:
+        raise ParityInputError(str(err)) from None
     if data:
-        try:
-            text = read_text_files(data)
-        except (OSError, ValueError) as err:
-            raise ParityInputError(str(err)) from None
         source = "your data: " + ", ".join(Path(path).name for path in data)
     proto, payload, metadata, notes = _model_and_checkpoint(model_path, checkpoint_path)
     if data:
@@ -292,7 +293,7 @@ def validate(
         requested = ["cpu", "cuda"]  # CPU is reported as not run; CUDA is where fp16 is measured
     report_dir = _checked_report_dir(report_dir, model_path, [*model_files(model_path), checkpoint_path,
                                                              *model_files(adapter_path=adapter_path),
-                                                             *text_files(data)])
+                                                             *data_files])
 
     sessions, statuses = {}, []
     for provider in requested:
@@ -317,11 +318,9 @@ def validate(
     model = build_model(payload, checkpoint_path)
     lineage_failures = []
     if tensors is not None:  # the adapter file must hold the checkpoint's trained weights, not just run
-        trained = adapter_tensors(model)
-        if trained:
-            lineage_failures = [f"adapter {adapter_path.name} is not {checkpoint_path.name}'s trained LoRA: {problem}"
-                                for problem in adapter_weight_mismatches(tensors, trained)]
-        else:
+        lineage_failures = trained_lora_failures(f"adapter {adapter_path.name}", tensors, model, checkpoint_path)
+        if lineage_failures is None:
+            lineage_failures = []
             notes.append(f"{checkpoint_path.name} has no LoRA: the adapter file itself is the reference, its weights "
                          "are not tied to a checkpoint")
     if form == "merged":
@@ -448,9 +447,8 @@ def validate_decoder(
 
     model = build_model(payload, checkpoint_path)
     # the directory's own adapter must be the checkpoint's trained LoRA (a given --adapter may be any other)
-    lineage_failures = [f"{ADAPTER_FILE} is not {checkpoint_path.name}'s trained LoRA: {problem}"
-                        for problem in adapter_weight_mismatches(adapters["trained"][1], adapter_tensors(model))
-                        ] if "trained" in adapters else []
+    lineage_failures = (trained_lora_failures(ADAPTER_FILE, adapters["trained"][1], model, checkpoint_path) or []
+                        if "trained" in adapters else [])
     window = model.config.local_attn_window_size
     prompt = generation_prompt(min(window + 8, model.config.max_seq_len // 2), np.random.default_rng(seed + 1))[0]
     statuses, runs = [], []
