@@ -11,15 +11,13 @@ intra-op threads would slow the others), min and median over ``--rounds`` rounds
 And on a long-context config (max_seq_len 4096, window 64, random weights): the bytes the local heads' cache
 slot holds after 100 and after 4000 steps of the exported decoder graph (equal when the cache is bounded).
 
-Usage: python tools/bench_decode.py [--rounds 30] [--threads 1,2]. Prints the machine (CPU, load, versions) first.
+Usage: python tools/bench_decode.py [--rounds 30] [--threads 1,2]. Prints the machine record (CPU, SIMD, load, versions) first.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import shutil
 import statistics
 import tempfile
@@ -36,6 +34,7 @@ from lora_export.checkpoint import load_checkpoint, save_checkpoint
 from lora_export.decoder import MODEL_FILE, export_decoder
 from lora_export.export import export_onnx
 from lora_export.model import LoRATransformerLM, ModelConfig
+from lora_export.providers import machine_record
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "models" / "demo.pt"
@@ -122,8 +121,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--threads", default="1,2")
     args = parser.parse_args()
-    print(f"cpu: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; load {os.getloadavg()[0]:.2f}; "
-          f"torch {torch.__version__}, onnxruntime {ort.__version__}, onnxruntime-genai {og.__version__}")
+    print(json.dumps(machine_record()))
     work = Path(tempfile.mkdtemp(prefix="bench_decode."))
     try:
         genai_dir = export_decoder(DEMO, work / "demo_genai")

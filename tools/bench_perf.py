@@ -2,7 +2,7 @@
 
 Everything in one run, at 1 and 2 threads (``--threads``), at (batch, N) = (8, 256) and (1, 256):
 
-* the machine: CPU model and flags, load average, library versions, and its fp32 GEMM peak (torch.matmul of
+* the machine (``lora_export.providers.machine_record``: CPU model, SIMD features, load, versions), and its fp32 GEMM peak (torch.matmul of
   2048 x 2048 x 2048 and of the model's own 2048 x 128 x 512 shape, the best of both);
 * latency of PyTorch eager (merged model, no_grad), ``torch.compile`` (inductor) of the same model, and ONNX
   Runtime CPU: merged fp32, adapters-as-inputs with the trained adapter active, int8 and int4 of the merged
@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -46,26 +45,12 @@ from lora_export.export import export_onnx
 from lora_export.layers import merge_lora
 from lora_export.model import LoRATransformerLM, ModelConfig
 from lora_export.precisions import compare_precisions
+from lora_export.providers import machine_record
 
 SHAPES = [(8, 256), (1, 256)]
 TARGETS = {"merged_share_of_peak_8x256": 0.50, "merged_over_compile_8x256": 0.60, "merged_over_eager_1x256": 0.50,
            "adapters_over_merged": 1.10, "int8_over_fp32_8x256": 0.70, "int8_top1": 0.98, "int4_size_ratio": 0.20,
            "int4_top1": 0.97, "local_scaling_8192_over_2048": 4.5}
-
-
-def machine() -> dict:
-    """CPU model and the SIMD flags that matter for the kernels, load average, versions."""
-    flags, model = set(), platform.processor()
-    with open("/proc/cpuinfo") as cpuinfo:
-        for line in cpuinfo:
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-            elif line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-    wanted = ["avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_int8", "amx_bf16"]
-    return {"cpu": model, "cores": os.cpu_count(), "flags": {flag: flag in flags for flag in wanted},
-            "load_average": os.getloadavg(), "python": platform.python_version(), "torch": torch.__version__,
-            "onnxruntime": ort.__version__, "onnx": onnx.__version__}
 
 
 def blocks_ms(step: Callable[[], object], rounds: int, repeats: int) -> list[float]:
@@ -145,7 +130,7 @@ def main() -> None:
     args = parser.parse_args()
     if not args.checkpoint.is_file():
         sys.exit(f"{args.checkpoint}: no such checkpoint (make the demo with: python tools/make_demo.py)")
-    results: dict = {"machine": machine(), "checkpoint": str(args.checkpoint), "rounds": args.rounds,
+    results: dict = {"machine": machine_record(), "checkpoint": str(args.checkpoint), "rounds": args.rounds,
                      "repeats": args.repeats, "threads": {}}
     print(json.dumps(results["machine"]))
     with tempfile.TemporaryDirectory(prefix="bench_perf.") as tmp_name:
