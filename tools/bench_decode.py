@@ -11,7 +11,8 @@ intra-op threads would slow the others), min and median over ``--rounds`` rounds
 And on a long-context config (max_seq_len 4096, window 64, random weights): the bytes the local heads' cache
 slot holds after 100 and after 4000 steps of the exported decoder graph (equal when the cache is bounded).
 
-Usage: python tools/bench_decode.py [--rounds 30] [--threads 1,2]. Prints the machine record (CPU, SIMD, load, versions) first.
+Usage: python tools/bench_decode.py [--rounds 30] [--threads 1,2]. Prints the machine record (CPU, SIMD, load,
+versions) first.
 """
 
 from __future__ import annotations
