@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from .checkpoint import first_line
-from .files import StagedOutputs, staged_outputs
+from .files import StagedOutputs, check_input_file, read_json, staged_outputs
 from .layers import LoRALayer, lora_layers
 
 ADAPTER_VERSION = 1
@@ -116,15 +116,15 @@ def _ort_message(err: BaseException) -> str:
 def _verify_record(path: Path, tensors: Mapping[str, np.ndarray], model_version: int) -> None:
     """Hold the adapter's tensors against its integrity record, when it has one. Raises AdapterError."""
     record_path = adapter_record_path(path)
-    if not record_path.is_file():
+    if not (record_path.exists() or record_path.is_symlink()):
         return
     try:
-        record = json.loads(record_path.read_text(encoding="utf-8"))
-        recorded = record["tensors"]
-        if record.get("format") != RECORD_FORMAT or not isinstance(recorded, dict):
-            raise ValueError("not a lora-export adapter record")
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise AdapterError(f"{record_path}: unreadable integrity record: {first_line(err)}") from None
+        record = read_json(record_path)
+    except ValueError as err:
+        raise AdapterError(f"{first_line(err)} (the adapter's integrity record)") from None
+    recorded = record.get("tensors") if isinstance(record, dict) else None
+    if not isinstance(recorded, dict) or record.get("format") != RECORD_FORMAT:
+        raise AdapterError(f"{record_path}: unreadable integrity record: not a lora-export adapter record")
     if record.get("model_version") != model_version:
         raise AdapterError(f"{path}: damaged or altered: model version {model_version} differs from its record "
                            f"({record_path.name})")
@@ -142,8 +142,10 @@ def read_adapter(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], int]:
     """(tensors by name, model version) of an ``.onnx_adapter`` file, verified against its integrity record
     when there is one. Raises AdapterError."""
     path = Path(path)
-    if not path.is_file():
-        raise AdapterError(f"{path}: no such adapter file")
+    try:
+        check_input_file(path, what="adapter file")
+    except ValueError as err:
+        raise AdapterError(str(err)) from None
     try:
         adapter = ort.AdapterFormat.read_adapter(str(path))
         params = adapter.get_parameters()
@@ -246,16 +248,29 @@ def activate_adapters(*paths: str | os.PathLike) -> tuple[ort.RunOptions, list[o
     return run_options, adapters
 
 
+def _probe_feeds(session: ort.InferenceSession) -> dict[str, np.ndarray]:
+    """Two bytes for a session's inputs: input_ids and attention_mask, and for a KV-cache decoder (``--genai``)
+    position_ids and an empty past (length 0) in each cache input's dtype; LoRA inputs come from the adapter."""
+    ids = np.array([[72, 105]], dtype=np.int64)
+    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+    for value in session.get_inputs():
+        if value.name == "position_ids":
+            feeds[value.name] = np.arange(ids.shape[1], dtype=np.int64)[None]
+        elif value.name.startswith("past_key_values."):  # [batch, heads, past, head_size]
+            dtype = np.float16 if value.type == "tensor(float16)" else np.float32
+            feeds[value.name] = np.zeros((1, value.shape[1], 0, value.shape[3]), dtype)
+    return feeds
+
+
 def run_adapter(model_path: str | os.PathLike, adapter_path: str | os.PathLike) -> str | None:
-    """Run the model once on ONNX Runtime's CPU provider with the adapter active (one short input); returns
-    why it failed (one line), or None when it ran and gave finite logits."""
+    """Run the model once on ONNX Runtime's CPU provider with the adapter active (one short input; a genai decoder
+    from an empty cache); returns why it failed (one line), or None when it ran and gave finite logits."""
     options = ort.SessionOptions()
     options.log_severity_level = 3
     try:
         session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
         run_options, _adapters = activate_adapters(adapter_path)
-        ids = np.array([[72, 105]], dtype=np.int64)
-        logits = session.run(None, {"input_ids": ids, "attention_mask": np.ones_like(ids)}, run_options)[0]
+        logits = session.run(["logits"], _probe_feeds(session), run_options)[0]
     except Exception as err:  # ORT raises its own exception types
         return f"ONNX Runtime cannot run the model with this adapter: {_ort_message(err)}"
     if not np.isfinite(logits).all():

@@ -7,6 +7,7 @@ Lengths around the local window (w - 1, w, w + 1, not a multiple of w), N = 1 an
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,6 +32,11 @@ class Case:
         return {"name": self.name, "description": self.description, "source": self.source, "batch": batch,
                 "seq_len": seq, "real_tokens": int(self.attention_mask.sum())}
 
+
+
+def show_bytes(data: Iterable[int]) -> str:
+    """Bytes for a report: printable ASCII as is, everything else (and the backslash) as \\xNN."""
+    return "".join(chr(b) if 32 <= b < 127 and b != 92 else f"\\x{b:02x}" for b in map(int, data))
 
 
 # --------------------------------------------------------------------------- cases

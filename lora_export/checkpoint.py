@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from .files import atomic_write
+from .files import atomic_write, check_input_file, parse_json
 from .layers import base_state_dict, lora_state_dict
 from .model import LoRATransformerLM, ModelConfig, short_repr
 
@@ -91,15 +91,21 @@ def _safetensors_load(path: Path) -> dict[str, Any]:
         metadata = f.metadata() or {}
         if SAFETENSORS_KEY not in metadata:
             raise ValueError(f"no '{SAFETENSORS_KEY}' entry in its metadata")
-        plain = json.loads(metadata[SAFETENSORS_KEY])
+        plain = parse_json(metadata[SAFETENSORS_KEY], f"its '{SAFETENSORS_KEY}' metadata")
         if not isinstance(plain, dict):
             raise ValueError(f"its '{SAFETENSORS_KEY}' metadata is not a JSON object")
         payload.update({key: plain.get(key) for key in SAFETENSORS_METADATA})
+        sections = {}
         for name in f.keys():
             section, _, inner = name.partition(".")
             if section not in ("base", "lora") or not inner:
                 raise ValueError(f"unexpected tensor {short_repr(name)}")
-            payload[section][inner] = f.get_tensor(name)
+            sections[inner] = section
+        # the header's shapes against the config before any tensor is read: a header can declare any size
+        check_weight_shapes({inner: tuple(f.get_slice(f"{section}.{inner}").get_shape())
+                             for inner, section in sections.items()}, expected_shapes(payload["config"], path), path)
+        for inner, section in sections.items():
+            payload[section][inner] = f.get_tensor(f"{section}.{inner}")
     return payload
 
 
@@ -190,20 +196,28 @@ def _is_tensor_global(module: str, name: str) -> bool:
     return module.split(".")[0] == "torch" and (name.startswith("_rebuild_") or name.endswith("Storage"))
 
 
+#: How much of a pickle the scan for imports reads: a checkpoint's pickle (the tensors' data lies beside it) is
+#: kilobytes, and a file of any size costs no more than this.
+MAX_PICKLE_SCAN_BYTES = 64 << 20
+
+
 def pickle_imports_objects(path: Path) -> bool:
     """Whether a checkpoint's pickle imports anything but tensor machinery, scanned with pickletools, never run.
 
-    Reads the raw file, or the ``data.pkl`` member of a torch zip checkpoint. Called only after torch's
-    weights-only unpickler refused the file, to tell code-carrying pickles (which it reports as an unsupported
-    opcode for protocols 4 and 5) from corrupt bytes.
+    Reads the first MAX_PICKLE_SCAN_BYTES of the raw file, or of the ``data.pkl`` member of a torch zip
+    checkpoint (a pickle cut there counts as corrupt unless an import shows before the cut). Called only after
+    torch's weights-only unpickler refused the file, to tell code-carrying pickles (which it reports as an
+    unsupported opcode for protocols 4 and 5) from corrupt bytes.
     """
     try:
         if zipfile.is_zipfile(path):
             with zipfile.ZipFile(path) as archive:
                 member = next(name for name in archive.namelist() if name.endswith("data.pkl"))
-                data = archive.read(member)
+                with archive.open(member) as file:
+                    data = file.read(MAX_PICKLE_SCAN_BYTES)
         else:
-            data = path.read_bytes()
+            with open(path, "rb") as file:  # a regular file: read_checkpoint checked
+                data = file.read(MAX_PICKLE_SCAN_BYTES)
         strings: list[str] = []
         for op, arg, _ in pickletools.genops(data):
             if isinstance(arg, str):
@@ -234,17 +248,30 @@ def check_zip_integrity(path: Path) -> None:
         raise CheckpointError(f"{path}: corrupt checkpoint: {bad} fails its CRC-32 check (damaged bytes)")
 
 
+#: The weight dtypes a checkpoint may hold (a model computes in float32; these convert to it exactly enough).
+WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
 def _check_tensors(payload: dict[str, Any], path: Path) -> None:
-    """Names are strings, values float tensors; each matches its recorded sha256 where the file has them."""
+    """Values are tensors of WEIGHT_DTYPES, each matching its recorded sha256, and the record names exactly the
+    tensors there are. A .safetensors checkpoint must have the record: lora-export has always written one there,
+    so a missing record is damage. A .pt may lack it (written by an older lora-export or by hand)."""
     recorded = payload.get("tensor_sha256")
+    if recorded is None and path.suffix == SAFETENSORS_SUFFIX:
+        raise CheckpointError(f"{path}: corrupt checkpoint: its 'tensor_sha256' record is missing (damaged or "
+                              "altered metadata)")
     if recorded is not None and not isinstance(recorded, dict):
         raise CheckpointError(f"{path}: malformed checkpoint: 'tensor_sha256' is not a dict")
     for section in ("base", "lora"):
         for name, tensor in payload[section].items():
-            if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
+            if not isinstance(tensor, torch.Tensor) or tensor.dtype not in WEIGHT_DTYPES:
                 kind = str(tensor.dtype) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
-                raise CheckpointError(f"{path}: {section} weight {name} is {kind}, not a float tensor")
-            if recorded is not None and name in recorded and recorded[name] != tensor_sha256(tensor):
+                raise CheckpointError(f"{path}: {section} weight {name} is {kind}, not a float32, float16, "
+                                      "bfloat16 or float64 tensor")
+            if recorded is not None and name not in recorded:
+                raise CheckpointError(f"{path}: corrupt checkpoint: tensor {short_repr(name)} is not in its "
+                                      "'tensor_sha256' record (damaged or altered)")
+            if recorded is not None and recorded[name] != tensor_sha256(tensor):
                 raise CheckpointError(f"{path}: corrupt checkpoint: tensor {name} does not match its recorded "
                                       "sha256 (damaged or altered bytes)")
     if recorded is not None:
@@ -256,17 +283,21 @@ def _check_tensors(payload: dict[str, Any], path: Path) -> None:
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """Load and validate the raw checkpoint dict. Raises CheckpointError with one clear line.
 
-    Refused: pickled code (never run), bytes that fail the zip's CRC-32 or a tensor's recorded sha256, plain
-    values that are not a small tree of plain types, and a layout other than this module's.
+    Refused: anything but a regular file, pickled code (never run), bytes that fail the zip's CRC-32 or a
+    tensor's recorded sha256 (or a .safetensors without that record), plain values that are not a small tree of
+    plain types, and a layout other than this module's. Names and shapes are held against the config before any
+    tensor is hashed, and for .safetensors before any is read (its header can declare any size).
     """
     path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"{path}: no such file")
-    if path.is_dir():
-        raise CheckpointError(f"{path}: is a directory, expected a .pt or .safetensors checkpoint")
+    try:
+        check_input_file(path)
+    except ValueError as err:
+        raise CheckpointError(str(err)) from None
     if path.suffix == SAFETENSORS_SUFFIX:
         try:
             payload = _safetensors_load(path)
+        except CheckpointError:
+            raise
         except PermissionError:
             raise CheckpointError(f"{path}: permission denied") from None
         except Exception as err:  # SafetensorError, JSONDecodeError, ValueError, ...
@@ -307,8 +338,41 @@ def _validated(payload: Any, path: Path) -> dict[str, Any]:
     for key, kind in (("config", dict), ("base", dict), ("lora", dict), ("training", dict)):
         if not isinstance(payload.get(key), kind):
             raise CheckpointError(f"{path}: malformed checkpoint: '{key}' missing or not a {kind.__name__}")
+    check_weight_shapes(_shapes({**payload["base"], **payload["lora"]}), expected_shapes(payload["config"], path),
+                        path)  # before any hash: a hash of a tensor the config cannot hold is wasted work
     _check_tensors(payload, path)
     return payload
+
+
+def _shapes(state: dict[str, Any]) -> dict[str, tuple[int, ...] | str]:
+    """The shape of each tensor of ``state`` (the type name of anything else)."""
+    return {name: tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            for name, value in state.items()}
+
+
+def expected_shapes(config: Any, path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
+    """The names and shapes of the weights a model config needs, from a meta-device skeleton (no memory).
+    Raises CheckpointError for a config that is not valid (``ModelConfig.from_dict``)."""
+    try:
+        with torch.device("meta"):
+            skeleton = LoRATransformerLM(ModelConfig.from_dict(config)).state_dict()
+    except Exception as err:  # any failure to build from a file's values is the file's problem
+        raise CheckpointError(f"{path}: malformed model config: {first_line(err)}") from None
+    return {name: tuple(tensor.shape) for name, tensor in skeleton.items()}
+
+
+def check_weight_shapes(shapes: dict[str, tuple[int, ...] | str], expected: dict[str, tuple[int, ...]],
+                        path: str | os.PathLike) -> None:
+    """Refuse (CheckpointError) weights whose names or shapes differ from those the config needs."""
+    missing = sorted(set(expected) - set(shapes))
+    unexpected = sorted(set(shapes) - set(expected))
+    if missing or unexpected:
+        detail = f"missing {missing[:3]}" if missing else f"unexpected {[short_repr(n) for n in unexpected[:3]]}"
+        raise CheckpointError(f"{path}: weights do not match the model config: {detail}")
+    for name, shape in shapes.items():
+        if shape != expected[name]:
+            raise CheckpointError(f"{path}: shape mismatch for {name}: checkpoint has {shape}, config needs "
+                                  f"{expected[name]}")
 
 
 def build_model(payload: dict[str, Any], path: str | os.PathLike = "checkpoint") -> LoRATransformerLM:
@@ -317,24 +381,10 @@ def build_model(payload: dict[str, Any], path: str | os.PathLike = "checkpoint")
     The config is validated and the weights' names and shapes compared on a meta-device skeleton before any
     memory is allocated; every weight must be finite.
     """
-    try:
-        config = ModelConfig.from_dict(payload["config"])
-        with torch.device("meta"):
-            expected = LoRATransformerLM(config).state_dict()
-    except Exception as err:  # any failure to build from a file's values is the file's problem
-        raise CheckpointError(f"{path}: malformed model config: {first_line(err)}") from None
     state = {**payload["base"], **payload["lora"]}
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        detail = f"missing {missing[:3]}" if missing else f"unexpected {[short_repr(n) for n in unexpected[:3]]}"
-        raise CheckpointError(f"{path}: weights do not match the model config: {detail}")
+    check_weight_shapes(_shapes(state), expected_shapes(payload["config"], path), path)
+    config = ModelConfig.from_dict(payload["config"])
     for name, tensor in state.items():
-        if not isinstance(tensor, torch.Tensor) or tensor.shape != expected[name].shape:
-            got = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
-            raise CheckpointError(
-                f"{path}: shape mismatch for {name}: checkpoint has {got}, config needs {tuple(expected[name].shape)}"
-            )
         if not torch.isfinite(tensor).all():
             raise CheckpointError(f"{path}: weight {name} holds NaN or Inf")
     try:

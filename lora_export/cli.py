@@ -36,6 +36,9 @@ from .export import (
     EXTERNAL_DATA_THRESHOLD,
     check_adapter_file,
     check_output_path,
+    data_path_of,
+    default_adapter_path,
+    default_output_path,
     export_adapter,
     export_onnx,
     export_outputs,
@@ -96,6 +99,34 @@ def check_training_output(output: Path, inputs: list[Path], force: bool) -> None
 FORCE_HELP = "Replace outputs that exist already (without it, an existing output is an error)."
 
 
+class PathsOption(click.Option):
+    """A repeatable path option that also takes several paths after one flag, like argparse's ``nargs="+"``:
+    ``--data a.txt dir/ b.txt`` is ``--data a.txt --data dir/ --data b.txt`` (so a shell glob works). The paths end
+    at the next option or ``--``; a positional argument right after them would be read as one more path."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, multiple=True, type=click.Path(path_type=Path), metavar="PATH...", **kwargs)
+
+    def add_to_parser(self, parser: Any, ctx: click.Context) -> None:
+        super().add_to_parser(parser, ctx)
+        # click has no variadic option (nargs=-1 is for arguments only): after the flag's own value, its parser
+        # entry also takes every following argument that is not an option.
+        entry = parser._long_opt.get(self.opts[0]) or parser._short_opt[self.opts[0]]
+        take_one = entry.process
+
+        def take_all(value: Any, state: Any) -> None:
+            take_one(value, state)
+            while state.rargs and not (state.rargs[0].startswith("-") and len(state.rargs[0]) > 1):
+                take_one(state.rargs.pop(0), state)
+
+        entry.process = take_all
+
+
+def data_option(help_text: str) -> Callable[[CommandT], CommandT]:
+    """``--data PATH...``: text files or directories, several after one flag or the flag repeated."""
+    return click.option("--data", cls=PathsOption, help=help_text)
+
+
 def training_options(steps: int, lr: float, eval_every: int) -> Callable[[CommandT], CommandT]:
     """The options shared by pretrain and adapt (defaults differ per command)."""
     options = [
@@ -106,8 +137,8 @@ def training_options(steps: int, lr: float, eval_every: int) -> Callable[[Comman
         click.option("--seq-len", type=int, default=None, help="Window length in bytes [default: max_seq_len]."),
         click.option("--lr", type=float, default=lr, show_default=True, help="Peak learning rate (AdamW)."),
         click.option("--seed", type=int, default=0, show_default=True, help="Seed for init, dropout, batches."),
-        click.option("--data", type=click.Path(path_type=Path), multiple=True,
-                     help="Train on these text files instead of the default corpus (repeatable)."),
+        data_option("Train on these text files or directories instead of the default corpus: several after one "
+                    "--data (--data a.txt corpus/), or --data repeated."),
         click.option("--eval-every", type=int, default=eval_every, show_default=True,
                      help="Held-out evaluation interval in steps."),
         click.option("--quiet", is_flag=True, help="No progress bar or parameter counts."),
@@ -251,6 +282,22 @@ def run_validation(model_path: Path, checkpoint: Path, adapter: Path | None, pro
         raise SystemExit(1)
 
 
+#: The names the help texts use to show each default output, computed by the functions that compute the real ones.
+EXAMPLE_CHECKPOINT = Path("model.pt")
+EXAMPLE_MODEL = default_output_path(EXAMPLE_CHECKPOINT)
+EXAMPLE_ADAPTERS_MODEL = default_output_path(EXAMPLE_CHECKPOINT, merge=False)
+
+
+def default_genai_dir(checkpoint: Path, precision: str, merge: bool) -> Path:
+    """``model.pt`` -> ``model_genai``, ``model_genai_int8``, ``model_genai_adapters``, ``model_genai_fp16_adapters``
+    ...: the precision and the form in the name, so no two default builds share a directory."""
+    suffix = ("" if precision == "fp32" else f"_{precision}") + ("" if merge else "_adapters")
+    return checkpoint.with_name(f"{checkpoint.stem}_genai{suffix}")
+
+
+EXAMPLE_GENAI_DIR = default_genai_dir(EXAMPLE_CHECKPOINT, "fp32", merge=True)
+
+
 def validation_options(command: CommandT) -> CommandT:
     """--providers, --atol, --rtol, --report: shared by export and validate."""
     options = [
@@ -258,15 +305,18 @@ def validation_options(command: CommandT) -> CommandT:
                      help="Comma list of cpu, cuda. Given explicitly, a provider that cannot run is an error; "
                           "by default CPU runs and CUDA is tried, reported 'not run' when unavailable."),
         click.option("--atol", type=float, default=None,
-                     help="Absolute tolerance [default: fp32 1e-4, fp16 1e-2; int8 and int4 are judged by top-1 "
+                     help="Absolute tolerance [default: fp32 1e-4, fp16 16 * 2^-10 * the largest |logit| at each "
+                          "position (given, it replaces that); int8 and int4 are judged by top-1 "
                           "agreement and eval loss]."),
         click.option("--rtol", type=float, default=None,
-                     help="Relative tolerance [default: fp32 1e-3, fp16 1e-2]."),
+                     help="Relative tolerance [default: fp32 1e-3, fp16 2^-10]."),
         click.option("--json", "json_output", is_flag=True,
                      help="Print the verdict as one JSON object on stdout (status, summary, worst, failures, report "
                           "files); exit codes unchanged."),
         click.option("--report", type=click.Path(path_type=Path), default=None,
-                     help="Report directory [default: <model>_parity/ beside the model]."),
+                     help=f"Report directory, made if missing [default: beside the model, "
+                          f"{EXAMPLE_MODEL} -> {default_report_dir(EXAMPLE_MODEL)}/, {EXAMPLE_GENAI_DIR}/ -> "
+                          f"{default_report_dir(EXAMPLE_GENAI_DIR)}/]."),
     ]
     for option in reversed(options):
         command = option(command)
@@ -280,8 +330,9 @@ def export_cli() -> None:
 
     \b
     lora-export model.pt --merge               merged graph -> model.onnx, then validate
-    lora-export model.pt --adapters-as-inputs  LoRA A/B as graph inputs + model.onnx_adapter
-    lora-export model.pt --genai -o DIR        KV-cache decoder for onnxruntime-genai
+    lora-export model.pt --adapters-as-inputs  LoRA A/B as graph inputs -> model.adapters.onnx
+                                               + model.adapters.onnx_adapter
+    lora-export model.pt --genai               KV-cache decoder for onnxruntime-genai -> model_genai/
     lora-export generate DIR --prompt TEXT     stream generated bytes through onnxruntime-genai
     lora-export from-peft DIR --base B -o M    PEFT LoRA adapter directory -> lora-export checkpoint
     lora-export to-peft model.pt -o DIR        lora-export LoRA -> PEFT adapter directory
@@ -294,22 +345,33 @@ def export_cli() -> None:
 @click.option("--adapters-as-inputs", is_flag=True,
               help="Keep every LoRA A/B as a graph input (ONNX Runtime multi-LoRA) and write the adapter file.")
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
-              help="ONNX file to write [default: the checkpoint's name with .onnx].")
+              help=f"ONNX file to write (with --genai: the directory), missing directories made [default: beside the "
+                   f"checkpoint, {EXAMPLE_CHECKPOINT} -> {EXAMPLE_MODEL}, with --adapters-as-inputs "
+                   f"{EXAMPLE_ADAPTERS_MODEL}].")
 @click.option("--adapter-output", type=click.Path(path_type=Path), default=None,
-              help="Adapter file to write [default: the output's name with .onnx_adapter].")
+              help=f"Adapter file to write [default: beside the ONNX output, {EXAMPLE_ADAPTERS_MODEL} -> "
+                   f"{default_adapter_path(EXAMPLE_ADAPTERS_MODEL)}].")
 @click.option("--opset", type=int, default=DEFAULT_OPSET, show_default=True, help="ONNX opset (18..23).")
 @click.option("--no-simplify", is_flag=True, help="Skip onnxslim.")
 @click.option("--external-data-threshold", type=int, default=EXTERNAL_DATA_THRESHOLD, show_default=True,
-              help="Above this many bytes the fp32 model's weights go to <output>.data.")
+              help=f"Above this many bytes the fp32 model's weights go to {data_path_of(EXAMPLE_MODEL)}.")
 @click.option("--quantize", type=click.Choice(["int8", "int4"]), multiple=True,
-              help="Also write <output>.int8.onnx (ONNX Runtime dynamic int8 of the weight MatMuls and embedding) "
-                   "and/or <output>.int4.onnx (block-wise weight-only int4 MatMulNBits, for the edge); repeatable.")
-@click.option("--fp16", is_flag=True, help="Also write <output>.fp16.onnx (fp16 weights and compute, fp32 I/O; GPU).")
+              help=f"Also write {precision_output_path(EXAMPLE_MODEL, 'int8')} (ONNX Runtime dynamic int8 of the "
+                   f"weight MatMuls and embedding) and/or {precision_output_path(EXAMPLE_MODEL, 'int4')} (block-wise "
+                   f"weight-only int4 MatMulNBits, for the edge) beside {EXAMPLE_MODEL}; repeatable.")
+@click.option("--fp16", is_flag=True,
+              help=f"Also write {precision_output_path(EXAMPLE_MODEL, 'fp16')} beside {EXAMPLE_MODEL} (fp16 weights "
+                   f"and compute, fp32 I/O; GPU).")
 @click.option("--ort-format", is_flag=True,
-              help="Also write .ort models and their required-operators config for reduced ORT builds.")
+              help=f"Also write each model in ORT format with its required-operators config for reduced ORT builds: "
+                   f"{EXAMPLE_MODEL} -> {' + '.join(p.name for p in ort_format_outputs(EXAMPLE_MODEL))}, "
+                   f"{precision_output_path(EXAMPLE_MODEL, 'int8')} -> "
+                   f"{' + '.join(p.name for p in ort_format_outputs(precision_output_path(EXAMPLE_MODEL, 'int8')))}.")
 @click.option("--genai", is_flag=True,
-              help="Write an onnxruntime-genai model directory instead: a KV-cache decoder + genai_config.json "
-                   "(-o DIR, default <checkpoint>_genai/).")
+              help=f"Write an onnxruntime-genai model directory instead: a KV-cache decoder + genai_config.json "
+                   f"[-o DIR; default: {EXAMPLE_CHECKPOINT} -> {EXAMPLE_GENAI_DIR}/, "
+                   f"{default_genai_dir(EXAMPLE_CHECKPOINT, 'fp32', merge=False)}/ with --adapters-as-inputs, "
+                   f"{default_genai_dir(EXAMPLE_CHECKPOINT, 'int8', merge=True)}/ with --quantize int8, ...].")
 @click.option("--no-validate", is_flag=True, help="Skip the parity validation after export.")
 @click.option("--force", is_flag=True, help=FORCE_HELP)
 @validation_options
@@ -332,10 +394,9 @@ def export_command(checkpoint: Path, merge: bool, adapters_as_inputs: bool, outp
         if fp16 + len(set(quantize)) > 1:
             raise click.UsageError("--genai writes one decoder: choose one of --fp16, --quantize int8, --quantize int4")
         precision = "fp16" if fp16 else quantize[0] if quantize else "fp32"
-        suffix = ("" if precision == "fp32" else f"_{precision}") + ("_adapters" if adapters_as_inputs else "")
-        directory = output if output is not None else checkpoint.with_name(f"{checkpoint.stem}_genai{suffix}")
+        directory = output if output is not None else default_genai_dir(checkpoint, precision, not adapters_as_inputs)
         if not no_validate:
-            resolve_tolerance("fp32", atol, rtol)
+            resolve_tolerance(precision, atol, rtol)
             normalize_providers(providers.split(",") if providers else None)
             check_output_dir(report or default_report_dir(directory), REPORT_FILES.values(), [checkpoint])
         export_decoder(checkpoint, directory, merge=not adapters_as_inputs, precision=precision, opset=opset,
@@ -367,7 +428,7 @@ def export_command(checkpoint: Path, merge: bool, adapters_as_inputs: bool, outp
     result = export_onnx(checkpoint, model_path, merge=not adapters_as_inputs, adapter_path=adapter_path,
                          opset=opset, simplify_graph=not no_simplify,
                          external_data_threshold=external_data_threshold, progress=say)
-    click.echo(result.summary(), err=json_output)  # with --json, stdout holds only the verdict
+    click.echo(result.summary(validation_follows=not no_validate), err=json_output)  # --json: stdout is the verdict
     models = {"fp32": result.model_path}
     builders = {"int8": ("quantizing to int8 (onnxruntime.quantization)", quantize_int8),
                 "int4": ("quantizing to int4 (onnxruntime MatMulNBits)", quantize_int4),
@@ -398,12 +459,12 @@ def export_command(checkpoint: Path, merge: bool, adapters_as_inputs: bool, outp
 @click.option("--model", "model_path", type=click.Path(path_type=Path), required=True,
               help="The adapters-as-inputs model (.onnx) the adapter is for.")
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
-              help="Adapter file [default: the checkpoint's name with .onnx_adapter].")
+              help=f"Adapter file [default: beside the checkpoint, other.pt -> {default_adapter_path('other.pt')}].")
 @click.option("--force", is_flag=True, help=FORCE_HELP)
 @exit_on_error
 def adapter_command(checkpoint: Path, model_path: Path, output: Path | None, force: bool) -> None:
     """Write only the adapter of CHECKPOINT, which must share the model's base weights."""
-    adapter_path = output or checkpoint.with_suffix(".onnx_adapter")
+    adapter_path = output or default_adapter_path(checkpoint)
     check_output_path(adapter_path, ".onnx_adapter")
     check_outputs(model_files(adapter_path=adapter_path), [], overwrite=force)
     path = export_adapter(checkpoint, model_path, output)
@@ -429,15 +490,15 @@ def from_peft_command(adapter_dir: Path, base_checkpoint: Path, output: Path, fo
 @export_cli.command("to-peft")
 @click.argument("checkpoint", type=click.Path(path_type=Path))
 @click.option("-o", "--output", "output_dir", type=click.Path(path_type=Path), required=True,
-              help="PEFT adapter directory to write (new or empty).")
+              help=f"PEFT adapter directory to write, new or empty ({CONFIG_FILE} + {WEIGHTS_FILE}).")
+@click.option("--force", is_flag=True,
+              help=f"Write into a directory that is not empty, replacing its {CONFIG_FILE} and {WEIGHTS_FILE} "
+                   f"together (its other files stay).")
 @exit_on_error
-def to_peft_command(checkpoint: Path, output_dir: Path) -> None:
+def to_peft_command(checkpoint: Path, output_dir: Path, force: bool) -> None:
     """Write the LoRA of CHECKPOINT as a PEFT adapter directory that PeftModel.from_pretrained loads onto the
     lora-export base model."""
-    # an existing directory: the files to be; a new one: the directory itself
-    check_outputs([output_dir / CONFIG_FILE, output_dir / WEIGHTS_FILE] if output_dir.is_dir() else [output_dir],
-                  [checkpoint])
-    to_peft(checkpoint, output_dir)
+    to_peft(checkpoint, output_dir, overwrite=force)
     click.echo(f"wrote {output_dir}/ ({CONFIG_FILE}, {WEIGHTS_FILE})")
 
 
@@ -476,9 +537,8 @@ def check_command(model_path: Path, adapter: Path) -> None:
 @click.option("--adapter", type=click.Path(path_type=Path), default=None,
               help="Also validate with this .onnx_adapter active (adapters-as-inputs models); it must hold the "
                    "checkpoint's trained LoRA.")
-@click.option("--data", type=click.Path(path_type=Path), multiple=True,
-              help="Your text files or directories (repeatable) for the real-text cases and the generation prompt, "
-                   "instead of the built-in held-out prose.")
+@data_option("Your text files or directories for the real-text cases and the generation prompt, instead of the "
+             "built-in held-out prose: several after one --data (--data a.txt corpus/), or --data repeated.")
 @validation_options
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @exit_on_error
@@ -500,7 +560,8 @@ def validate_command(model_path: Path, checkpoint: Path, adapter: Path | None, d
 @click.option("--temperature", type=float, default=1.0, show_default=True, help="Sampling temperature.")
 @click.option("--top-k", type=int, default=0, show_default=True, help="Sample among the k likeliest bytes (0: all).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Sampling seed.")
-@click.option("--stop-byte", type=int, default=None, help="Stop after generating this byte (0..255).")
+@click.option("--stop-byte", type=click.IntRange(0, 255), default=None,
+              help="Stop after generating this byte (0..255).")
 @click.option("--device", type=click.Choice(DEVICES), default="cpu", show_default=True, help="Execution provider.")
 @exit_on_error
 def generate_command(model_dir: Path, prompt: str, adapters: tuple[Path, ...], max_new_bytes: int, greedy: bool,

@@ -37,13 +37,23 @@ from .export import (
     ExportError,
     attention_kernels,
     count_parameters_onnx,
+    load_onnx,
     model_files,
+    read_metadata,
     set_metadata,
     strip_debug_info,
     write_model_files,
 )
-from .files import OutputError, check_outputs, file_sha256, staged_outputs
-from .model import VOCAB_SIZE, LoRATransformerLM, ModelConfig
+from .files import (
+    OutputError,
+    check_outputs,
+    file_sha256,
+    parse_json,
+    read_json,
+    remove_stale_staging,
+    staged_outputs,
+)
+from .model import VOCAB_SIZE, LoRATransformerLM, ModelConfig, short_repr
 from .tracing import DEFAULT_OPSET, add_rank0_defaults, trace_forms
 
 #: Positions a local slot keeps beyond its window (genai's ``cache_slack``, set explicitly: its per-provider
@@ -207,6 +217,72 @@ def genai_config(config: ModelConfig, slots: list[CacheSlot], cache_slack: int =
     }
 
 
+@dataclass(frozen=True)
+class DecoderDirectory:
+    """A genai decoder directory as lora-export wrote it: its graph, the graph's lora_export metadata (prefix
+    removed) and the model config recorded there, which gives the context length."""
+
+    path: Path
+    proto: onnx.ModelProto
+    metadata: dict[str, str]
+    config: ModelConfig
+
+
+def _config_difference(found: object, expected: object, key: str = "") -> str | None:
+    """Where a genai_config.json value departs from what lora-export writes (``expected``): one phrase naming the
+    dotted key, or None when they are equal in every key, type and value."""
+    if isinstance(expected, dict):
+        if not isinstance(found, dict):
+            return f"{key or 'the file'} is {short_repr(found)}, lora-export writes an object"
+        prefix = f"{key}." if key else ""
+        for name in found:
+            if name not in expected:  # repr: a key may hold control characters
+                return f"{prefix}{repr(name)[1:-1][:60]}: not a key lora-export writes"
+        for name, value in expected.items():
+            if name not in found:
+                return f"{prefix}{name} is missing"
+            problem = _config_difference(found[name], value, prefix + name)
+            if problem:
+                return problem
+        return None
+    if type(found) is not type(expected) or found != expected:
+        return f"{key} is {short_repr(found)}, lora-export writes {expected!r} for this model"
+    return None
+
+
+def read_decoder_dir(model_dir: str | os.PathLike) -> DecoderDirectory:
+    """Read a genai decoder directory as data, before onnxruntime-genai opens it.
+
+    model.onnx must carry lora_export metadata naming a decoder graph with a valid model config: graph kind and
+    context length come from there. genai_config.json (read with files.read_json's size cap) must be exactly the
+    config ``genai_config`` writes for that model: any other key or value (session options that load a library or
+    write a profile elsewhere, another context length, another file name) is refused naming the key. Raises
+    ExportError (one line).
+    """
+    model_dir = Path(model_dir)
+    model_path, config_path = model_dir / MODEL_FILE, model_dir / GENAI_CONFIG
+    if not model_path.is_file():
+        raise ExportError(f"{model_dir}: not a genai model directory (no {MODEL_FILE})")
+    proto = load_onnx(model_path)
+    metadata = read_metadata(proto)
+    if metadata.get("graph") != "decoder":
+        raise ExportError(f"{model_path}: not a lora-export genai decoder graph (lora_export.graph is "
+                          f"{short_repr(metadata.get('graph'))}); a scoring graph is validated as a file, not a "
+                          "directory")
+    try:
+        config = ModelConfig.from_dict(parse_json(metadata.get("model_config", ""), "lora_export.model_config"))
+    except (ValueError, TypeError) as err:
+        raise ExportError(f"{model_path}: lora_export.model_config is not a model config: {first_line(err)}") from None
+    try:
+        found = read_json(config_path)
+    except ValueError as err:
+        raise ExportError(str(err)) from None
+    problem = _config_difference(found, genai_config(config, cache_slots(config)))
+    if problem:
+        raise ExportError(f"{config_path}: {problem}; lora-export reads only the genai_config.json it writes")
+    return DecoderDirectory(model_dir, proto, metadata, config)
+
+
 def decoder_outputs(output_dir: Path, merge: bool) -> list[Path]:
     """Every file ``export_decoder`` writes into ``output_dir``."""
     files = model_files(output_dir / MODEL_FILE) + [output_dir / GENAI_CONFIG]
@@ -224,17 +300,17 @@ def export_decoder(checkpoint_path: str | os.PathLike, output_dir: str | os.Path
     compute and cache (past/present), float32 logits. LoRA inputs and the adapter file stay float32 in every
     precision, so one ``.onnx_adapter`` serves them all.
 
-    The directory must be new or empty; its files land together or not at all. Raises ExportError (one line).
+    The directory must be new or empty (staging left by a killed earlier write is removed first); its files land
+    together or not at all. Raises ExportError (one line).
     """
     say = progress or (lambda _message: None)
     checkpoint_path, output_dir = Path(checkpoint_path), Path(output_dir)
     if precision not in DECODER_PRECISIONS:
         raise ExportError(f"precision {precision!r} is not supported for the decoder: "
                           f"{', '.join(DECODER_PRECISIONS)}")
+    remove_stale_staging(output_dir)  # a killed earlier write's leftovers do not make the directory non-empty
     if output_dir.exists() and (not output_dir.is_dir() or any(output_dir.iterdir())):
         raise ExportError(f"{output_dir}: exists and is not an empty directory")
-    if not output_dir.parent.is_dir():
-        raise ExportError(f"{output_dir.parent}: output directory does not exist")
     try:  # an existing (empty) directory: its files to be; a new one: the directory path itself
         check_outputs(decoder_outputs(output_dir, merge) if output_dir.is_dir() else [output_dir], [checkpoint_path])
     except OutputError as err:
@@ -285,20 +361,14 @@ def export_decoder(checkpoint_path: str | os.PathLike, output_dir: str | os.Path
     })
     config_text = json.dumps(genai_config(model.config, slots), indent=2) + "\n"
     say(f"writing {output_dir}/")
-    created = not output_dir.exists()
     try:
-        output_dir.mkdir(exist_ok=True)
-        with staged_outputs() as stage:
+        with staged_outputs() as stage:  # makes output_dir and missing parents, removed again if this fails
             write_model_files(proto, output_dir / MODEL_FILE, stage, 2 * 1024**3)
             stage.path(output_dir / GENAI_CONFIG).write_text(config_text, encoding="utf-8")
             if not merge:
                 write_adapter(output_dir / ADAPTER_FILE, adapter, model_version_from_fingerprint(fingerprint), stage)
-    except BaseException as err:
-        if created:
-            output_dir.rmdir()
-        if isinstance(err, OSError):
-            raise ExportError(f"{output_dir}: cannot write: {err.strerror or first_line(err)}") from None
-        raise
+    except OSError as err:
+        raise ExportError(f"{output_dir}: cannot write: {err.strerror or first_line(err)}") from None
     say(f"decoder: {len(proto.graph.node)} nodes, {count_parameters_onnx(proto):,} parameters, "
         f"{len(slots)} cache slots")
     return output_dir

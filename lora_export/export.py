@@ -74,8 +74,8 @@ class ExportResult:
     external_data: bool
     stage_seconds: dict[str, float] = field(default_factory=dict)
 
-    def summary(self) -> str:
-        """Human-readable multi-line summary for the CLI."""
+    def summary(self, validation_follows: bool = True) -> str:
+        """Human-readable multi-line summary for the CLI; its time line says whether a validation follows."""
         stages = ", ".join(f"{k} {v:.1f}s" for k, v in self.stage_seconds.items())
         lines = [
             f"form:        {FORM_NAMES[self.form]} (opset {self.opset})",
@@ -83,19 +83,40 @@ class ExportResult:
             + (", external data)" if self.external_data else ")"),
             f"nodes:       {self.nodes_exported} exported -> {self.nodes_final} final ({self.simplify_note})",
             f"parameters:  {self.parameters:,}",
-            f"time:        {stages} (validation follows)",
+            f"time:        {stages}" + (" (validation follows)" if validation_follows else ""),
         ]
         if self.adapter_path is not None:
             lines.insert(2, f"adapter:     {self.adapter_path}")
         return "\n".join(lines)
 
 
+#: Inputs that carry quantization scales and zero points (and MatMulNBits' g_idx), not weights, by op type.
+QUANTIZATION_INPUTS = {"DequantizeLinear": (1, 2), "MatMulInteger": (2, 3), "MatMulNBits": (2, 3, 4)}
+#: Element types a weight is stored in: float, or int8 / uint8 quantized.
+WEIGHT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE,
+                onnx.TensorProto.INT8, onnx.TensorProto.UINT8)
+
+
 def count_parameters_onnx(model: onnx.ModelProto) -> int:
-    """Weights in the graph: elements of the floating-point initializers, leaving out the exporter's
-    one-element constants (scales, fill values); the rank-0 LoRA defaults count zero."""
-    floats = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE)
-    sizes = (int(np.prod(init.dims)) for init in model.graph.initializer if init.data_type in floats)
-    return sum(size for size in sizes if size > 1)
+    """Weights in the graph, whatever their precision: elements of the float and int8 / uint8 initializers, leaving
+    out the exporter's one-element constants (scales, fill values) and the quantizers' scales and zero points; a
+    ``MatMulNBits`` weight counts its K x N weights, not its packed bytes; the rank-0 LoRA defaults count zero. An
+    int8, int4 or fp16 build counts as many as its fp32 source."""
+    dynamic_scales = {node.output[1] for node in model.graph.node if node.op_type == "DynamicQuantizeLinear"}
+    not_weights, packed = set(), {}
+    for node in model.graph.node:
+        not_weights.update(node.input[i] for i in QUANTIZATION_INPUTS.get(node.op_type, ()) if i < len(node.input))
+        if node.op_type == "Mul" and dynamic_scales & set(node.input):  # a weight's scale times the activations'
+            not_weights.update(node.input)
+        if node.op_type == "MatMulNBits":
+            attributes = {attribute.name: attribute.i for attribute in node.attribute}
+            packed[node.input[1]] = attributes["K"] * attributes["N"]
+    total = 0
+    for init in model.graph.initializer:
+        size = packed.get(init.name, int(np.prod(init.dims)))
+        if init.name not in not_weights and init.data_type in WEIGHT_TYPES and size > 1:
+            total += size
+    return total
 
 
 def probe_feeds(model: onnx.ModelProto, config: ModelConfig, seed: int = 0) -> dict[str, np.ndarray]:
@@ -238,6 +259,12 @@ def default_output_path(checkpoint_path: str | os.PathLike, merge: bool = True) 
     return Path(checkpoint_path).with_suffix(".onnx" if merge else ".adapters.onnx")
 
 
+def default_adapter_path(path: str | os.PathLike) -> Path:
+    """The default adapter file of a model or checkpoint: ``model.adapters.onnx`` -> ``model.adapters.onnx_adapter``,
+    ``other.pt`` -> ``other.onnx_adapter``."""
+    return Path(path).with_suffix(".onnx_adapter")
+
+
 def export_outputs(checkpoint_path: str | os.PathLike, output_path: str | os.PathLike | None = None, *,
                    merge: bool = True, adapter_path: str | os.PathLike | None = None) -> tuple[Path, Path | None]:
     """(model path, adapter path or None) that ``export_onnx`` writes with these arguments, suffixes checked.
@@ -250,7 +277,7 @@ def export_outputs(checkpoint_path: str | os.PathLike, output_path: str | os.Pat
         if adapter_path is not None:
             raise ExportError("an adapter output only applies to the adapters-as-inputs form (merge=False)")
         return output, None
-    adapter_out = Path(adapter_path) if adapter_path is not None else output.with_suffix(".onnx_adapter")
+    adapter_out = Path(adapter_path) if adapter_path is not None else default_adapter_path(output)
     check_output_path(adapter_out, ".onnx_adapter")
     return output, adapter_out
 
@@ -406,7 +433,7 @@ def export_adapter(
     Refuses (ExportError) a checkpoint whose base-weights fingerprint differs from the model's, or whose
     LoRA tensors do not fit the model's inputs (every mismatch named). Returns the adapter path.
     """
-    output = Path(output_path) if output_path is not None else Path(checkpoint_path).with_suffix(".onnx_adapter")
+    output = Path(output_path) if output_path is not None else default_adapter_path(checkpoint_path)
     check_output_path(output, ".onnx_adapter")
     try:
         check_outputs(model_files(adapter_path=output), [checkpoint_path, *model_files(Path(model_path))])

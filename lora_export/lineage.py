@@ -6,7 +6,6 @@ base-weights fingerprint) and the graph interface; a mismatch is one ``ParityInp
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +14,7 @@ import onnx
 from .adapters import AdapterError, adapter_tensors, check_adapter, model_version_from_fingerprint, read_adapter
 from .checkpoint import base_fingerprint
 from .export import FORMS
-from .files import file_sha256
+from .files import file_sha256, parse_json
 from .metrics import ParityInputError
 from .model import VOCAB_SIZE, LoRATransformerLM
 from .tracing import INPUT_NAMES, OUTPUT_NAMES
@@ -60,9 +59,9 @@ def check_model_matches(proto: onnx.ModelProto, metadata: dict[str, str], payloa
         raise ParityInputError(f"{model_path}: unknown lora_export.form {form!r}, expected one of {FORMS}")
     mismatch = f"{model_path} and {checkpoint_path} do not belong together"
     try:
-        model_config = json.loads(metadata["model_config"])
-    except json.JSONDecodeError:
-        raise ParityInputError(f"{model_path}: lora_export.model_config is not valid JSON") from None
+        model_config = parse_json(metadata["model_config"], f"{model_path}: lora_export.model_config")
+    except ValueError as err:
+        raise ParityInputError(str(err)) from None
     if not isinstance(model_config, dict):
         raise ParityInputError(f"{model_path}: lora_export.model_config is not a JSON object")
     ours, theirs = _comparable(model_config, form), _comparable(payload["config"], form)
@@ -128,15 +127,18 @@ def adapter_weight_mismatches(adapter: dict[str, np.ndarray], trained: dict[str,
     return list(dict.fromkeys(problems))
 
 
-def trained_lora_failures(adapter_name: str, adapter: dict[str, np.ndarray], model: LoRATransformerLM,
-                          checkpoint_path: Path) -> list[str] | None:
-    """Failures, one per differing layer, when ``adapter`` is not ``model``'s trained LoRA (the checkpoint at
-    ``checkpoint_path``); None when the checkpoint has no LoRA to hold it against."""
+def adapter_lineage(adapter_path: Path, adapter: dict[str, np.ndarray], model: LoRATransformerLM,
+                    checkpoint_path: Path) -> tuple[list[str], list[str]]:
+    """(failures, notes) of holding the adapter file at ``adapter_path`` (its tensors ``adapter``) against
+    ``model``'s trained LoRA (the checkpoint at ``checkpoint_path``): one failure per differing layer, naming that
+    file. A checkpoint without LoRA has nothing to hold it against: no failure, a note that the file itself is the
+    reference."""
     trained = adapter_tensors(model)
     if not trained:
-        return None
-    return [f"{adapter_name} is not {checkpoint_path.name}'s trained LoRA: {problem}"
-            for problem in adapter_weight_mismatches(adapter, trained)]
+        return [], [f"{checkpoint_path.name} has no LoRA: the adapter file itself is the reference, its weights are "
+                    "not tied to a checkpoint"]
+    return [f"adapter {adapter_path.name} is not {checkpoint_path.name}'s trained LoRA: {problem}"
+            for problem in adapter_weight_mismatches(adapter, trained)], []
 
 
 def load_adapter_for(adapter_path: Path, proto: onnx.ModelProto, metadata: dict[str, str]

@@ -261,37 +261,56 @@ class LoRATransformerLM(nn.Module):
         self,
         prompt: torch.Tensor,
         max_new_tokens: int,
+        *,
+        greedy: bool = True,
         temperature: float = 1.0,
-        top_k: int | None = None,
-        greedy: bool = False,
-        generator: torch.Generator | None = None,
+        top_k: int = 0,
+        seed: int = 0,
     ) -> torch.Tensor:
-        """Extend prompt [B, N0] by max_new_tokens bytes -> [B, N0 + max_new_tokens].
+        """Extend prompt [B, N0] by max_new_tokens bytes -> [B, N0 + max_new_tokens], decoding incrementally with a
+        DecodeCache, in eval mode (no dropout; the previous mode is restored).
 
-        Greedy takes the argmax; otherwise samples from softmax(logits / temperature), restricted to
-        the top_k bytes when given. Decodes incrementally with a DecodeCache while the sequence fits in
-        max_seq_len; past it, the context is cropped to the last max_seq_len bytes and recomputed each step
-        (learned absolute positions shift). Runs in eval mode (no dropout) and restores the previous mode.
+        The same choices as ``lora-export generate``: greedy (the argmax) by default; with ``greedy=False``, samples
+        from softmax(logits / temperature) restricted to the ``top_k`` likeliest bytes (0: all), seeded by ``seed``.
+        Raises ValueError (see :func:`check_generation_request`) for an empty prompt or a prompt plus budget beyond
+        max_seq_len: the positions are learned, so nothing is cropped.
         """
+        check_generation_request(prompt.shape[1], max_new_tokens, self.config.max_seq_len, greedy, temperature, top_k,
+                                 minimum_new=0)
+        generator = None if greedy else torch.Generator(device=prompt.device).manual_seed(seed)
         was_training = self.training
         self.eval()
-        ids = prompt
-        cache = self.new_cache() if 0 < prompt.shape[1] <= self.config.max_seq_len else None
-        fresh = ids
+        ids, fresh, cache = prompt, prompt, self.new_cache()
         for _ in range(max_new_tokens):
-            if cache is not None and ids.shape[1] <= self.config.max_seq_len:
-                logits = self(fresh, cache=cache)[:, -1, :]
-            else:
-                logits = self(ids[:, -self.config.max_seq_len:])[:, -1, :]
+            logits = self(fresh, cache=cache)[:, -1, :]
             if greedy:
                 next_id = logits.argmax(dim=-1, keepdim=True)
             else:
                 logits = logits / temperature
-                if top_k is not None:
-                    kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+                if top_k:
+                    kth = torch.topk(logits, top_k).values[:, -1:]
                     logits = logits.masked_fill(logits < kth, float("-inf"))
                 next_id = torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)
             ids = torch.cat([ids, next_id], dim=1)
             fresh = next_id
         self.train(was_training)
         return ids
+
+
+def check_generation_request(prompt_length: int, max_new: int, max_seq_len: int, greedy: bool, temperature: float,
+                             top_k: int, minimum_new: int = 1) -> None:
+    """Refuse (ValueError, one line) a generation that cannot run as asked, the same rule for PyTorch and genai: an
+    empty prompt, fewer than ``minimum_new`` new bytes, a prompt plus budget beyond ``max_seq_len`` (learned
+    positions: nothing is cropped), and when sampling a temperature that is not finite and > 0 or a top_k outside
+    0..256."""
+    if prompt_length < 1:
+        raise ValueError("the prompt is empty: give at least one byte")
+    if max_new < minimum_new:
+        raise ValueError(f"the number of new bytes must be >= {minimum_new}, got {max_new}")
+    if prompt_length + max_new > max_seq_len:
+        raise ValueError(f"prompt ({prompt_length} bytes) + {max_new} new bytes exceed the model's max_seq_len "
+                         f"{max_seq_len} (learned positions: nothing is cropped)")
+    if not greedy and not (isinstance(temperature, int | float) and math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
+    if not 0 <= top_k <= VOCAB_SIZE:
+        raise ValueError(f"top_k must be in 0..{VOCAB_SIZE}, got {top_k}")

@@ -19,26 +19,36 @@ that is not a lora-export layer, or targets that differ between blocks.
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .checkpoint import base_fingerprint, build_model, read_checkpoint, save_checkpoint
-from .files import file_sha256, read_json, staged_outputs
+from .checkpoint import base_fingerprint, build_model, first_line, read_checkpoint, save_checkpoint
+from .files import check_input_file, check_output_dir, file_sha256, read_json, staged_outputs
 from .layers import lora_layers
 from .model import LoRATransformerLM, ModelConfig, short_repr
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 PREFIX = "base_model.model."
+#: PEFT's tensor name suffixes of a LoRA layer (linear, embedding) and the lora-export matrix each holds.
+LORA_SUFFIXES = ((".lora_A.weight", "A"), (".lora_B.weight", "B"), (".lora_embedding_A", "A"),
+                 (".lora_embedding_B", "B"))
 #: lora-export's target groups and the module names PEFT's ``target_modules`` uses for them.
 MODULE_NAMES = {"q": ["to_q"], "k": ["to_k"], "v": ["to_v"], "o": ["to_out"], "ff": ["fc1", "fc2"],
                 "emb": ["token_emb"]}
 #: PEFT config fields that must be off (false, none, empty) for lora-export to represent the adapter.
 MUST_BE_OFF = ("use_dora", "modules_to_save", "fan_in_fan_out", "layers_to_transform", "layers_pattern",
                "lora_bias", "trainable_token_indices", "megatron_config", "use_qalora", "target_parameters")
+
+
+#: The PEFT config fields lora-export reads: PEFT's default for each and the JSON value it must be.
+SETTINGS = {"r": (8, "rank"), "lora_alpha": (8, "number"), "lora_dropout": (0.0, "number"),
+            "use_rslora": (False, "bool"), "rank_pattern": ({}, "rank"), "alpha_pattern": ({}, "number")}
+EXPECTED = {"bool": "true or false (a JSON bool)", "rank": "a positive integer", "number": "a finite number"}
 
 
 class PeftError(ValueError):
@@ -51,7 +61,47 @@ def _group_of(path: str) -> str | None:
     return next((group for group, names in MODULE_NAMES.items() if name in names), None)
 
 
-def _read_config(directory: Path) -> dict[str, Any]:
+def _checked(value: Any, kind: str) -> Any:
+    """``value`` as a setting of ``kind`` (see EXPECTED), or None when it is not one: a bool must be a JSON bool,
+    a rank an integer >= 1 and a number a finite int or float; a bool is neither a rank nor a number."""
+    if kind == "bool":
+        return value if isinstance(value, bool) else None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    if kind == "rank":
+        return value if isinstance(value, int) and value >= 1 else None
+    try:
+        number = float(value)
+    except OverflowError:  # an int of hundreds of digits
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _settings(config: dict[str, Any], config_path: Path) -> dict[str, Any]:
+    """The SETTINGS fields of a PEFT config, PEFT's defaults where absent (a null pattern is empty), each strictly
+    of its JSON type (``"false"`` is not False, ``true`` is not 1). Raises PeftError naming the field."""
+    settings = {}
+    for field, (default, kind) in SETTINGS.items():
+        value = config.get(field, default)
+        if field.endswith("_pattern"):
+            value = {} if value is None else value
+            if not isinstance(value, dict):
+                raise PeftError(f"{config_path}: {field} = {short_repr(value)} must be a JSON object")
+            settings[field] = {key: _checked(entry, kind) for key, entry in value.items()}
+            bad = next((key for key, entry in settings[field].items() if entry is None), None)
+            if bad is not None:
+                raise PeftError(f"{config_path}: {field}[{short_repr(bad)}] = {short_repr(value[bad])} must be "
+                                f"{EXPECTED[kind]}")
+        else:
+            settings[field] = _checked(value, kind)
+            if settings[field] is None:
+                raise PeftError(f"{config_path}: {field} = {short_repr(value)} must be {EXPECTED[kind]}")
+    return settings
+
+
+def _read_config(directory: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the config of a PEFT adapter directory, its checked settings); PeftError for what lora-export cannot
+    represent."""
     config_path = directory / CONFIG_FILE
     if not directory.is_dir():
         raise PeftError(f"{directory}: not a directory (a PEFT adapter directory holds {CONFIG_FILE} and "
@@ -71,10 +121,7 @@ def _read_config(directory: Path) -> dict[str, Any]:
                             "(lora-export adapters are plain LoRA on its own layers)")
     if config.get("bias", "none") != "none":
         raise PeftError(f"{config_path}: bias = {short_repr(config['bias'])} is not supported (none only)")
-    for field, kind in (("r", int), ("lora_alpha", int | float), ("rank_pattern", dict), ("alpha_pattern", dict)):
-        if field in config and config[field] is not None and not isinstance(config[field], kind):
-            raise PeftError(f"{config_path}: {field} = {short_repr(config[field])} is malformed")
-    return config
+    return config, _settings(config, config_path)
 
 
 def _pattern_value(pattern: dict[str, Any], path: str, default: Any) -> Any:
@@ -84,15 +131,62 @@ def _pattern_value(pattern: dict[str, Any], path: str, default: Any) -> Any:
     return pattern[max(keys, key=len)] if keys else default
 
 
-def _read_weights(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
+def _layer_part(name: str, path: Path) -> tuple[str, str]:
+    """(module path, "A" or "B") of a PEFT LoRA tensor name; PeftError for any other tensor."""
+    key = name.removeprefix(PREFIX)
+    for suffix, part in LORA_SUFFIXES:
+        if key.endswith(suffix):
+            return key.removesuffix(suffix), part
+    raise PeftError(f"{path}: tensor {short_repr(name)} is not a LoRA A/B weight")
 
-    if not path.is_file():
+
+def _check_pairs(shapes: dict[str, dict[str, tuple[int, ...]]], modules: dict[str, Any], adapter_dir: Path,
+                 base_name: str) -> None:
+    """Each module path names a LoRA layer of the base and has lora_A [r, in] and lora_B [out, r] that fit it,
+    with r at most the layer's larger dimension (more adds nothing, and bounds what a file may make us read)."""
+    for path, pair in shapes.items():
+        module = modules.get(path)
+        if _group_of(path) is None or not hasattr(module, "in_features"):
+            raise PeftError(f"{adapter_dir}: module {short_repr(path)} is not a LoRA layer of the lora-export base "
+                            f"{base_name} (an adapter for another model?)")
+        if set(pair) != {"A", "B"}:
+            raise PeftError(f"{adapter_dir}: module {path} has lora_{'B' if 'A' in pair else 'A'} missing")
+        a, b = pair["A"], pair["B"]
+        if (len(a) != 2 or len(b) != 2 or a[1] != module.in_features or b != (module.out_features, a[0])
+                or not 1 <= a[0] <= max(module.in_features, module.out_features)):
+            raise PeftError(f"{adapter_dir}: module {path}: lora_A {a} / lora_B {b} do not fit its "
+                            f"{module.in_features} -> {module.out_features} (another base?)")
+
+
+def _read_layers(adapter_dir: Path, modules: dict[str, Any], base_name: str) -> dict[str, dict[str, torch.Tensor]]:
+    """{module path: {"A": lora_A, "B": lora_B}} (float32) of the directory's weights file, names and shapes
+    checked (:func:`_check_pairs`) from the file's header before any tensor is read. Raises PeftError."""
+    from safetensors import safe_open
+
+    path = adapter_dir / WEIGHTS_FILE
+    if not (path.exists() or path.is_symlink()):
         raise PeftError(f"{path}: no such file (adapter_model.bin pickles are not read: save with safetensors)")
     try:
-        return load_file(path)
-    except Exception as err:  # SafetensorError and OS errors
-        raise PeftError(f"{path}: not a readable safetensors file: {str(err).splitlines()[0][:200]}") from None
+        check_input_file(path)
+    except ValueError as err:
+        raise PeftError(str(err)) from None
+    try:
+        with safe_open(path, framework="pt") as f:
+            parts = {name: _layer_part(name, path) for name in f.keys()}
+            if not parts:
+                raise PeftError(f"{path}: holds no LoRA weights")
+            shapes: dict[str, dict[str, tuple[int, ...]]] = {}
+            for name, (layer, part) in parts.items():
+                shapes.setdefault(layer, {})[part] = tuple(f.get_slice(name).get_shape())
+            _check_pairs(shapes, modules, adapter_dir, base_name)
+            layers: dict[str, dict[str, torch.Tensor]] = {}
+            for name, (layer, part) in parts.items():
+                layers.setdefault(layer, {})[part] = f.get_tensor(name).float()
+    except PeftError:
+        raise
+    except Exception as err:  # SafetensorError, OS errors, a dtype torch cannot convert
+        raise PeftError(f"{path}: not a readable safetensors file: {first_line(err)[:200]}") from None
+    return layers
 
 
 def from_peft(adapter_dir: str | os.PathLike, base_checkpoint: str | os.PathLike,
@@ -100,36 +194,11 @@ def from_peft(adapter_dir: str | os.PathLike, base_checkpoint: str | os.PathLike
     """Write a lora-export checkpoint (``output``, .pt or .safetensors) holding ``base_checkpoint``'s base weights
     and the PEFT adapter of ``adapter_dir``. Raises PeftError or CheckpointError (one line)."""
     adapter_dir, output = Path(adapter_dir), Path(output)
-    config = _read_config(adapter_dir)
-    tensors = _read_weights(adapter_dir / WEIGHTS_FILE)
+    config, settings = _read_config(adapter_dir)
     payload = read_checkpoint(base_checkpoint)
     base_model = build_model(payload, base_checkpoint)
     modules = dict(base_model.named_modules())
-
-    layers: dict[str, dict[str, torch.Tensor]] = {}
-    for name, tensor in tensors.items():
-        key = name.removeprefix(PREFIX)
-        for suffix, part in ((".lora_A.weight", "A"), (".lora_B.weight", "B"), (".lora_embedding_A", "A"),
-                             (".lora_embedding_B", "B")):
-            if key.endswith(suffix):
-                layers.setdefault(key.removesuffix(suffix), {})[part] = tensor.float()
-                break
-        else:
-            raise PeftError(f"{adapter_dir / WEIGHTS_FILE}: tensor {short_repr(name)} is not a LoRA A/B weight")
-    if not layers:
-        raise PeftError(f"{adapter_dir / WEIGHTS_FILE}: holds no LoRA weights")
-    for path, pair in layers.items():
-        module = modules.get(path)
-        if _group_of(path) is None or not hasattr(module, "in_features"):
-            raise PeftError(f"{adapter_dir}: module {short_repr(path)} is not a LoRA layer of the lora-export base "
-                            f"{Path(base_checkpoint).name} (an adapter for another model?)")
-        if set(pair) != {"A", "B"}:
-            raise PeftError(f"{adapter_dir}: module {path} has lora_{'B' if 'A' in pair else 'A'} missing")
-        a, b = pair["A"], pair["B"]
-        if a.ndim != 2 or b.ndim != 2 or a.shape[1] != module.in_features or b.shape != (module.out_features,
-                                                                                         a.shape[0]):
-            raise PeftError(f"{adapter_dir}: module {path}: lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} do "
-                            f"not fit its {module.in_features} -> {module.out_features} (another base?)")
+    layers = _read_layers(adapter_dir, modules, Path(base_checkpoint).name)
 
     groups = sorted({_group_of(path) for path in layers}, key=list(MODULE_NAMES).index)
     expected = [path for path in modules if _group_of(path) in groups and hasattr(modules[path], "in_features")]
@@ -138,15 +207,14 @@ def from_peft(adapter_dir: str | os.PathLike, base_checkpoint: str | os.PathLike
         raise PeftError(f"{adapter_dir}: targets differ between layers: {missing[0]} has no LoRA while other "
                         f"{_group_of(missing[0])} layers do (lora-export targets whole groups: "
                         f"{', '.join(groups)})")
-    r = int(config.get("r", 8))
-    alpha = float(config.get("lora_alpha", 8))
+    r, alpha = settings["r"], settings["lora_alpha"]
     rank_pattern = {path: int(layers[path]["A"].shape[0]) for path in expected if layers[path]["A"].shape[0] != r}
-    alpha_pattern = {path: float(value) for path in expected
-                     if (value := _pattern_value(config.get("alpha_pattern") or {}, path, alpha)) != alpha}
+    alpha_pattern = {path: value for path in expected
+                     if (value := _pattern_value(settings["alpha_pattern"], path, alpha)) != alpha}
     try:
         lora_config = ModelConfig.from_dict({
             **payload["config"], "r": r, "lora_alpha": alpha, "lora_targets": groups,
-            "use_rslora": bool(config.get("use_rslora", False)), "lora_dropout": float(config.get("lora_dropout", 0)),
+            "use_rslora": settings["use_rslora"], "lora_dropout": settings["lora_dropout"],
             "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern})
     except ValueError as err:
         raise PeftError(f"{adapter_dir / CONFIG_FILE}: {err}") from None
@@ -169,15 +237,22 @@ def _plain(value: Any) -> bool:
         isinstance(value, list | dict) and len(json.dumps(value, default=str)) < 10_000)
 
 
-def to_peft(checkpoint: str | os.PathLike, output_dir: str | os.PathLike) -> Path:
+def to_peft(checkpoint: str | os.PathLike, output_dir: str | os.PathLike, overwrite: bool = False) -> Path:
     """Write the LoRA of a lora-export checkpoint as a PEFT adapter directory (``adapter_config.json`` +
     ``adapter_model.safetensors``) that ``PeftModel.from_pretrained(base, output_dir)`` loads onto the
-    checkpoint's base model (a lora-export ``LoRATransformerLM`` with r = 0). Raises PeftError / CheckpointError."""
+    checkpoint's base model (a lora-export ``LoRATransformerLM`` with r = 0). Raises PeftError / CheckpointError /
+    OutputError.
+
+    The directory must be new or empty; with ``overwrite`` an existing one is written into, its two adapter files
+    replaced together (other files are left as they are). Missing parent directories are created.
+    """
     from safetensors.torch import save_file
 
     output_dir = Path(output_dir)
-    if output_dir.exists() and (not output_dir.is_dir() or any(output_dir.iterdir())):
-        raise PeftError(f"{output_dir}: exists and is not an empty directory")
+    check_output_dir(output_dir, (CONFIG_FILE, WEIGHTS_FILE), [checkpoint])
+    if not overwrite and output_dir.is_dir() and any(output_dir.iterdir()):
+        raise PeftError(f"{output_dir}: exists and is not an empty directory; pass --force to replace its "
+                        f"adapter files")
     model = build_model(read_checkpoint(checkpoint), checkpoint)
     config = model.config
     layers = list(lora_layers(model))
@@ -197,15 +272,8 @@ def to_peft(checkpoint: str | os.PathLike, output_dir: str | os.PathLike) -> Pat
         "use_rslora": config.use_rslora, "bias": "none", "fan_in_fan_out": False, "use_dora": False,
         "modules_to_save": None, "init_lora_weights": True,
     }
-    created = not output_dir.exists()
-    output_dir.mkdir(exist_ok=True)
-    try:
-        with staged_outputs() as stage:
-            save_file(tensors, str(stage.path(output_dir / WEIGHTS_FILE)), metadata={"format": "pt"})
-            stage.path(output_dir / CONFIG_FILE).write_text(json.dumps(peft_config, indent=2, sort_keys=True) + "\n",
-                                                            encoding="utf-8")
-    except BaseException:
-        if created:
-            output_dir.rmdir()
-        raise
+    with staged_outputs() as stage:  # makes output_dir and missing parents, removed again if this fails
+        save_file(tensors, str(stage.path(output_dir / WEIGHTS_FILE)), metadata={"format": "pt"})
+        stage.path(output_dir / CONFIG_FILE).write_text(json.dumps(peft_config, indent=2, sort_keys=True) + "\n",
+                                                        encoding="utf-8")
     return output_dir

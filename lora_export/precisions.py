@@ -19,7 +19,7 @@ import onnx
 import torch
 
 from .adapters import AdapterError, activate_adapters, attach_adapter
-from .cases import heldout_text
+from .cases import Case, heldout_text
 from .checkpoint import CheckpointError, build_model, read_checkpoint
 from .edge import PRECISIONS, EdgeExportError
 from .export import ExportError, load_onnx, model_file_size, read_metadata
@@ -39,6 +39,7 @@ from .providers import open_session
 from .tracing import OUTPUT_NAMES
 
 EVAL_WINDOWS = 16
+HELDOUT_CASE = "heldout_eval"
 
 
 def check_ort_format(model_path: str | os.PathLike, ort_path: str | os.PathLike) -> float:
@@ -73,6 +74,14 @@ def heldout_windows(count: int, seq_len: int) -> np.ndarray:
     data = np.frombuffer(heldout_text(), dtype=np.uint8)
     starts = np.linspace(0, len(data) - seq_len - 1, count).astype(np.int64)
     return np.stack([data[s: s + seq_len] for s in starts]).astype(np.int64)
+
+
+def heldout_case(max_seq_len: int, windows: int = EVAL_WINDOWS) -> Case:
+    """The held-out prose every precision's quality is measured on, and int8 / int4 judged on wherever they are
+    judged (``compare_precisions``, ``validate``): ``windows`` windows of min(256, max_seq_len) bytes, no padding."""
+    input_ids = heldout_windows(windows, min(LATENCY_MAX_SEQ, max_seq_len))
+    return Case(HELDOUT_CASE, f"{windows} windows of held-out prose: top-1 agreement and eval loss judge int8 and "
+                "int4 here", "held-out prose", input_ids, np.ones_like(input_ids))
 
 
 def _check_models(models: Mapping[str, str | os.PathLike], payload: dict, checkpoint_path: Path
@@ -116,8 +125,8 @@ def compare_precisions(
     provider, status ('ran' or 'not run: <reason>'), tolerance (the precision's TOLERANCES, in words),
     top1_agreement, top1_exact, max_abs, eval_loss_ref (PyTorch), eval_loss (ONNX Runtime), eval_loss_change_pct
     (100 * (eval_loss - eval_loss_ref) / eval_loss_ref), latency (list of {batch, seq_len, p50_ms, p90_ms}),
-    passed and failures (from ``validate.judge``). A model that did not run has None metrics, [] latency and
-    passed None. Raises EdgeExportError for models that do not belong to the checkpoint or cannot load.
+    passed and failures (``metrics.judge`` on ``heldout_case``). A model that did not run has None metrics, []
+    latency and passed None. Raises EdgeExportError for models that do not belong to the checkpoint or cannot load.
     """
     checkpoint_path = Path(checkpoint_path)
     try:
@@ -138,9 +147,9 @@ def compare_precisions(
         merge_lora(model)
     else:
         attach_adapter(model, tensors)
-    seq_len = min(LATENCY_MAX_SEQ, model.config.max_seq_len)
-    input_ids = heldout_windows(windows, seq_len)
-    attention_mask = np.ones_like(input_ids)
+    case = heldout_case(model.config.max_seq_len, windows)
+    input_ids, attention_mask = case.input_ids, case.attention_mask
+    seq_len = input_ids.shape[1]
     with torch.no_grad():
         reference = model(torch.from_numpy(input_ids), torch.from_numpy(attention_mask)).numpy()
     run_options, _adapters = activate_adapters(adapter_path) if adapter_path is not None else (None, [])

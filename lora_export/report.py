@@ -15,6 +15,7 @@ import html
 import io
 import json
 import math
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -25,9 +26,10 @@ from matplotlib.figure import Figure
 
 from .files import staged_outputs
 from .metrics import ERROR_HISTOGRAM_EDGES
+from .results import decode_labels
 
 if TYPE_CHECKING:
-    from .results import ParityResult
+    from .results import Comparison, Generation, ParityResult
 
 SCHEMA_VERSION = 1
 SCHEMA_PATH = Path(__file__).with_name("parity_schema.json")
@@ -63,6 +65,11 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def _file_record(path: Path, sha256: str | None) -> dict:
+    """{path, sha256} of an input file; sha256 only where it was recorded."""
+    return {"path": path} if sha256 is None else {"path": path, "sha256": sha256}
+
+
 def report_json(result: ParityResult) -> dict:
     """The parity.json document (schema_version 1); ``precisions`` only when the result has them."""
     document = {
@@ -73,8 +80,8 @@ def report_json(result: ParityResult) -> dict:
         "passed": result.passed,
         "summary": result.summary,
         "model": {"path": result.model_path, "form": result.form, "metadata": result.model_metadata},
-        "checkpoint": {"path": result.checkpoint_path},
-        "adapter": None if result.adapter_path is None else {"path": result.adapter_path},
+        "checkpoint": _file_record(result.checkpoint_path, result.checkpoint_sha256),
+        "adapter": None if result.adapter_path is None else _file_record(result.adapter_path, result.adapter_sha256),
         "precision": result.precision,
         "tolerance": asdict(result.tolerance),
         "pass_rule": result.pass_rule,
@@ -99,6 +106,27 @@ def report_json(result: ParityResult) -> dict:
 
 def _sci(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.2e}"
+
+
+def counted(count: int, noun: str) -> str:
+    """'1 run', '3 runs'."""
+    return f"{count:,} {noun}{'' if count == 1 else 's'}"
+
+
+def precision_verdict(row: dict) -> str:
+    """The verdict of one ``compare_precisions`` row in words: 'pass (top-1 97.00%, eval loss +0.60%)',
+    'FAIL: <reasons>' or 'not run: <reason>'."""
+    if row["passed"] is None:
+        return row["status"]
+    measured = f"top-1 {row['top1_agreement']:.2%}" + (
+        "" if row["eval_loss_change_pct"] is None else f", eval loss {row['eval_loss_change_pct']:+.2f}%")
+    return f"pass ({measured})" if row["passed"] else f"FAIL ({measured}): " + "; ".join(row["failures"])
+
+
+def precision_verdicts(rows: list[dict]) -> str:
+    """The edge builds' verdicts for the one-line summary: 'int8 pass (...), fp16 not run: ...' (fp32, the model
+    validated itself, left out); '' when there are none."""
+    return ", ".join(f"{row['precision']} {precision_verdict(row)}" for row in rows if row["precision"] != "fp32")
 
 
 def precision_section(rows: list[dict]) -> Section:
@@ -148,15 +176,62 @@ def decode_section(result: ParityResult) -> Section:
         headers=["Variant", "Device", "Prompt + new", "max abs", "tol. used", "Step top-1", "Identical",
                  "ms/byte early", "ms/byte late", "Generated", "Verdict"], text_columns=(9,),
     )
-    for run in result.decode:
+    for run, label in zip(result.decode, decode_labels([(r.variant, r.device) for r in result.decode]), strict=True):
         quarter = max(1, len(run.step_ms) // 4)
         section.rows.append([
-            run.variant, run.device, f"{run.prompt_bytes} + {run.new_bytes}", _sci(run.max_abs),
+            label, run.device, f"{run.prompt_bytes} + {run.new_bytes}", _sci(run.max_abs),
             _sci(run.tolerance_used), f"{run.top1_agreement:.2%}",
             "yes" if run.identical else f"NO (from byte {run.first_mismatch})",
             f"{np.median(run.step_ms[1:1 + quarter] or run.step_ms):.3f}", f"{np.median(run.step_ms[-quarter:]):.3f}",
             _show(run.generated), "pass" if run.passed else "FAIL: " + "; ".join(run.failures)])
     return section
+
+
+def _worst_run(result: ParityResult) -> str:
+    """The decode run closest to its limits, in words."""
+    labels = decode_labels([(r.variant, r.device) for r in result.decode])
+    run, label = max(zip(result.decode, labels, strict=True),
+                     key=lambda pair: (not pair[0].passed, pair[0].tolerance_used or 0.0, -pair[0].top1_agreement))
+    limit = ("" if run.tolerance_used is None else f"{run.tolerance_used:.1%} of the tolerance, ") + (
+        f"step top-1 {run.top1_agreement:.1%}")
+    bytes_ = "bytes identical" if run.identical else f"bytes differ from byte {run.first_mismatch}"
+    outcome = "passes" if run.passed else "; ".join(run.failures)
+    return f"{label} on genai {run.device}: max |error| {run.max_abs:.3g}, {limit}, {bytes_}; {outcome}"
+
+
+def worst_line(result: ParityResult) -> tuple[str, str] | None:
+    """('Worst case' or 'Worst run', what it is and how it fares) for the first screen and the overview, on a pass
+    too; when it passes but the verdict fails, the line names the check that failed. None when nothing ran."""
+    if result.worst is not None:
+        worst, label = result.worst, "Worst case"
+        outcome = "; ".join(worst.failures) if worst.failures else (
+            "passes" + ("" if worst.metrics.tolerance_used is None
+                        else f" at {worst.metrics.tolerance_used:.1%} of its tolerance"))
+        text = (f"'{worst.case}', output '{worst.output}' (variant {worst.variant}, {worst.provider}): max |error| "
+                f"{worst.metrics.max_abs:.3g} at [row, position, byte] = {worst.metrics.worst_index}, {outcome}")
+        passes = not worst.failures
+    elif result.decode:
+        label, text = "Worst run", _worst_run(result)
+        passes = all(run.passed for run in result.decode)
+    else:
+        return None
+    if passes and result.failures:
+        text += f"; the verdict fails on another check: {result.failures[0]}"
+    return label, text
+
+
+def _comparison_verdict(comparison: Comparison) -> str:
+    if not comparison.passed:
+        return "FAIL: " + "; ".join(comparison.failures)
+    return "pass" if comparison.judged else "reported, not judged"
+
+
+def _identical(generation: Generation, judged: bool) -> str:
+    if generation.identical:
+        return "yes"
+    if judged:
+        return f"NO (from byte {generation.first_mismatch})"
+    return f"differ from byte {generation.first_mismatch} (reported, not judged)"
 
 
 def report_sections(result: ParityResult) -> list[Section]:
@@ -173,14 +248,9 @@ def report_sections(result: ParityResult) -> list[Section]:
         ["Seed", str(result.seed)],
         ["Created", f"{result.created} by lora-export {result.tool_version}"],
     ])
-    if result.worst is not None:
-        worst = result.worst
-        verdict = "; ".join(worst.failures) if worst.failures else (
-            f"passes, {worst.metrics.tolerance_used:.1%} of the tolerance" if worst.metrics.tolerance_used is not None
-            else "passes")
-        overview.paragraphs.append(
-            f"Worst: case '{worst.case}', output '{worst.output}' (variant {worst.variant}, {worst.provider}), "
-            f"largest error at [row, position, byte] = {worst.metrics.worst_index}: {verdict}.")
+    worst = worst_line(result)
+    if worst is not None:
+        overview.paragraphs.append(f"{worst[0]}: {worst[1]}.")
     providers = Section("Providers", headers=["Provider", "Requested as", "Status", "Session providers"], rows=[
         [p.name, p.requested, p.brief(), ", ".join(p.session_providers) if p.ran else "- (no session on it)"]
         for p in result.providers
@@ -203,7 +273,7 @@ def report_sections(result: ParityResult) -> list[Section]:
         loss = "n/a" if m.loss_ref is None else f"{m.loss_ref:.6f} -> {m.loss_onnx:.6f}"
         comparisons.rows.append([c.variant, c.provider, c.case, c.output, _sci(m.max_abs), _sci(m.max_rel),
                                  _sci(m.mean_abs), f"{m.cosine:.8f}", _sci(m.tolerance_used), top1, loss,
-                                 "yes" if m.finite else "NO", "pass" if c.passed else "FAIL: " + "; ".join(c.failures)])
+                                 "yes" if m.finite else "NO", _comparison_verdict(c)])
     generations = Section(
         "Greedy generation",
         paragraphs=["Bytes generated greedily from a held-out prompt; ONNX Runtime re-runs the graph on the "
@@ -211,7 +281,7 @@ def report_sections(result: ParityResult) -> list[Section]:
                     "\\x escapes."],
         headers=["Variant", "Provider", "Prompt", "PyTorch", "ONNX Runtime", "Identical"], text_columns=(2, 3, 4),
         rows=[[g.variant, g.provider, g.prompt, g.reference, g.onnx,
-               "yes" if g.identical else f"NO (from byte {g.first_mismatch})"] for g in result.generations],
+               _identical(g, result.tolerance.elementwise)] for g in result.generations],
     )
     env = result.environment or {}
     versions = env.get("versions", {})
@@ -233,27 +303,38 @@ def report_sections(result: ParityResult) -> list[Section]:
         sections.append(Section("Failures", bullets=result.failures))
     if result.notes:
         sections.append(Section("Notes", bullets=result.notes))
-    return sections
+    return [section for section in sections if section.rows or not section.headers]  # no empty tables
+
+
+def _md_text(text: str) -> str:
+    """Text (file names, generated bytes, messages) as Markdown that shows it and does nothing else: what could open
+    an HTML tag, comment or autolink (``<`` before a letter, /, ! or ?), an entity, a link or a code span is escaped
+    (a plain ``<=`` stays readable); one line."""
+    text = re.sub(r"&(?=#?\w+;)", "&amp;", text)
+    text = re.sub(r"<(?=[A-Za-z/!?])", "&lt;", text)
+    for char in "[]`":
+        text = text.replace(char, "\\" + char)
+    return text.replace("\r", " ").replace("\n", " ")
 
 
 def _md_cell(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", " ")
+    return _md_text(text).replace("|", "\\|")
 
 
 def render_markdown(result: ParityResult) -> str:
-    """parity.md: a title line and the sections as Markdown tables."""
-    lines = [f"# Parity report: {result.model_path.name} - {VERDICTS[result.status]}", ""]
+    """parity.md: a title line and the sections as Markdown tables; every text escaped (``_md_text``)."""
+    lines = [f"# Parity report: {_md_text(result.model_path.name)} - {VERDICTS[result.status]}", ""]
     for section in report_sections(result):
         lines += [f"## {section.title}", ""]
         for paragraph in section.paragraphs:
-            lines += [paragraph, ""]
+            lines += [_md_text(paragraph), ""]
         if section.headers:
             lines.append("| " + " | ".join(_md_cell(h) for h in section.headers) + " |")
             lines.append("|" + "---|" * len(section.headers))
             lines += ["| " + " | ".join(_md_cell(cell) for cell in row) + " |" for row in section.rows]
             lines.append("")
         if section.bullets:
-            lines += [f"- {bullet}" for bullet in section.bullets] + [""]
+            lines += [f"- {_md_text(bullet)}" for bullet in section.bullets] + [""]
     return "\n".join(lines)
 
 
@@ -306,9 +387,9 @@ def decode_latency_png(result: ParityResult) -> bytes:
     """genai's time per generated byte against its position in the context, one line per decode run."""
     figure = Figure(figsize=(7, 3), layout="constrained")
     ax = figure.subplots()
-    for run in result.decode:
+    for run, label in zip(result.decode, decode_labels([(r.variant, r.device) for r in result.decode]), strict=True):
         positions = np.arange(run.prompt_bytes, run.prompt_bytes + len(run.step_ms))
-        ax.plot(positions, run.step_ms, linewidth=0.8, label=f"{run.variant} ({run.device})")
+        ax.plot(positions, run.step_ms, linewidth=0.8, label=f"{label} ({run.device})")
     if result.decode:
         ax.set_ylim(bottom=0)
         ax.legend(loc="upper left", fontsize="small")
@@ -356,23 +437,13 @@ def render_html(result: ParityResult) -> str:
     body = [f"<h1>Parity report: {html.escape(result.model_path.name)}</h1>",
             f"<p id='verdict' class='verdict {status}' role='status'><strong>{verdict}</strong> "
             f"{html.escape(result.summary.removeprefix(verdict + ':').strip())}</p>"]
-    if result.worst is not None:
-        worst = result.worst
-        outcome = "; ".join(worst.failures) if worst.failures else (
-            "passes" + ("" if worst.metrics.tolerance_used is None
-                        else f" at {worst.metrics.tolerance_used:.1%} of its tolerance"))
-        body.append(f"<p id='worst'><strong>Worst case:</strong> {html.escape(worst.case)} "
-                    f"(variant {html.escape(worst.variant)}, {html.escape(worst.provider)}, output "
-                    f"{html.escape(worst.output)}): max |error| {worst.metrics.max_abs:.3g}, {html.escape(outcome)}"
-                    "</p>")
-    elif result.decode:
-        run = max(result.decode, key=lambda r: (not r.passed, r.tolerance_used or 0.0, -r.top1_agreement))
-        limit = ("" if run.tolerance_used is None else f"{run.tolerance_used:.1%} of the tolerance, ") + (
-            f"step top-1 {run.top1_agreement:.1%}")
-        body.append(f"<p id='worst'><strong>Worst run:</strong> {html.escape(run.variant)} on genai "
-                    f"{html.escape(run.device)}: max |error| {run.max_abs:.3g}, {limit}, "
-                    f"{'bytes identical' if run.identical else f'bytes differ from byte {run.first_mismatch}'}; "
-                    f"{'passes' if run.passed else html.escape('; '.join(run.failures))}</p>")
+    worst = worst_line(result)
+    if worst is not None:
+        body.append(f"<p id='worst'><strong>{worst[0]}:</strong> {html.escape(worst[1])}</p>")
+    if result.precisions:
+        body.append("<ul id='precisions'>" + "".join(
+            f"<li><strong>{html.escape(row['precision'])}</strong>: <span{_cell_class(precision_verdict(row))}>"
+            f"{html.escape(precision_verdict(row))}</span></li>" for row in result.precisions) + "</ul>")
     body.append("<ul id='providers'>" + "".join(
         f"<li><strong>{html.escape(p.name)}</strong>: <span{_cell_class(p.brief())}>{html.escape(p.brief())}</span>"
         + (f" (session providers: {html.escape(', '.join(p.session_providers))})" if p.ran else "") + "</li>"
@@ -393,7 +464,7 @@ def render_html(result: ParityResult) -> str:
              ".verdict{font-size:1.15em;padding:.6em .8em;border-radius:4px;border:2px solid}"
              ".verdict.passed{background:#e6f4e6;border-color:#187a18}.verdict.failed{background:#fde8e8;"
              "border-color:#b00}.verdict.not-run{background:#fff4e0;border-color:#a60}"
-             "td.passed,span.passed{color:#126312}td.failed{color:#a00;font-weight:bold}"
+             "td.passed,span.passed{color:#126312}td.failed,span.failed{color:#a00;font-weight:bold}"
              "td.not-run,span.not-run{color:#8a5300}tr.row-failed{background:#fff0f0}"
              ".plots{display:flex;flex-wrap:wrap;gap:1em}.plots figure{margin:0;max-width:600px}img{max-width:100%}")
     return ("<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"

@@ -25,6 +25,9 @@ class Comparison:
     metrics: Metrics
     passed: bool
     failures: list[str]
+    #: False: measured and reported, not judged (an int8 / int4 model is judged on held-out prose alone; see
+    #: ``Tolerance.elementwise``); only NaN / Inf fails it
+    judged: bool = True
 
 
 @dataclass
@@ -87,9 +90,21 @@ class ParityResult:
     decode: list[DecodeRun] = field(default_factory=list)
     report_dir: Path | None = None
     environment: dict | None = None  # providers.machine_record() of the machine that measured
+    checkpoint_sha256: str | None = None  # of the files validated, so compare-reports can tell runs of other inputs
+    adapter_sha256: str | None = None
     report_files: dict[str, Path] = field(default_factory=dict)
 
     @property
     def passed(self) -> bool:
         """Parity holds on every provider that ran, and at least one ran."""
         return self.status == "passed"
+
+
+def decode_labels(runs: list[tuple[str, str]]) -> list[str]:
+    """A distinct label per decode run on its device, from its (variant, device): the variant, and 'base again' for
+    the base run that closes the adapter form (reports and compare-reports use them)."""
+    labels, seen = [], set()
+    for variant, device in runs:
+        labels.append(f"{variant} again" if (variant, device) in seen else variant)
+        seen.add((variant, device))
+    return labels

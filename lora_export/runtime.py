@@ -4,12 +4,12 @@
 its sampling), on CPU or CUDA, with an optional ``.onnx_adapter`` active for the whole run (one generator per
 adapter, as genai requires). A byte vocabulary has no end-of-sequence: generation runs for ``max_new_bytes``
 unless a ``stop_byte`` is named. The model's positions are learned up to ``max_seq_len``: a prompt plus budget
-beyond it is an error, not a silent crop.
+beyond it is an error, not a silent crop. The directory is read as data before genai opens it
+(``decoder.read_decoder_dir``): a genai_config.json other than the one lora-export writes is refused.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,8 +19,9 @@ import numpy as np
 
 from .adapters import AdapterError, check_adapter, read_adapter
 from .checkpoint import first_line
-from .decoder import EOS_BYTE, GENAI_CONFIG, MODEL_FILE
-from .export import ExportError, load_onnx, read_metadata
+from .decoder import EOS_BYTE, read_decoder_dir
+from .export import ExportError
+from .model import check_generation_request
 
 DEVICES = ("cpu", "cuda")
 
@@ -39,44 +40,30 @@ class Sampling:
     seed: int = 0
 
 
-def _context_length(model_dir: Path) -> int:
-    try:
-        config = json.loads((model_dir / GENAI_CONFIG).read_text(encoding="utf-8"))
-        return int(config["model"]["context_length"])
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise GenerationError(f"{model_dir}: not a lora-export genai model directory ({GENAI_CONFIG}: "
-                              f"{first_line(err)})") from None
-
-
 def check_generation(model_dir: str | os.PathLike, prompt: bytes, max_new_bytes: int, adapter: str | os.PathLike | None,
                      device: str, sampling: Sampling) -> int:
-    """Refuse (GenerationError) what cannot run, before anything loads; returns the model's context length."""
-    model_dir = Path(model_dir)
-    if not (model_dir / MODEL_FILE).is_file():
-        raise GenerationError(f"{model_dir}: not a genai model directory (no {MODEL_FILE})")
-    context = _context_length(model_dir)
+    """Refuse (GenerationError) what cannot run, before onnxruntime-genai loads anything; returns the model's
+    context length (its max_seq_len, from the model's own metadata: ``decoder.read_decoder_dir``)."""
+    try:
+        directory = read_decoder_dir(model_dir)
+    except ExportError as err:
+        raise GenerationError(str(err)) from None
+    context = directory.config.max_seq_len
     if device not in DEVICES:
         raise GenerationError(f"unknown device {device!r}: choose from {', '.join(DEVICES)}")
-    if not prompt:
-        raise GenerationError("the prompt is empty: give at least one byte")
-    if max_new_bytes < 1:
-        raise GenerationError(f"max_new_bytes must be >= 1, got {max_new_bytes}")
-    if len(prompt) + max_new_bytes > context:
-        raise GenerationError(f"prompt ({len(prompt)} bytes) + {max_new_bytes} new bytes exceed the model's "
-                              f"max_seq_len {context} (learned positions: nothing is cropped)")
-    if not sampling.greedy and not (sampling.temperature > 0 and np.isfinite(sampling.temperature)):
-        raise GenerationError(f"temperature must be a finite number > 0, got {sampling.temperature}")
-    if not 0 <= sampling.top_k <= 256:
-        raise GenerationError(f"top_k must be in 0..256, got {sampling.top_k}")
+    try:  # the same rule as the PyTorch model's generate()
+        check_generation_request(len(prompt), max_new_bytes, context, sampling.greedy, sampling.temperature,
+                                 sampling.top_k)
+    except ValueError as err:
+        raise GenerationError(str(err)) from None
     if adapter is not None:
         try:
-            model = load_onnx(model_dir / MODEL_FILE)
             tensors, _ = read_adapter(adapter)
-        except (ExportError, AdapterError) as err:
+        except AdapterError as err:
             raise GenerationError(str(err)) from None
-        if read_metadata(model).get("form") != "adapters":
+        if directory.metadata.get("form") != "adapters":
             raise GenerationError(f"{model_dir}: a merged decoder takes no adapter (export it --adapters-as-inputs)")
-        errors, _ = check_adapter(model, tensors)
+        errors, _ = check_adapter(directory.proto, tensors)
         if errors:
             raise GenerationError(f"{adapter}: does not fit {model_dir}: {'; '.join(errors)}")
     return context
@@ -114,7 +101,10 @@ def generate_bytes(model_dir: str | os.PathLike, prompt: bytes, *, max_new_bytes
     except Exception as err:  # genai raises RuntimeError / OrtException for providers, files, adapters
         raise GenerationError(f"{model_dir}: onnxruntime-genai cannot run it on {device}: {first_line(err)}") from None
     while not generator.is_done():
-        generator.generate_next_token()
+        try:
+            generator.generate_next_token()
+        except Exception as err:  # a graph that does not compute what its metadata says fails here
+            raise GenerationError(f"{model_dir}: onnxruntime-genai failed generating: {first_line(err)}") from None
         byte = int(generator.get_next_tokens()[0])
         yield byte
         if stop_byte is not None and byte == stop_byte:

@@ -16,11 +16,15 @@ multi-second import of torch._inductor on every run.
 
 from __future__ import annotations
 
+import bz2
+import gzip
 import hashlib
+import lzma
 import math
 import os
 import pydoc_data.topics
 import sysconfig
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -29,8 +33,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import base_fingerprint, build_model, read_checkpoint
-from .files import file_sha256
+from .checkpoint import base_fingerprint, build_model, first_line, read_checkpoint
+from .files import check_input_file, file_sha256, open_input
 from .layers import count_parameters, lora_state_dict, mark_only_lora_as_trainable
 from .model import LoRATransformerLM, ModelConfig
 from .progress import progress_bar
@@ -87,14 +91,68 @@ def text_files(paths: Sequence[str | os.PathLike]) -> list[Path]:
     return files
 
 
+#: The most ``--data`` may hold in all, after decompression: the corpus is held in memory (a few copies of it).
+MAX_DATA_BYTES = 256 << 20
+#: Compressed data files, recognised by their first bytes (not their names), and how to open them.
+COMPRESSED = {b"\x1f\x8b": ("gzip", gzip.open), b"BZh": ("bzip2", bz2.open), b"\xfd7zXZ\x00": ("xz", lzma.open)}
+#: Binary data: a NUL byte anywhere, or more than BINARY_SHARE of the first BINARY_SAMPLE bytes not UTF-8 text
+#: (Latin-1 or other 8-bit text stays well below it; random or packed bytes are far above it).
+BINARY_SAMPLE = 64 << 10
+BINARY_SHARE = 0.3
+
+
+def binary_problem(data: bytes) -> str | None:
+    """Why ``data`` is binary rather than text, or None: a NUL byte anywhere (also UTF-16 text), or more than
+    BINARY_SHARE of its first BINARY_SAMPLE bytes that are not valid UTF-8."""
+    if b"\0" in data:
+        return "binary data (NUL bytes), not text"
+    sample = data[:BINARY_SAMPLE]
+    invalid = sample.decode("utf-8", errors="replace").count("\ufffd") - sample.count("\ufffd".encode())
+    if invalid > BINARY_SHARE * len(sample):
+        return f"binary data ({invalid / len(sample):.0%} of its first {len(sample):,} bytes are not UTF-8), not text"
+    return None
+
+
+def read_data_file(path: Path, budget: int = MAX_DATA_BYTES) -> bytes:
+    """The text of one data file, decompressed when it is gzip, bzip2 or xz data (by its first bytes). Raises
+    ValueError naming the file: not a regular file, more than ``budget`` bytes (after decompression; read no
+    further), corrupt compressed data, empty, or binary (:func:`binary_problem`)."""
+    with open_input(path) as raw:
+        kind = "data"
+        try:
+            magic = raw.read(6)
+            raw.seek(0)
+            kind, opener = next((found for prefix, found in COMPRESSED.items() if magic.startswith(prefix)),
+                                (kind, None))
+            stream = opener(raw, "rb") if opener else raw
+            data = stream.read(budget + 1)
+        except (OSError, EOFError, lzma.LZMAError, zlib.error) as err:
+            raise ValueError(f"{path}: not readable {kind}: {first_line(err)}") from None
+    if len(data) > budget:
+        raise ValueError(f"{path}: data beyond the {MAX_DATA_BYTES >> 20} MiB that --data may hold in all"
+                         + (" (after decompression)" if kind != "data" else ""))
+    if not data:
+        raise ValueError(f"{path}: data file is empty")
+    problem = binary_problem(data)
+    if problem:
+        raise ValueError(f"{path}: {problem}: --data takes text files (gzip, bzip2 and xz files are decompressed)")
+    return data
+
+
 def read_text_files(paths: Sequence[str | os.PathLike]) -> bytes:
-    """The bytes of ``text_files(paths)``, in that order, joined by newlines. An empty file is a ValueError."""
-    chunks = []
-    for path in text_files(paths):
-        chunk = path.read_bytes()
-        if not chunk:
-            raise ValueError(f"{path}: data file is empty")
-        chunks.append(chunk)
+    """The text of ``text_files(paths)`` (each read by :func:`read_data_file`), in that order, joined by newlines.
+
+    At most MAX_DATA_BYTES in all: file sizes are summed before anything is read, and decompressed data counts
+    as it is read. Every refusal is a ValueError naming the file."""
+    files = text_files(paths)
+    total = sum(check_input_file(path) for path in files)
+    if total > MAX_DATA_BYTES:
+        raise ValueError(f"{', '.join(str(path) for path in files)[:200]}: {total:,} bytes in all, more than the "
+                         f"{MAX_DATA_BYTES >> 20} MiB that --data may hold")
+    chunks, budget = [], MAX_DATA_BYTES
+    for path in files:
+        chunks.append(read_data_file(path, budget))
+        budget -= len(chunks[-1])
     return b"\n".join(chunks)
 
 

@@ -79,8 +79,8 @@ def test_conflicting_flags_and_unwritable_output(tiny_checkpoint, tmp_path):
     assert code == 2 and "exclude each other" in err
     code, _, err = invoke(tiny_checkpoint, "--merge", "--adapter-output", tmp_path / "x.onnx_adapter")
     assert_one_line_error(code, err, "adapter output only applies")
-    code, _, err = invoke(tiny_checkpoint, "--merge", "-o", tmp_path / "missing" / "x.onnx")
-    assert_one_line_error(code, err, "output directory does not exist")
+    code, _, err = invoke(tiny_checkpoint, "--merge", "-o", Path(os.devnull) / "missing" / "x.onnx")
+    assert_one_line_error(code, err, "output directory cannot be created")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -131,13 +131,11 @@ def test_explicit_cuda_that_cannot_run_exits_2(merged_export, tiny_checkpoint, t
     assert_one_line_error(code, err, "CUDAExecutionProvider")
 
 
-def test_fp16_model_without_cuda_exits_2(merged_export, tiny_checkpoint, tmp_path, cuda_runs):
-    if cuda_runs:
-        pytest.skip("CUDA really runs on this machine")
+def test_fp16_model_validates_on_cpu(merged_export, tiny_checkpoint, tmp_path):
     fp16 = convert_fp16(merged_export.model_path, tmp_path / "tiny.fp16.onnx")
-    code, out, err = invoke("validate", fp16, "--checkpoint", tiny_checkpoint, "--report", tmp_path / "r", "--quiet")
-    assert code == 2
-    assert out.startswith("NOT RUN") and "error: no execution provider here can run this fp16 model" in err
+    code, out, err = invoke("validate", fp16, "--checkpoint", tiny_checkpoint, "--providers", "cpu", "--report",
+                            tmp_path / "r", "--quiet")
+    assert code == 0 and out.startswith("PASS") and "CPUExecutionProvider" in out, out + err
 
 
 def test_export_with_int8_and_ort_format(tiny_checkpoint, tmp_path):
@@ -158,8 +156,8 @@ def test_adapter_outputs_that_would_destroy_or_half_write_are_refused(adapter_ex
     code, _, err = invoke("adapter", tiny_checkpoint, "--model", model, "-o", model)
     assert_one_line_error(code, err, "must end in .onnx_adapter")
     code, _, err = invoke(tiny_checkpoint, "--adapters-as-inputs", "-o", tmp_path / "x.onnx",
-                          "--adapter-output", tmp_path / "missing" / "x.onnx_adapter")
-    assert_one_line_error(code, err, "output directory does not exist")
+                          "--adapter-output", Path(os.devnull) / "x.onnx_adapter")
+    assert_one_line_error(code, err, "output directory cannot be created")
     assert model.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -235,8 +236,8 @@ def test_external_data_round_trip(merged_export, tiny_checkpoint, tmp_path):
 
 
 def test_bad_inputs_leave_nothing_behind(tiny_checkpoint, tmp_path):
-    with pytest.raises(ExportError, match="does not exist"):
-        export_onnx(tiny_checkpoint, tmp_path / "missing" / "x.onnx")
+    with pytest.raises(ExportError, match="cannot be created"):
+        export_onnx(tiny_checkpoint, Path(os.devnull) / "missing" / "x.onnx")
     with pytest.raises(ExportError, match="must end in .onnx"):
         export_onnx(tiny_checkpoint, tmp_path / "x.txt")
     with pytest.raises(ExportError, match="opset"):

@@ -152,7 +152,7 @@ def test_markdown_has_the_tables_pass_rule_and_worst_case() -> None:
                     "## Latency", "## Failures", "## Notes"):
         assert heading in text
     assert "|onnx - torch| <= atol + rtol * |torch|" in text
-    assert "Worst: case 'padding', output 'logits'" in text
+    assert "Worst case: 'padding', output 'logits'" in text
     assert "| CUDAExecutionProvider | cuda | not run: not available on this machine (reason in parity.json) |" in text
     assert "did not load" not in text  # the long reason is kept for parity.json only
     assert "The a\\|b" in text and "right-padded \\| pipes" in text  # pipes escaped inside table cells

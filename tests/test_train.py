@@ -86,7 +86,7 @@ def test_read_text_files(tmp_path: Path) -> None:
     (tmp_path / "empty.txt").write_text("")
     with pytest.raises(ValueError, match="empty"):
         read_text_files([tmp_path / "empty.txt"])
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(ValueError, match="missing.txt: no such file"):
         read_text_files([tmp_path / "missing.txt"])
 
 
