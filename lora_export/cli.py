@@ -21,18 +21,9 @@ from typing import Any, TypeVar
 import click
 
 from . import __version__
-from .checkpoint import CHECKPOINT_SUFFIXES, CheckpointError, first_line, save_checkpoint
-from .compare import compare_reports, load_report, render_comparison
-from .decoder import export_decoder
-from .edge import (
-    convert_fp16,
-    convert_ort_format,
-    ort_format_outputs,
-    precision_output_path,
-    quantize_int4,
-    quantize_int8,
-)
-from .export import (
+from .corpus import load_data
+from .errors import INTERRUPTED_EXIT, TERMINATED_EXIT, CheckpointError, Terminated, first_line
+from .export.convert import (
     EXTERNAL_DATA_THRESHOLD,
     check_adapter_file,
     check_output_path,
@@ -44,18 +35,28 @@ from .export import (
     export_outputs,
     model_files,
 )
+from .export.peft import CONFIG_FILE, WEIGHTS_FILE, from_peft, to_peft
+from .export.quantize import (
+    convert_fp16,
+    convert_ort_format,
+    ort_format_outputs,
+    precision_output_path,
+    quantize_int4,
+    quantize_int8,
+)
+from .export.tracing import DEFAULT_OPSET
 from .files import check_output_dir, check_outputs
-from .launch import INTERRUPTED_EXIT, TERMINATED_EXIT, Terminated
-from .metrics import resolve_tolerance
-from .model import ModelConfig
-from .peft_io import CONFIG_FILE, WEIGHTS_FILE, from_peft, to_peft
-from .precisions import check_ort_format
-from .providers import normalize_providers
-from .report import REPORT_FILES
-from .runtime import DEVICES, Sampling, check_generation, generate_bytes
-from .tracing import DEFAULT_OPSET
-from .train import adapt, check_hyperparameters, load_data, pretrain
-from .validate import default_report_dir, validate
+from .genai.decoder import export_decoder
+from .genai.generate import DEVICES, Sampling, check_generation, generate_bytes
+from .model.checkpoint import CHECKPOINT_SUFFIXES, save_checkpoint
+from .model.transformer import ModelConfig
+from .parity.metrics import resolve_tolerance
+from .parity.precisions import check_ort_format
+from .parity.sessions import normalize_providers
+from .parity.validate import default_report_dir, validate
+from .report.compare import compare_reports, load_report, render_comparison
+from .report.render import REPORT_FILES
+from .train.loop import adapt, check_hyperparameters, pretrain
 
 CommandT = TypeVar("CommandT", bound=Callable[..., Any])
 

@@ -32,6 +32,8 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
+from .errors import OutputError
+
 try:
     import fcntl
 except ImportError:  # Windows: no stale-directory cleanup, staging still works
@@ -42,10 +44,6 @@ LOCK_NAME = ".lock"
 #: A staging directory without a lock file (its creator died between mkdtemp and the lock) counts as stale
 #: once it is this old.
 UNLOCKED_STALE_SECONDS = 600
-
-
-class OutputError(ValueError):
-    """An output that cannot or must not be written (checked before any work); one line naming the path."""
 
 
 def default_file_mode() -> int:

@@ -11,12 +11,7 @@ import signal
 import sys
 from types import FrameType
 
-INTERRUPTED_EXIT = 130
-TERMINATED_EXIT = 128 + signal.SIGTERM
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised where the program is so that every cleanup runs."""
+from .errors import INTERRUPTED_EXIT, TERMINATED_EXIT, Terminated
 
 
 def _raise_terminated(_signum: int, _frame: FrameType | None) -> None:

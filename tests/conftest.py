@@ -14,9 +14,9 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from lora_export.checkpoint import read_checkpoint, save_checkpoint
-from lora_export.export import ExportResult, export_onnx
-from lora_export.model import LoRATransformerLM, ModelConfig
+from lora_export.export.convert import ExportResult, export_onnx
+from lora_export.model.checkpoint import read_checkpoint, save_checkpoint
+from lora_export.model.transformer import LoRATransformerLM, ModelConfig
 
 # One intra-op thread per test process: the suite runs under pytest -n 2 on 2 cores, and tiny models are
 # many times slower when two processes each spin up two threads.

@@ -33,7 +33,7 @@ ALL_LORA = ["q", "k", "v", "o"]
 
 def _impl_cls() -> type[nn.Module]:
     """Import the class under test lazily (so reference self-tests run without it)."""
-    from lora_export.attention import LoRASelfAttention
+    from lora_export.model.attention import LoRASelfAttention
 
     return LoRASelfAttention
 

@@ -12,17 +12,17 @@ from typing import Any
 import pytest
 import torch
 
-from lora_export.checkpoint import (
+from lora_export.errors import CheckpointError
+from lora_export.model.checkpoint import (
     CHECKPOINT_FORMAT,
     CHECKPOINT_VERSION,
-    CheckpointError,
     base_fingerprint,
     load_checkpoint,
     read_checkpoint,
     save_checkpoint,
 )
-from lora_export.layers import LoRALayer, base_state_dict, lora_state_dict, merge_lora
-from lora_export.model import LoRATransformerLM, ModelConfig
+from lora_export.model.layers import LoRALayer, base_state_dict, lora_state_dict, merge_lora
+from lora_export.model.transformer import LoRATransformerLM, ModelConfig
 
 # --------------------------------------------------------------------------- helpers
 

@@ -16,7 +16,7 @@ import pytest
 from click.testing import CliRunner
 
 from lora_export.cli import export_cli
-from lora_export.edge import convert_fp16
+from lora_export.export.quantize import convert_fp16
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -87,7 +87,7 @@ def test_conflicting_flags_and_unwritable_output(tiny_checkpoint, tmp_path):
 def test_adapter_for_another_base_exits_2(adapter_export, tmp_path):
     from conftest import make_lora_model
 
-    from lora_export.checkpoint import save_checkpoint
+    from lora_export.model.checkpoint import save_checkpoint
 
     other = tmp_path / "other.pt"
     save_checkpoint(other, make_lora_model(seed=5))

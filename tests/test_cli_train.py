@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from lora_export.checkpoint import load_checkpoint, read_checkpoint
 from lora_export.cli import train_cli
-from lora_export.train import prose_text, stdlib_source_text
+from lora_export.corpus import prose_text, stdlib_source_text
+from lora_export.model.checkpoint import load_checkpoint, read_checkpoint
 
 TINY = ["--dim", "32", "--depth", "1", "--heads", "2", "--dim-head", "16", "--local-heads", "1", "--window", "8",
         "--max-seq-len", "32", "--dropout", "0"]

@@ -14,11 +14,11 @@ import torch
 from click.testing import CliRunner
 from conftest import TINY_CONFIG, make_lora_model, same_base_other_rank
 
-from lora_export.checkpoint import read_checkpoint, save_checkpoint
 from lora_export.cli import export_cli, train_cli
+from lora_export.corpus import prose_text, stdlib_source_text
+from lora_export.export.peft import CONFIG_FILE, WEIGHTS_FILE
 from lora_export.files import staged_outputs
-from lora_export.peft_io import CONFIG_FILE, WEIGHTS_FILE
-from lora_export.train import prose_text, stdlib_source_text
+from lora_export.model.checkpoint import read_checkpoint, save_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY_TRAIN = ["--dim", "32", "--depth", "1", "--heads", "2", "--dim-head", "16", "--local-heads", "1", "--window",
@@ -198,7 +198,7 @@ def readme_generate_samples() -> list[tuple[list[str], str]]:
 
 def test_readme_generate_samples_are_what_the_commands_print(tmp_path: Path) -> None:
     """The Quick start's generate examples, run on the shipped demo model, print exactly the shown text."""
-    from lora_export.decoder import export_decoder
+    from lora_export.genai.decoder import export_decoder
 
     samples = readme_generate_samples()
     assert len(samples) == 3

@@ -8,7 +8,7 @@ import itertools
 import pytest
 import torch
 
-from lora_export.model import LoRATransformerLM, ModelConfig
+from lora_export.model.transformer import LoRATransformerLM, ModelConfig
 
 MAX_LEN = 40
 BASE = dict(dim=24, depth=2, heads=3, dim_head=8, max_seq_len=MAX_LEN, ff_mult=2, dropout=0.0, r=2,

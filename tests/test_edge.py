@@ -17,20 +17,20 @@ import pytest
 import torch
 from conftest import make_lora_model, same_base_other_rank
 
-from lora_export.adapters import activate_adapters, attach_adapter, lora_input_specs, read_adapter
-from lora_export.checkpoint import load_checkpoint, save_checkpoint
-from lora_export.edge import (
-    EdgeExportError,
+from lora_export.errors import EdgeExportError, ParityInputError
+from lora_export.export.adapters import activate_adapters, attach_adapter, lora_input_specs, read_adapter
+from lora_export.export.convert import ExportResult, export_adapter, read_metadata
+from lora_export.export.quantize import (
     constant_weight_nodes,
     convert_fp16,
     convert_ort_format,
     quantize_int4,
     quantize_int8,
 )
-from lora_export.export import ExportResult, export_adapter, read_metadata
-from lora_export.metrics import TOLERANCES, ParityInputError, compare_logits, judge
-from lora_export.precisions import compare_precisions, heldout_windows
-from lora_export.validate import validate
+from lora_export.model.checkpoint import load_checkpoint, save_checkpoint
+from lora_export.parity.metrics import TOLERANCES, compare_logits, judge
+from lora_export.parity.precisions import compare_precisions, heldout_windows
+from lora_export.parity.validate import validate
 
 FAST = {"warmup": 1, "runs": 3}
 

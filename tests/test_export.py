@@ -13,8 +13,8 @@ import pytest
 import torch
 from conftest import TINY_CONFIG, same_base_other_rank
 
-from lora_export.adapters import (
-    AdapterError,
+from lora_export.errors import AdapterError, ExportError
+from lora_export.export.adapters import (
     activate_adapters,
     adapter_record_path,
     adapter_tensors,
@@ -24,11 +24,11 @@ from lora_export.adapters import (
     read_adapter,
     write_adapter,
 )
-from lora_export.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
-from lora_export.export import ExportError, check_adapter_file, export_adapter, export_onnx, read_metadata
+from lora_export.export.convert import check_adapter_file, export_adapter, export_onnx, read_metadata
 from lora_export.files import file_sha256
-from lora_export.layers import merge_lora
-from lora_export.validate import validate
+from lora_export.model.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
+from lora_export.model.layers import merge_lora
+from lora_export.parity.validate import validate
 
 SHAPES = [(1, 1), (2, 5), (2, 9), (1, 8), (3, TINY_CONFIG["max_seq_len"])]  # window 8: 9 is not a multiple
 
@@ -86,7 +86,7 @@ def test_metadata(merged_export, adapter_export, tiny_checkpoint):
 def test_onnxslim_shrinks_a_two_block_graph_and_keeps_its_lora_inputs(tmp_path):
     from conftest import make_lora_model
 
-    from lora_export.adapters import lora_input_specs
+    from lora_export.export.adapters import lora_input_specs
 
     save_checkpoint(tmp_path / "two.pt", make_lora_model(depth=2, local_attn_window_size=64, max_seq_len=256))
     plain = export_onnx(tmp_path / "two.pt", tmp_path / "plain.onnx", merge=False, simplify_graph=False,

@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from lora_export import adapters
 from lora_export.cli import export_cli
+from lora_export.errors import OutputError
+from lora_export.export import adapters
 from lora_export.files import (
     LOCK_NAME,
     STAGING_SUFFIX,
-    OutputError,
     check_output_dir,
     check_outputs,
     remove_stale_staging,

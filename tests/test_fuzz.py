@@ -20,9 +20,10 @@ from conftest import make_lora_model
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lora_export.adapters import AdapterError, adapter_tensors, read_adapter, write_adapter
-from lora_export.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from lora_export.model import LORA_TARGETS, VOCAB_SIZE, LoRATransformerLM, ModelConfig
+from lora_export.errors import AdapterError, CheckpointError
+from lora_export.export.adapters import adapter_tensors, read_adapter, write_adapter
+from lora_export.model.checkpoint import load_checkpoint, save_checkpoint
+from lora_export.model.transformer import LORA_TARGETS, VOCAB_SIZE, LoRATransformerLM, ModelConfig
 
 FUZZ = dict(deadline=None, derandomize=True, database=None,
             suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])

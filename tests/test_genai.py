@@ -18,14 +18,15 @@ import torch
 from click.testing import CliRunner
 from conftest import TINY_CONFIG, make_lora_model, same_base_other_rank
 
-from lora_export.adapters import attach_adapter, read_adapter
-from lora_export.checkpoint import load_checkpoint, save_checkpoint
 from lora_export.cli import export_cli
-from lora_export.decoder import ADAPTER_FILE, CACHE_SLACK, MODEL_FILE, export_decoder
-from lora_export.export import ExportError, export_adapter
-from lora_export.report import SCHEMA_PATH
-from lora_export.runtime import GenerationError, Sampling, generate_bytes
-from lora_export.validate import validate
+from lora_export.errors import ExportError, GenerationError
+from lora_export.export.adapters import attach_adapter, read_adapter
+from lora_export.export.convert import export_adapter
+from lora_export.genai.decoder import ADAPTER_FILE, CACHE_SLACK, MODEL_FILE, export_decoder
+from lora_export.genai.generate import Sampling, generate_bytes
+from lora_export.model.checkpoint import load_checkpoint, save_checkpoint
+from lora_export.parity.validate import validate
+from lora_export.report.render import SCHEMA_PATH
 
 PROMPT = b"Hello, world"  # 12 bytes: longer than the window of 8
 NEW = TINY_CONFIG["max_seq_len"] - len(PROMPT)  # to the end of the context: the window is crossed 2.5 times
@@ -84,7 +85,7 @@ def test_adapters_swap_on_one_loaded_model(genai_adapters, tiny_checkpoint, tmp_
 
 
 def test_partial_adapter_runs_its_missing_layers_as_base(genai_adapters, tiny_checkpoint, tmp_path):
-    from lora_export.adapters import write_adapter
+    from lora_export.export.adapters import write_adapter
 
     tensors, version = read_adapter(genai_adapters / ADAPTER_FILE)
     partial = {k: v for k, v in tensors.items() if not k.startswith("blocks.0.attn")}
@@ -279,7 +280,7 @@ def test_int4_decoder_runs_in_genai_with_the_fp32_adapter(tiny_checkpoint, genai
 
 def test_decoder_directory_whose_adapter_is_not_the_checkpoints_fails_naming_the_layer(genai_adapters,
                                                                                        tiny_checkpoint, tmp_path):
-    from lora_export.adapters import write_adapter
+    from lora_export.export.adapters import write_adapter
 
     broken = tmp_path / "broken"
     shutil.copytree(genai_adapters, broken)

@@ -19,12 +19,12 @@ from click.testing import CliRunner
 from conftest import make_lora_model, same_base_other_rank
 from test_hostile_inputs import refused, snapshot
 
-from lora_export.checkpoint import save_checkpoint
 from lora_export.cli import export_cli
-from lora_export.decoder import ADAPTER_FILE, GENAI_CONFIG, MODEL_FILE, export_decoder
-from lora_export.edge import convert_fp16
-from lora_export.export import export_adapter
-from lora_export.validate import validate
+from lora_export.export.convert import export_adapter
+from lora_export.export.quantize import convert_fp16
+from lora_export.genai.decoder import ADAPTER_FILE, GENAI_CONFIG, MODEL_FILE, export_decoder
+from lora_export.model.checkpoint import save_checkpoint
+from lora_export.parity.validate import validate
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +101,7 @@ def test_decoder_validation_refuses_data_too_short_for_its_prompt(genai_merged, 
 def test_fp16_limit_follows_the_logits_scale():
     """16 fp16 epsilons of the largest |logit| at each position, plus one epsilon relative; a given atol replaces
     the scaled part, a given rtol only the relative one."""
-    from lora_export.metrics import pass_boundary, resolve_tolerance
+    from lora_export.parity.metrics import pass_boundary, resolve_tolerance
 
     eps = 2.0**-10
     reference = np.array([[[0.0, 1.0, -20.0], [0.5, 0.25, 0.0]]])
@@ -138,7 +138,7 @@ def test_fp16_decoder_of_large_logits_passes_on_the_scaled_limit(large_logits_ch
 
 
 def test_fp16_scoring_graph_runs_on_cpu_under_the_same_rule(large_logits_checkpoint, tmp_path):
-    from lora_export.export import export_onnx
+    from lora_export.export.convert import export_onnx
 
     exported = export_onnx(large_logits_checkpoint, tmp_path / "large.onnx", merge=True)
     fp16 = convert_fp16(exported.model_path, tmp_path / "large.fp16.onnx")

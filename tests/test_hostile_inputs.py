@@ -36,11 +36,11 @@ from conftest import make_lora_model
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from lora_export.adapters import read_adapter, write_adapter
-from lora_export.checkpoint import load_checkpoint, save_checkpoint, tensor_sha256
 from lora_export.cli import export_cli, train_cli
-from lora_export.peft_io import to_peft
-from lora_export.train import prose_text, read_text_files
+from lora_export.corpus import prose_text, read_text_files
+from lora_export.export.adapters import read_adapter, write_adapter
+from lora_export.export.peft import to_peft
+from lora_export.model.checkpoint import load_checkpoint, save_checkpoint, tensor_sha256
 
 CLIS = {"lora-export": export_cli, "lora-train": train_cli}
 FAST = ["--no-validate", "--no-simplify", "--quiet"]

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lora_export.layers import (
+from lora_export.model.layers import (
     LoRAEmbedding,
     LoRALayer,
     LoRALinear,
@@ -25,7 +25,7 @@ from lora_export.layers import (
     merge_lora,
     unmerge_lora,
 )
-from lora_export.model import LoRATransformerLM, ModelConfig
+from lora_export.model.transformer import LoRATransformerLM, ModelConfig
 
 ATOL32, RTOL32 = 1e-5, 1e-5
 ALL_TARGETS = ["q", "k", "v", "o", "ff", "emb"]

@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 import torch
 
-from lora_export.layers import LoRALayer, merge_lora, unmerge_lora
-from lora_export.model import LORA_TARGETS, VOCAB_SIZE, LoRATransformerLM, ModelConfig
+from lora_export.model.layers import LoRALayer, merge_lora, unmerge_lora
+from lora_export.model.transformer import LORA_TARGETS, VOCAB_SIZE, LoRATransformerLM, ModelConfig
 
 MAX_LEN = 24
 ATOL64 = 1e-10

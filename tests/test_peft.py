@@ -19,13 +19,14 @@ from conftest import TINY_CONFIG
 
 peft = pytest.importorskip("peft")
 
-from lora_export.adapters import activate_adapters  # noqa: E402
-from lora_export.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from lora_export.cli import export_cli  # noqa: E402
-from lora_export.export import export_onnx  # noqa: E402
-from lora_export.layers import lora_layers  # noqa: E402
-from lora_export.model import LoRATransformerLM, ModelConfig  # noqa: E402
-from lora_export.peft_io import CONFIG_FILE, WEIGHTS_FILE, PeftError, from_peft, to_peft  # noqa: E402
+from lora_export.errors import PeftError  # noqa: E402
+from lora_export.export.adapters import activate_adapters  # noqa: E402
+from lora_export.export.convert import export_onnx  # noqa: E402
+from lora_export.export.peft import CONFIG_FILE, WEIGHTS_FILE, from_peft, to_peft  # noqa: E402
+from lora_export.model.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
+from lora_export.model.layers import lora_layers  # noqa: E402
+from lora_export.model.transformer import LoRATransformerLM, ModelConfig  # noqa: E402
 
 TARGETS = ["to_q", "to_v", "fc1", "fc2", "token_emb"]
 
@@ -102,7 +103,7 @@ def test_exported_adapter_loads_in_peft_with_the_same_logits(base, peft_dir, tmp
 def test_safetensors_checkpoint_round_trip_is_byte_stable(base, peft_dir, tmp_path):
     first = from_peft(peft_dir[0], base[0], tmp_path / "a.safetensors")
     model = load_checkpoint(first)
-    from lora_export.checkpoint import read_checkpoint
+    from lora_export.model.checkpoint import read_checkpoint
 
     save_checkpoint(tmp_path / "b.safetensors", model, read_checkpoint(first)["training"])
     assert (tmp_path / "b.safetensors").read_bytes() == first.read_bytes()

@@ -14,12 +14,12 @@ import jsonschema
 import numpy as np
 import pytest
 
-from lora_export.cases import Case
-from lora_export.metrics import ERROR_HISTOGRAM_EDGES, TOLERANCES, Metrics, judge
-from lora_export.providers import ProviderStatus
-from lora_export.report import SCHEMA_PATH, render_markdown, report_json, write_reports
-from lora_export.results import Comparison, Generation, Latency, ParityResult
-from lora_export.validate import pass_rule
+from lora_export.parity.cases import Case
+from lora_export.parity.metrics import ERROR_HISTOGRAM_EDGES, TOLERANCES, Metrics, judge
+from lora_export.parity.results import Comparison, Generation, Latency, ParityResult
+from lora_export.parity.sessions import ProviderStatus
+from lora_export.parity.validate import pass_rule
+from lora_export.report.render import SCHEMA_PATH, render_markdown, report_json, write_reports
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

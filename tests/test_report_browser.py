@@ -18,8 +18,8 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from lora_export.export import ExportResult
-from lora_export.validate import validate
+from lora_export.export.convert import ExportResult
+from lora_export.parity.validate import validate
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome")
 

@@ -8,20 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from lora_export.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
+from lora_export.corpus import TextData, load_data, prose_text, read_text_files, stdlib_source_text
 from lora_export.files import file_sha256
-from lora_export.layers import base_state_dict, lora_state_dict
-from lora_export.model import ModelConfig
-from lora_export.train import (
-    TextData,
-    adapt,
-    get_batch,
-    load_data,
-    pretrain,
-    prose_text,
-    read_text_files,
-    stdlib_source_text,
-)
+from lora_export.model.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
+from lora_export.model.layers import base_state_dict, lora_state_dict
+from lora_export.model.transformer import ModelConfig
+from lora_export.train.loop import adapt, get_batch, pretrain
 
 TINY = dict(dim=32, depth=1, heads=2, dim_head=16, n_local_attn_heads=1, local_attn_window_size=8,
             max_seq_len=32, dropout=0.0)
@@ -174,7 +166,7 @@ def assert_plain(value: object) -> None:
 
 
 def test_data_directories_are_read_file_by_file_in_path_order(tmp_path):
-    from lora_export.train import read_text_files
+    from lora_export.corpus import read_text_files
 
     (tmp_path / "corpus" / "b").mkdir(parents=True)
     (tmp_path / "corpus" / "z.txt").write_bytes(b"last")

@@ -17,14 +17,13 @@ from click.testing import CliRunner
 from test_report import make_result
 
 from lora_export.cli import export_cli
-from lora_export.decode_parity import DecodeRun
-from lora_export.decoder import export_decoder
-from lora_export.edge import convert_fp16, convert_ort_format, quantize_int4, quantize_int8
-from lora_export.export import count_parameters_onnx
-from lora_export.metrics import ParityInputError
-from lora_export.report import render_html, render_markdown, write_reports
-from lora_export.results import ParityResult
-from lora_export.validate import validate
+from lora_export.errors import ParityInputError
+from lora_export.export.convert import count_parameters_onnx
+from lora_export.export.quantize import convert_fp16, convert_ort_format, quantize_int4, quantize_int8
+from lora_export.genai.decoder import export_decoder
+from lora_export.parity.results import DecodeRun, ParityResult
+from lora_export.parity.validate import validate
+from lora_export.report.render import render_html, render_markdown, write_reports
 
 FAST = {"providers": ["cpu"], "latency_runs": 2}
 

@@ -44,7 +44,7 @@ DEFAULT_NS = (512, 1024, 2048, 4096, 8192)
 
 def build_module(args: argparse.Namespace, mode: str) -> torch.nn.Module:
     """LoRASelfAttention in eval mode with all-local or all-global-softmax heads."""
-    from lora_export.attention import LoRASelfAttention
+    from lora_export.model.attention import LoRASelfAttention
 
     torch.manual_seed(0)
     return LoRASelfAttention(

@@ -31,11 +31,11 @@ import onnxruntime as ort
 import onnxruntime_genai as og
 import torch
 
-from lora_export.checkpoint import load_checkpoint, save_checkpoint
-from lora_export.decoder import MODEL_FILE, export_decoder
-from lora_export.export import export_onnx
-from lora_export.model import LoRATransformerLM, ModelConfig
-from lora_export.providers import machine_record
+from lora_export.export.convert import export_onnx
+from lora_export.genai.decoder import MODEL_FILE, export_decoder
+from lora_export.machine import machine_record
+from lora_export.model.checkpoint import load_checkpoint, save_checkpoint
+from lora_export.model.transformer import LoRATransformerLM, ModelConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "models" / "demo.pt"

@@ -38,14 +38,14 @@ import onnx
 import onnxruntime as ort
 import torch
 
-from lora_export.adapters import activate_adapters
-from lora_export.checkpoint import load_checkpoint, save_checkpoint
-from lora_export.edge import quantize_int4, quantize_int8
-from lora_export.export import export_onnx
-from lora_export.layers import merge_lora
-from lora_export.model import LoRATransformerLM, ModelConfig
-from lora_export.precisions import compare_precisions
-from lora_export.providers import machine_record
+from lora_export.export.adapters import activate_adapters
+from lora_export.export.convert import export_onnx
+from lora_export.export.quantize import quantize_int4, quantize_int8
+from lora_export.machine import machine_record
+from lora_export.model.checkpoint import load_checkpoint, save_checkpoint
+from lora_export.model.layers import merge_lora
+from lora_export.model.transformer import LoRATransformerLM, ModelConfig
+from lora_export.parity.precisions import compare_precisions
 
 SHAPES = [(8, 256), (1, 256)]
 TARGETS = {"merged_share_of_peak_8x256": 0.50, "merged_over_compile_8x256": 0.60, "merged_over_eager_1x256": 0.50,

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from lora_export.checkpoint import read_checkpoint
 from lora_export.cli import train_cli
+from lora_export.model.checkpoint import read_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 THREADS = 1

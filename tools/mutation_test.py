@@ -1,7 +1,7 @@
 """Mutation testing of the code whose answers users trust: would the tests notice if that code were wrong?
 
-    python tools/mutation_test.py [--modules metrics,providers] [--functions 'judge,validate._summary']
-        [--lines validate:386-396] [--tests tests/test_validate.py ...] [--max-children 2] [--list] [--keep]
+    python tools/mutation_test.py [--modules parity.metrics,parity.sessions] [--functions 'judge,validate._summary']
+        [--lines parity.validate:386-396] [--tests tests/test_validate.py ...] [--max-children 2] [--list] [--keep]
 
 Runs mutmut (the version installed beside this Python) over lora_export's verdict code, by default the modules
 metrics, providers, lineage, validate, adapters, export, checkpoint and files. A mutant is one small change to one
@@ -61,11 +61,17 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = "lora_export"
-DEFAULT_MODULES = ("metrics", "providers", "lineage", "validate", "adapters", "export", "checkpoint", "files")
+DEFAULT_MODULES = ("parity.metrics", "parity.sessions", "parity.lineage", "parity.validate", "export.adapters",
+                   "export.convert", "model.checkpoint", "files")
 PYTEST_ARGS = ["-p", "no:randomly", "-q", "-x"]
 ALWAYS_COUNTED = ("killed", "survived", "timeout", "skipped")
 #: mutmut names a function's mutants x_<function>__mutmut_<n>, a method's x<SEP><class><SEP><method>__mutmut_<n>
 SEP = "\u01c1"
+
+
+def module_path(root: Path, module: str) -> Path:
+    """``parity.metrics`` -> ``<root>/lora_export/parity/metrics.py``."""
+    return root / PACKAGE / Path(*module.split(".")).with_suffix(".py")
 
 
 @dataclass(frozen=True)
@@ -114,8 +120,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--list", action="store_true", help="print the selected mutants and stop")
     parser.add_argument("--keep", action="store_true", help="keep the temporary copy (for mutmut show / browse)")
     args = parser.parse_args(argv)
-    args.modules = [Path(module).stem for module in args.modules]
-    missing = [m for m in args.modules + [m for m, _, _ in args.lines] if not (REPO / PACKAGE / f"{m}.py").is_file()]
+    args.modules = [module.removesuffix(".py").replace("/", ".") for module in args.modules]
+    missing = [m for m in args.modules + [m for m, _, _ in args.lines] if not module_path(REPO, m).is_file()]
     if missing:
         parser.error(f"no such module in {PACKAGE}/: {', '.join(missing)}")
     if args.max_children < 1:
@@ -138,7 +144,7 @@ def write_config(root: Path, files: list[str], args: argparse.Namespace) -> None
     """Append mutmut's configuration to the copy's pyproject.toml."""
     settings = {
         "source_paths": [PACKAGE],  # the whole package is copied into mutants/, only_mutate picks what changes
-        "only_mutate": [f"{PACKAGE}/{module}.py" for module in args.modules],
+        "only_mutate": [module_path(Path(), module).as_posix() for module in args.modules],
         # tests/ and pyproject.toml are copied by default; the rest (models/, README.md, ...) tests may read
         "also_copy": sorted({name.split("/", 1)[0] for name in files} - {PACKAGE, "tests", "pyproject.toml"}),
         "pytest_add_cli_args": PYTEST_ARGS,
@@ -173,7 +179,7 @@ def enumerate_mutants(root: Path, modules: list[str]) -> list[Mutant]:
     mutants = []
     with change_cwd(root):  # mutmut reads its configuration from the working directory
         for module in modules:
-            path = f"{PACKAGE}/{module}.py"
+            path = module_path(Path(), module).as_posix()
             source = Path(path).read_text(encoding="utf-8")
             mutated = mutate_file_contents(path, source)
             code, starts = mutated.code.splitlines(), def_lines(source)
@@ -230,7 +236,7 @@ def read_statuses(root: Path, modules: list[str]) -> dict[str, str]:
 
     statuses = {}
     for module in modules:
-        meta = root / "mutants" / PACKAGE / f"{module}.py.meta"
+        meta = root / "mutants" / module_path(Path(), module).with_suffix(".py.meta")
         for name, exit_code in json.loads(meta.read_text(encoding="utf-8"))["exit_code_by_key"].items():
             statuses[name] = status_by_exit_code[exit_code]
     return statuses

@@ -13,22 +13,12 @@ from dataclasses import asdict, dataclass, field, fields
 import torch
 from torch import nn
 
+from ..errors import short_repr
 from .attention import LORA_PROJECTIONS, AttentionCache, LoRASelfAttention
 from .layers import LoRAEmbedding, LoRALinear, lora_layers
 
 VOCAB_SIZE = 256
 LORA_TARGETS = (*LORA_PROJECTIONS, "ff", "emb")
-
-
-def short_repr(value: object, limit: int = 60) -> str:
-    """repr() of a plain value for a one-line error, cut at ``limit`` characters; never expands a container
-    (it may hold shared references that expand to billions of items) or converts a huge int."""
-    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > 10**18:
-        return "a huge integer"
-    if value is None or isinstance(value, bool | int | float | str):
-        text = repr(value)
-        return text if len(text) <= limit else text[: limit - 3] + "..."
-    return f"a {type(value).__name__}"
 
 
 #: Inclusive bounds of the integer fields: generous for real models, small enough that no value overflows or

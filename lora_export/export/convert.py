@@ -30,7 +30,11 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from . import __version__
+from .. import __version__
+from ..errors import ExportError, OutputError, first_line
+from ..files import StagedOutputs, check_outputs, file_sha256, staged_outputs
+from ..model.checkpoint import base_fingerprint, build_model, read_checkpoint
+from ..model.transformer import ModelConfig
 from .adapters import (
     adapter_record_path,
     adapter_tensors,
@@ -41,9 +45,6 @@ from .adapters import (
     run_adapter,
     write_adapter,
 )
-from .checkpoint import base_fingerprint, build_model, first_line, read_checkpoint
-from .files import OutputError, StagedOutputs, check_outputs, file_sha256, staged_outputs
-from .model import ModelConfig
 from .tracing import DEFAULT_OPSET, add_rank0_defaults, trace_to_onnx
 
 EXTERNAL_DATA_THRESHOLD = 2 * 1024**3  # protobuf's hard limit for one file
@@ -51,10 +52,6 @@ FORMS = ("merged", "adapters")
 #: How the CLI names each form (its flags): --merge, --adapters-as-inputs.
 FORM_NAMES = {"merged": "merged (--merge)", "adapters": "adapters-as-inputs (--adapters-as-inputs)"}
 METADATA_PREFIX = "lora_export."
-
-
-class ExportError(ValueError):
-    """An export that cannot go ahead (bad input or an output that cannot be written); one line."""
 
 
 @dataclass

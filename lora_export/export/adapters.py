@@ -29,17 +29,13 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from .checkpoint import first_line
-from .files import StagedOutputs, check_input_file, read_json, staged_outputs
-from .layers import LoRALayer, lora_layers
+from ..errors import AdapterError, first_line
+from ..files import StagedOutputs, check_input_file, read_json, staged_outputs
+from ..model.layers import LoRALayer, lora_layers
 
 ADAPTER_VERSION = 1
 LORA_SUFFIXES = (".lora_A", ".lora_B")
 RECORD_FORMAT = "lora-export-adapter-record"
-
-
-class AdapterError(ValueError):
-    """An adapter that cannot be read or does not fit its model; the message names every problem."""
 
 
 def model_version_from_fingerprint(base_fingerprint: str) -> int:

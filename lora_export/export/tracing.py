@@ -22,10 +22,10 @@ import onnx
 import torch
 from torch import nn
 
+from ..model.attention import decomposed_attention
+from ..model.layers import LoRALayer, lora_layers, merge_lora
+from ..model.transformer import LoRATransformerLM, ModelConfig
 from .adapters import lora_input_specs, rank_axis
-from .attention import decomposed_attention
-from .layers import LoRALayer, lora_layers, merge_lora
-from .model import LoRATransformerLM, ModelConfig
 
 DEFAULT_OPSET = 23
 FUSED_ATTENTION_OPSET = 23  # the first with the standard Attention op

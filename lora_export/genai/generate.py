@@ -17,17 +17,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .adapters import AdapterError, check_adapter, read_adapter
-from .checkpoint import first_line
+from ..errors import AdapterError, ExportError, GenerationError, first_line
+from ..export.adapters import check_adapter, read_adapter
+from ..model.transformer import check_generation_request
 from .decoder import EOS_BYTE, read_decoder_dir
-from .export import ExportError
-from .model import check_generation_request
 
 DEVICES = ("cpu", "cuda")
-
-
-class GenerationError(ValueError):
-    """Generation that cannot start (bad directory, adapter, prompt, device or option); one line."""
 
 
 @dataclass(frozen=True)

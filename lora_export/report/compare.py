@@ -20,16 +20,13 @@ from typing import Any
 import jsonschema
 import numpy as np
 
-from .files import read_json
-from .report import SCHEMA_PATH, counted
-from .results import decode_labels
+from ..errors import ReportError
+from ..files import read_json
+from ..parity.results import decode_labels
+from .render import SCHEMA_PATH, counted
 
 #: How much of a schema violation's message a refusal quotes (the message repeats the offending value).
 MESSAGE_CHARS = 160
-
-
-class ReportError(ValueError):
-    """A parity.json that cannot be read or compared; one line."""
 
 
 def printable(text: str) -> str:

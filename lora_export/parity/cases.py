@@ -6,14 +6,13 @@ Lengths around the local window (w - 1, w, w + 1, not a multiple of w), N = 1 an
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
 
-from .model import VOCAB_SIZE, ModelConfig
-from .train import TextData, prose_text
+from ..corpus import heldout_text
+from ..model.transformer import VOCAB_SIZE, ModelConfig
 
 
 @dataclass
@@ -33,19 +32,12 @@ class Case:
                 "seq_len": seq, "real_tokens": int(self.attention_mask.sum())}
 
 
-
 def show_bytes(data: Iterable[int]) -> str:
     """Bytes for a report: printable ASCII as is, everything else (and the backslash) as \\xNN."""
     return "".join(chr(b) if 32 <= b < 127 and b != 92 else f"\\x{b:02x}" for b in map(int, data))
 
 
 # --------------------------------------------------------------------------- cases
-
-
-@functools.cache
-def heldout_text() -> bytes:
-    """The held-out tail (last 10%) of the pydoc_data.topics prose, exactly as training splits it."""
-    return TextData.from_bytes(prose_text(), "pydoc_data.topics prose").val.numpy().tobytes()
 
 
 def _text_rows(text: bytes, batch: int, seq: int, rng: np.random.Generator) -> np.ndarray:

@@ -26,21 +26,13 @@ from typing import Any
 
 import torch
 
-from .files import atomic_write, check_input_file, parse_json
+from ..errors import CheckpointError, first_line, short_repr
+from ..files import atomic_write, check_input_file, parse_json
 from .layers import base_state_dict, lora_state_dict
-from .model import LoRATransformerLM, ModelConfig, short_repr
+from .transformer import LoRATransformerLM, ModelConfig
 
 CHECKPOINT_FORMAT = "lora-export-checkpoint"
 CHECKPOINT_VERSION = 1
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be read; the message is one line naming the file and the problem."""
-
-
-def first_line(err: BaseException) -> str:
-    """The first line of an exception's message (its type name when empty), for one-line errors."""
-    return (str(err).strip().splitlines() or [type(err).__name__])[0]
 
 
 def _hash_tensor(digest: hashlib._Hash, tensor: torch.Tensor, label: str = "") -> None:

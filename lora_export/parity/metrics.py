@@ -15,6 +15,8 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from ..errors import ParityInputError
+
 LATENCY_WARMUP = 3
 LATENCY_RUNS = 20
 LATENCY_MAX_SEQ = 256
@@ -24,12 +26,6 @@ POLYGRAPHY_EPSILON = 2.220446049250313e-16
 #: counted in the first bin) to 1e2 (larger errors in the last). Precisions judged without an elementwise limit
 #: (int8, int4) are binned against the fp32 boundary, for scale.
 ERROR_HISTOGRAM_EDGES = np.linspace(-8.0, 2.0, 41)
-
-
-class ParityInputError(ValueError):
-    """validate() cannot run on these inputs (one line): a model and checkpoint that do not belong together,
-    an unreadable model, checkpoint or adapter, an adapter that does not fit, a bad option. CLI exit code 2."""
-
 
 
 @dataclass(frozen=True)
@@ -139,7 +135,6 @@ class Metrics:
     loss_onnx: float | None
 
 
-
 def resolve_tolerance(precision: str, atol: float | None, rtol: float | None) -> Tolerance:
     """TOLERANCES[precision] with atol / rtol overridden where given (a given atol is the whole absolute limit: it
     replaces fp16's scaled one)."""
@@ -167,7 +162,6 @@ def pass_boundary(tolerance: Tolerance, reference: np.ndarray) -> np.ndarray:
     if tolerance.atol_scale:
         boundary += tolerance.atol_scale * abs_ref.max(axis=-1, keepdims=True)
     return boundary
-
 
 
 # --------------------------------------------------------------------------- metrics

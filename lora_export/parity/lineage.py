@@ -11,13 +11,13 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from .adapters import AdapterError, adapter_tensors, check_adapter, model_version_from_fingerprint, read_adapter
-from .checkpoint import base_fingerprint
-from .export import FORMS
-from .files import file_sha256, parse_json
-from .metrics import ParityInputError
-from .model import VOCAB_SIZE, LoRATransformerLM
-from .tracing import INPUT_NAMES, OUTPUT_NAMES
+from ..errors import AdapterError, ParityInputError
+from ..export.adapters import adapter_tensors, check_adapter, model_version_from_fingerprint, read_adapter
+from ..export.convert import FORMS
+from ..export.tracing import INPUT_NAMES, OUTPUT_NAMES
+from ..files import file_sha256, parse_json
+from ..model.checkpoint import base_fingerprint
+from ..model.transformer import VOCAB_SIZE, LoRATransformerLM
 
 REQUIRED_METADATA = ("form", "base_sha256", "model_config")
 #: The config fields of the LoRA alone: an adapters-as-inputs graph does not depend on them (any adapter on the

@@ -36,11 +36,11 @@ import onnx
 import onnxruntime as ort
 from onnx.external_data_helper import load_external_data_for_model
 
+from ..errors import EdgeExportError, ExportError, OutputError, first_line
+from ..files import check_outputs, staged_outputs
 from .adapters import lora_input_specs
-from .checkpoint import first_line
-from .export import (
+from .convert import (
     EXTERNAL_DATA_THRESHOLD,
-    ExportError,
     check_output_path,
     load_onnx,
     model_files,
@@ -48,7 +48,6 @@ from .export import (
     save_model,
     set_metadata,
 )
-from .files import OutputError, check_outputs, staged_outputs
 
 PRECISIONS = ("fp32", "fp16", "int8", "int4")
 #: int4 blocks: 32 weights share a scale and a zero point (onnxruntime-genai's model builder's default block size).
@@ -60,10 +59,6 @@ INT4_ACCURACY_LEVEL = 4
 QUANTIZED_OP_TYPES = ("MatMul", "Gather")
 #: ONNX Runtime's default logger severity (warning), restored after a conversion silenced it.
 ORT_DEFAULT_LOG_SEVERITY = 2
-
-
-class EdgeExportError(ValueError):
-    """An edge build or comparison that cannot go ahead (bad input, failed conversion, unwritable output); one line."""
 
 
 @contextlib.contextmanager

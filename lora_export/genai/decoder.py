@@ -28,13 +28,10 @@ import onnx
 import torch
 from torch import nn
 
-from . import __version__
-from .adapters import adapter_tensors, model_version_from_fingerprint, write_adapter
-from .attention import fused_attention
-from .checkpoint import base_fingerprint, build_model, first_line, read_checkpoint
-from .edge import EdgeExportError, convert_model_fp16, quantize_model_int4, quantize_model_int8
-from .export import (
-    ExportError,
+from .. import __version__
+from ..errors import EdgeExportError, ExportError, OutputError, first_line, short_repr
+from ..export.adapters import adapter_tensors, model_version_from_fingerprint, write_adapter
+from ..export.convert import (
     attention_kernels,
     count_parameters_onnx,
     load_onnx,
@@ -44,17 +41,12 @@ from .export import (
     strip_debug_info,
     write_model_files,
 )
-from .files import (
-    OutputError,
-    check_outputs,
-    file_sha256,
-    parse_json,
-    read_json,
-    remove_stale_staging,
-    staged_outputs,
-)
-from .model import VOCAB_SIZE, LoRATransformerLM, ModelConfig, short_repr
-from .tracing import DEFAULT_OPSET, add_rank0_defaults, trace_forms
+from ..export.quantize import convert_model_fp16, quantize_model_int4, quantize_model_int8
+from ..export.tracing import DEFAULT_OPSET, add_rank0_defaults, trace_forms
+from ..files import check_outputs, file_sha256, parse_json, read_json, remove_stale_staging, staged_outputs
+from ..model.attention import fused_attention
+from ..model.checkpoint import base_fingerprint, build_model, read_checkpoint
+from ..model.transformer import VOCAB_SIZE, LoRATransformerLM, ModelConfig
 
 #: Positions a local slot keeps beyond its window (genai's ``cache_slack``, set explicitly: its per-provider
 #: default differs between CPU and CUDA).

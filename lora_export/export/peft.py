@@ -26,10 +26,11 @@ from typing import Any
 
 import torch
 
-from .checkpoint import base_fingerprint, build_model, first_line, read_checkpoint, save_checkpoint
-from .files import check_input_file, check_output_dir, file_sha256, read_json, staged_outputs
-from .layers import lora_layers
-from .model import LoRATransformerLM, ModelConfig, short_repr
+from ..errors import PeftError, first_line, short_repr
+from ..files import check_input_file, check_output_dir, file_sha256, read_json, staged_outputs
+from ..model.checkpoint import base_fingerprint, build_model, read_checkpoint, save_checkpoint
+from ..model.layers import lora_layers
+from ..model.transformer import LoRATransformerLM, ModelConfig
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -49,10 +50,6 @@ MUST_BE_OFF = ("use_dora", "modules_to_save", "fan_in_fan_out", "layers_to_trans
 SETTINGS = {"r": (8, "rank"), "lora_alpha": (8, "number"), "lora_dropout": (0.0, "number"),
             "use_rslora": (False, "bool"), "rank_pattern": ({}, "rank"), "alpha_pattern": ({}, "number")}
 EXPECTED = {"bool": "true or false (a JSON bool)", "rank": "a positive integer", "number": "a finite number"}
-
-
-class PeftError(ValueError):
-    """A PEFT adapter directory lora-export cannot read or write; one line."""
 
 
 def _group_of(path: str) -> str | None:

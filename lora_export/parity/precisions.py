@@ -18,25 +18,18 @@ import numpy as np
 import onnx
 import torch
 
-from .adapters import AdapterError, activate_adapters, attach_adapter
-from .cases import Case, heldout_text
-from .checkpoint import CheckpointError, build_model, read_checkpoint
-from .edge import PRECISIONS, EdgeExportError
-from .export import ExportError, load_onnx, model_file_size, read_metadata
-from .layers import merge_lora
+from ..corpus import heldout_text
+from ..errors import AdapterError, CheckpointError, EdgeExportError, ExportError, ParityInputError
+from ..export.adapters import activate_adapters, attach_adapter
+from ..export.convert import load_onnx, model_file_size, read_metadata
+from ..export.quantize import PRECISIONS
+from ..export.tracing import OUTPUT_NAMES
+from ..model.checkpoint import build_model, read_checkpoint
+from ..model.layers import merge_lora
+from .cases import Case
 from .lineage import check_model_matches, load_adapter_for
-from .metrics import (
-    LATENCY_MAX_SEQ,
-    LATENCY_RUNS,
-    LATENCY_WARMUP,
-    TOLERANCES,
-    ParityInputError,
-    compare_logits,
-    judge,
-    percentiles_ms,
-)
-from .providers import open_session
-from .tracing import OUTPUT_NAMES
+from .metrics import LATENCY_MAX_SEQ, LATENCY_RUNS, LATENCY_WARMUP, TOLERANCES, compare_logits, judge, percentiles_ms
+from .sessions import open_session
 
 EVAL_WINDOWS = 16
 HELDOUT_CASE = "heldout_eval"

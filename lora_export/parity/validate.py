@@ -33,43 +33,44 @@ import onnx
 import onnxruntime as ort
 import torch
 
-from .adapters import activate_adapters, attach_adapter
+from ..corpus import read_text_files, text_files
+from ..errors import (
+    CheckpointError,
+    EdgeExportError,
+    ExportError,
+    OutputError,
+    ParityInputError,
+    ProviderUnavailableError,
+    first_line,
+)
+from ..export.adapters import activate_adapters, attach_adapter
+from ..export.convert import load_onnx, model_files, read_metadata
+from ..export.tracing import OUTPUT_NAMES
+from ..files import check_output_dir, file_sha256
+from ..genai.decoder import ADAPTER_FILE, MODEL_FILE, read_decoder_dir
+from ..machine import machine_record
+from ..model.checkpoint import build_model, read_checkpoint
+from ..model.layers import merge_lora
+from ..model.transformer import VOCAB_SIZE, LoRATransformerLM
+from ..progress import progress_bar
+from ..report.render import REPORT_FILES, counted, precision_verdicts, write_reports
 from .cases import generation_prompt, parity_cases
-from .checkpoint import CheckpointError, build_model, first_line, read_checkpoint
-from .decode_parity import DecodeRun, decode_parity
-from .decoder import ADAPTER_FILE, MODEL_FILE, read_decoder_dir
-from .edge import EdgeExportError
-from .export import ExportError, load_onnx, model_files, read_metadata
-from .files import OutputError, check_output_dir, file_sha256
-from .layers import merge_lora
+from .decode import decode_parity
 from .lineage import adapter_lineage, check_model_matches, load_adapter_for
 from .metrics import (
     ERROR_HISTOGRAM_EDGES,
     LATENCY_MAX_SEQ,
     LATENCY_RUNS,
     LATENCY_WARMUP,
-    ParityInputError,
     Tolerance,
     compare_logits,
     judge,
     percentiles_ms,
     resolve_tolerance,
 )
-from .model import VOCAB_SIZE, LoRATransformerLM
 from .precisions import HELDOUT_CASE, compare_precisions, heldout_case
-from .progress import progress_bar
-from .providers import (
-    PROVIDERS,
-    ProviderStatus,
-    ProviderUnavailableError,
-    machine_record,
-    normalize_providers,
-    open_session,
-)
-from .report import REPORT_FILES, counted, precision_verdicts, write_reports
-from .results import Comparison, Generation, Latency, ParityResult
-from .tracing import OUTPUT_NAMES
-from .train import read_text_files, text_files
+from .results import Comparison, DecodeRun, Generation, Latency, ParityResult
+from .sessions import PROVIDERS, ProviderStatus, normalize_providers, open_session
 
 GENERATE_BYTES = 24
 PROMPT_BYTES = 16

@@ -1,6 +1,6 @@
 """Parity reports of a ``validate()`` result, written atomically into one directory.
 
-* ``parity.json``: machine-readable, ``"schema_version": 1``, described by ``lora_export/parity_schema.json``;
+* ``parity.json``: machine-readable, ``"schema_version": 1``, described by ``lora_export/report/parity_schema.json``;
   non-finite metrics (NaN / Inf outputs) are written as null. ``status`` is passed / failed / not run (no provider
   could run the model); ``precisions``, the table across fp32 / fp16 / int8 builds, only when it was measured.
 * ``parity.md``: the same tables for people and code review.
@@ -24,12 +24,12 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from .files import staged_outputs
-from .metrics import ERROR_HISTOGRAM_EDGES
-from .results import decode_labels
+from ..files import staged_outputs
+from ..parity.metrics import ERROR_HISTOGRAM_EDGES
+from ..parity.results import decode_labels
 
 if TYPE_CHECKING:
-    from .results import Comparison, Generation, ParityResult
+    from ..parity.results import Comparison, Generation, ParityResult
 
 SCHEMA_VERSION = 1
 SCHEMA_PATH = Path(__file__).with_name("parity_schema.json")

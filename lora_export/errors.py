@@ -1,0 +1,75 @@
+"""Every error lora-export raises, one line each, and the exit codes.
+
+All error classes derive from LoraExportError (a ValueError): the command line turns any of them into ``error: <line>`` and exit 2.
+"""
+
+from __future__ import annotations
+
+import signal
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message (its type name when empty), for one-line errors."""
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
+
+
+def short_repr(value: object, limit: int = 60) -> str:
+    """repr() of a plain value for a one-line error, cut at ``limit`` characters; never expands a container
+    (it may hold shared references that expand to billions of items) or converts a huge int."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > 10**18:
+        return "a huge integer"
+    if value is None or isinstance(value, bool | int | float | str):
+        text = repr(value)
+        return text if len(text) <= limit else text[: limit - 3] + "..."
+    return f"a {type(value).__name__}"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read; the message is one line naming the file and the problem."""
+
+
+class ExportError(ValueError):
+    """An export that cannot go ahead (bad input or an output that cannot be written); one line."""
+
+
+class AdapterError(ValueError):
+    """An adapter that cannot be read or does not fit its model; the message names every problem."""
+
+
+class OutputError(ValueError):
+    """An output that cannot or must not be written (checked before any work); one line naming the path."""
+
+
+class ParityInputError(ValueError):
+    """validate() cannot run on these inputs (one line): a model and checkpoint that do not belong together,
+    an unreadable model, checkpoint or adapter, an adapter that does not fit, a bad option. CLI exit code 2."""
+
+
+class ProviderUnavailableError(ParityInputError):
+    """An execution provider the user asked for explicitly could not run (e.g. CUDA libraries missing)."""
+
+
+class PeftError(ValueError):
+    """A PEFT adapter directory lora-export cannot read or write; one line."""
+
+
+class EdgeExportError(ValueError):
+    """An edge build or comparison that cannot go ahead (bad input, failed conversion, unwritable output); one line."""
+
+
+class GenerationError(ValueError):
+    """Generation that cannot start (bad directory, adapter, prompt, device or option); one line."""
+
+
+class ReportError(ValueError):
+    """A parity.json that cannot be read or compared; one line."""
+
+
+INTERRUPTED_EXIT = 130
+
+
+TERMINATED_EXIT = 128 + signal.SIGTERM
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program is so that every cleanup runs."""

@@ -1,0 +1,1 @@
+"""onnxruntime-genai: the KV-cache decoder and generation."""

@@ -1,0 +1,1 @@
+"""The model: LoRA layers, the attention, the transformer, checkpoints."""

@@ -1,0 +1,1 @@
+"""Validation: ONNX Runtime against PyTorch, judged by one rule."""

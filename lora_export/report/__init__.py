@@ -1,0 +1,1 @@
+"""Reports: rendering parity results and comparing two reports."""
