@@ -22,7 +22,14 @@ import click
 
 from . import __version__
 from .corpus import load_data
-from .errors import INTERRUPTED_EXIT, TERMINATED_EXIT, CheckpointError, Terminated, first_line
+from .errors import (
+    EXIT_BAD_INPUT,
+    EXIT_PARITY_FAILED,
+    INTERRUPTED_EXIT,
+    TERMINATED_EXIT,
+    Terminated,
+    first_line,
+)
 from .export.convert import (
     EXTERNAL_DATA_THRESHOLD,
     check_adapter_file,
@@ -62,7 +69,7 @@ CommandT = TypeVar("CommandT", bound=Callable[..., Any])
 
 
 def exit_on_error(command: CommandT) -> CommandT:
-    """Decorate a click command: CheckpointError, ValueError and OSError become 'error: ...' + exit 2; an
+    """Decorate a click command: a LoraExportError (any ValueError) or OSError becomes 'error: ...' + exit 2; an
     interrupt becomes 'error: interrupted' + exit 130 (click's own would print 'Aborted!' and exit 1).
 
     click's own usage errors (unknown option, bad choice) are left to click, which also exits with 2.
@@ -78,13 +85,13 @@ def exit_on_error(command: CommandT) -> CommandT:
         except KeyboardInterrupt:
             click.echo("error: interrupted", err=True)
             raise SystemExit(INTERRUPTED_EXIT) from None
-        except (CheckpointError, ValueError, OSError) as err:
+        except (ValueError, OSError) as err:
             if isinstance(err, OSError) and err.filename is not None:
                 message = f"{err.filename}: {err.strerror or err}"
             else:
                 message = first_line(err)
             click.echo(f"error: {message}", err=True)
-            raise SystemExit(2) from None
+            raise SystemExit(EXIT_BAD_INPUT) from None
 
     return wrapper  # type: ignore[return-value]
 
@@ -278,9 +285,9 @@ def run_validation(model_path: Path, checkpoint: Path, adapter: Path | None, pro
         click.echo(f"report: {result.report_files['html']} (validation {time.perf_counter() - started:.1f} s)")
     if result.status == "not run":  # e.g. an fp16 model on a machine without CUDA: nothing was checked
         click.echo(f"error: no execution provider here can run this {result.precision} model", err=True)
-        raise SystemExit(2)
+        raise SystemExit(EXIT_BAD_INPUT)
     if not result.passed:
-        raise SystemExit(1)
+        raise SystemExit(EXIT_PARITY_FAILED)
 
 
 #: The names the help texts use to show each default output, computed by the functions that compute the real ones.
@@ -527,7 +534,7 @@ def check_command(model_path: Path, adapter: Path) -> None:
     for error in errors:
         click.echo(f"mismatch: {error}")
     if errors:
-        raise SystemExit(1)
+        raise SystemExit(EXIT_PARITY_FAILED)
     click.echo(f"ok: {adapter} fits {model_path}")
 
 

@@ -1,11 +1,22 @@
 """Every error lora-export raises, one line each, and the exit codes.
 
-All error classes derive from LoraExportError (a ValueError): the command line turns any of them into ``error: <line>`` and exit 2.
+All error classes derive from :class:`LoraExportError` (a ValueError): the command line turns any of them into
+``error: <line>`` on stderr and exit 2 (``EXIT_BAD_INPUT``). Each stage raises its own subclass, so a message
+says where it comes from, and callers catch the base class instead of rewrapping one class into another.
 """
 
 from __future__ import annotations
 
 import signal
+
+EXIT_PARITY_FAILED = 1
+EXIT_BAD_INPUT = 2
+INTERRUPTED_EXIT = 130
+TERMINATED_EXIT = 128 + signal.SIGTERM
+
+
+class LoraExportError(ValueError):
+    """Bad input or an impossible request, refused with one line naming the file and the problem."""
 
 
 def first_line(err: BaseException) -> str:
@@ -24,23 +35,23 @@ def short_repr(value: object, limit: int = 60) -> str:
     return f"a {type(value).__name__}"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(LoraExportError):
     """A checkpoint that cannot be read; the message is one line naming the file and the problem."""
 
 
-class ExportError(ValueError):
+class ExportError(LoraExportError):
     """An export that cannot go ahead (bad input or an output that cannot be written); one line."""
 
 
-class AdapterError(ValueError):
+class AdapterError(LoraExportError):
     """An adapter that cannot be read or does not fit its model; the message names every problem."""
 
 
-class OutputError(ValueError):
+class OutputError(LoraExportError):
     """An output that cannot or must not be written (checked before any work); one line naming the path."""
 
 
-class ParityInputError(ValueError):
+class ParityInputError(LoraExportError):
     """validate() cannot run on these inputs (one line): a model and checkpoint that do not belong together,
     an unreadable model, checkpoint or adapter, an adapter that does not fit, a bad option. CLI exit code 2."""
 
@@ -49,26 +60,20 @@ class ProviderUnavailableError(ParityInputError):
     """An execution provider the user asked for explicitly could not run (e.g. CUDA libraries missing)."""
 
 
-class PeftError(ValueError):
+class PeftError(LoraExportError):
     """A PEFT adapter directory lora-export cannot read or write; one line."""
 
 
-class EdgeExportError(ValueError):
+class EdgeExportError(LoraExportError):
     """An edge build or comparison that cannot go ahead (bad input, failed conversion, unwritable output); one line."""
 
 
-class GenerationError(ValueError):
+class GenerationError(LoraExportError):
     """Generation that cannot start (bad directory, adapter, prompt, device or option); one line."""
 
 
-class ReportError(ValueError):
+class ReportError(LoraExportError):
     """A parity.json that cannot be read or compared; one line."""
-
-
-INTERRUPTED_EXIT = 130
-
-
-TERMINATED_EXIT = 128 + signal.SIGTERM
 
 
 class Terminated(KeyboardInterrupt):

@@ -139,17 +139,32 @@ def test_adapter_write_failure_leaves_no_model_behind(tiny_checkpoint, tmp_path,
     assert list(tmp_path.iterdir()) == []
 
 
-def test_ctrl_c_exits_130_with_one_line_and_no_files(tiny_checkpoint, tmp_path):
-    """SIGINT while the command runs (imports, export or validation): one line, exit 130, nothing left behind."""
+@pytest.mark.parametrize(("signum", "code", "line"), [(signal.SIGINT, 130, "error: interrupted"),
+                                                     (signal.SIGTERM, 143, "error: terminated")])
+def test_signal_during_export_exits_with_one_line_and_no_files(tiny_checkpoint, tmp_path, signum, code, line):
+    """SIGINT (Ctrl-C) or SIGTERM once the export has begun: one line, exit 130 / 143, nothing left behind."""
     exe = Path(sys.executable).with_name("lora-export")
-    for delay in (0.2, 6.0):  # during the imports; during the export
-        child = subprocess.Popen([str(exe), str(tiny_checkpoint), "--merge", "-o", str(tmp_path / "m.onnx")],
-                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
-        time.sleep(delay)
-        child.send_signal(signal.SIGINT)
-        _, err = child.communicate(timeout=120)
-        if child.returncode == 0:  # finished before the signal on a fast machine: nothing to check
-            continue
-        lines = [line for line in err.splitlines() if line and not line.startswith("[lora-export]")]
-        assert child.returncode == 130 and lines == ["error: interrupted"], err
-        assert list(tmp_path.iterdir()) == []
+    child = subprocess.Popen([str(exe), str(tiny_checkpoint), "--merge", "-o", str(tmp_path / "m.onnx")],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    seen = []
+    for progress in child.stderr:  # wait until the work has really started
+        seen.append(progress)
+        if "exporting" in progress:
+            break
+    child.send_signal(signum)
+    _, err = child.communicate(timeout=120)
+    lines = [text for text in ("".join(seen) + err).splitlines() if text and not text.startswith("[lora-export]")]
+    assert child.returncode == code and lines == [line], err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_ctrl_c_during_imports_exits_130(tiny_checkpoint, tmp_path):
+    """SIGINT while torch and ONNX Runtime are still being imported: one line, exit 130."""
+    exe = Path(sys.executable).with_name("lora-export")
+    child = subprocess.Popen([str(exe), str(tiny_checkpoint), "--merge", "-o", str(tmp_path / "m.onnx")],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    time.sleep(0.2)
+    child.send_signal(signal.SIGINT)
+    _, err = child.communicate(timeout=120)
+    assert child.returncode == 130 and err.strip().splitlines() == ["error: interrupted"], err
+    assert list(tmp_path.iterdir()) == []

@@ -4,13 +4,10 @@ is never the only signal of a verdict; the page is one self-contained file."""
 
 from __future__ import annotations
 
-import fcntl
 import json
-import os
 import re
 import shutil
 import subprocess
-import tempfile
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -24,32 +21,8 @@ from lora_export.parity.validate import validate
 BROWSERS = ("chromium", "chromium-browser", "google-chrome")
 
 
-def find_or_install_chromium() -> str | None:
-    """A headless-capable Chromium: one on PATH, else Debian's package installed here when this runs as root with
-    apt-get (as CI does), else None (the browser tests are then skipped with the reason)."""
-    found = next((shutil.which(name) for name in BROWSERS if shutil.which(name)), None)
-    if found or not shutil.which("apt-get") or not hasattr(os, "geteuid") or os.geteuid() != 0:
-        return found
-    with open(Path(tempfile.gettempdir()) / "lora-export-chromium.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # pytest-xdist workers import this module at once: one installs
-        return shutil.which("chromium") or _apt_install_chromium()
-
-
-def _apt_install_chromium() -> str | None:
-    environment = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    for steps in ([["apt-get", "install", "-y", "--no-install-recommends", "chromium"]],
-                  [["apt-get", "update"], ["apt-get", "install", "-y", "--no-install-recommends", "chromium"]]):
-        try:
-            for step in steps:
-                subprocess.run(step, capture_output=True, timeout=600, env=environment)
-        except (OSError, subprocess.SubprocessError):
-            return None
-        if shutil.which("chromium"):
-            return shutil.which("chromium")
-    return None
-
-
-CHROMIUM = find_or_install_chromium()
+#: Installing a browser is the environment's job (``.ci/run`` installs Debian's ``chromium``), never a test's.
+CHROMIUM = next((shutil.which(name) for name in BROWSERS if shutil.which(name)), None)
 VIEWPORT = (1280, 900)
 #: Appended to a copy of the report (never to the report itself): writes each key element's box into the DOM.
 PROBE = """<script>
