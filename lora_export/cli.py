@@ -22,47 +22,42 @@ import click
 
 from . import __version__
 from .corpus import load_data
-from .errors import (
-    EXIT_BAD_INPUT,
-    EXIT_PARITY_FAILED,
-    INTERRUPTED_EXIT,
-    TERMINATED_EXIT,
-    Terminated,
-    first_line,
-)
+from .errors import EXIT_BAD_INPUT, EXIT_PARITY_FAILED, INTERRUPTED_EXIT, TERMINATED_EXIT, Terminated, first_line
 from .export.convert import (
     EXTERNAL_DATA_THRESHOLD,
     check_adapter_file,
     check_output_path,
-    data_path_of,
-    default_adapter_path,
-    default_output_path,
     export_adapter,
     export_onnx,
     export_outputs,
-    model_files,
 )
-from .export.peft import CONFIG_FILE, WEIGHTS_FILE, from_peft, to_peft
-from .export.quantize import (
-    convert_fp16,
-    convert_ort_format,
-    ort_format_outputs,
-    precision_output_path,
-    quantize_int4,
-    quantize_int8,
-)
+from .export.peft import from_peft, to_peft
+from .export.quantize import convert_fp16, convert_ort_format, quantize_int4, quantize_int8
 from .export.tracing import DEFAULT_OPSET
 from .files import check_output_dir, check_outputs
 from .genai.decoder import export_decoder
 from .genai.generate import DEVICES, Sampling, check_generation, generate_bytes
+from .layout import (
+    CONFIG_FILE,
+    REPORT_FILES,
+    WEIGHTS_FILE,
+    Form,
+    data_path_of,
+    default_adapter_path,
+    default_genai_dir,
+    default_output_path,
+    default_report_dir,
+    model_files,
+    ort_format_outputs,
+    precision_output_path,
+)
 from .model.checkpoint import CHECKPOINT_SUFFIXES, save_checkpoint
 from .model.transformer import ModelConfig
 from .parity.metrics import resolve_tolerance
 from .parity.precisions import check_ort_format
 from .parity.sessions import normalize_providers
-from .parity.validate import default_report_dir, validate
+from .parity.validate import validate
 from .report.compare import compare_reports, load_report, render_comparison
-from .report.render import REPORT_FILES
 from .train.loop import adapt, check_hyperparameters, pretrain
 
 CommandT = TypeVar("CommandT", bound=Callable[..., Any])
@@ -293,17 +288,10 @@ def run_validation(model_path: Path, checkpoint: Path, adapter: Path | None, pro
 #: The names the help texts use to show each default output, computed by the functions that compute the real ones.
 EXAMPLE_CHECKPOINT = Path("model.pt")
 EXAMPLE_MODEL = default_output_path(EXAMPLE_CHECKPOINT)
-EXAMPLE_ADAPTERS_MODEL = default_output_path(EXAMPLE_CHECKPOINT, merge=False)
+EXAMPLE_ADAPTERS_MODEL = default_output_path(EXAMPLE_CHECKPOINT, Form.ADAPTERS)
 
 
-def default_genai_dir(checkpoint: Path, precision: str, merge: bool) -> Path:
-    """``model.pt`` -> ``model_genai``, ``model_genai_int8``, ``model_genai_adapters``, ``model_genai_fp16_adapters``
-    ...: the precision and the form in the name, so no two default builds share a directory."""
-    suffix = ("" if precision == "fp32" else f"_{precision}") + ("" if merge else "_adapters")
-    return checkpoint.with_name(f"{checkpoint.stem}_genai{suffix}")
-
-
-EXAMPLE_GENAI_DIR = default_genai_dir(EXAMPLE_CHECKPOINT, "fp32", merge=True)
+EXAMPLE_GENAI_DIR = default_genai_dir(EXAMPLE_CHECKPOINT, "fp32", Form.MERGED)
 
 
 def validation_options(command: CommandT) -> CommandT:
@@ -378,8 +366,8 @@ def export_cli() -> None:
 @click.option("--genai", is_flag=True,
               help=f"Write an onnxruntime-genai model directory instead: a KV-cache decoder + genai_config.json "
                    f"[-o DIR; default: {EXAMPLE_CHECKPOINT} -> {EXAMPLE_GENAI_DIR}/, "
-                   f"{default_genai_dir(EXAMPLE_CHECKPOINT, 'fp32', merge=False)}/ with --adapters-as-inputs, "
-                   f"{default_genai_dir(EXAMPLE_CHECKPOINT, 'int8', merge=True)}/ with --quantize int8, ...].")
+                   f"{default_genai_dir(EXAMPLE_CHECKPOINT, 'fp32', Form.ADAPTERS)}/ with --adapters-as-inputs, "
+                   f"{default_genai_dir(EXAMPLE_CHECKPOINT, 'int8', Form.MERGED)}/ with --quantize int8, ...].")
 @click.option("--no-validate", is_flag=True, help="Skip the parity validation after export.")
 @click.option("--force", is_flag=True, help=FORCE_HELP)
 @validation_options
@@ -394,6 +382,7 @@ def export_command(checkpoint: Path, merge: bool, adapters_as_inputs: bool, outp
     validate it."""
     if merge and adapters_as_inputs:
         raise click.UsageError("--merge and --adapters-as-inputs exclude each other: choose one form")
+    form = Form.of(not adapters_as_inputs)
     if genai:
         given = {"--ort-format": ort_format, "--adapter-output": adapter_output}
         unsupported = [flag for flag, value in given.items() if value]
@@ -402,7 +391,7 @@ def export_command(checkpoint: Path, merge: bool, adapters_as_inputs: bool, outp
         if fp16 + len(set(quantize)) > 1:
             raise click.UsageError("--genai writes one decoder: choose one of --fp16, --quantize int8, --quantize int4")
         precision = "fp16" if fp16 else quantize[0] if quantize else "fp32"
-        directory = output if output is not None else default_genai_dir(checkpoint, precision, not adapters_as_inputs)
+        directory = output if output is not None else default_genai_dir(checkpoint, precision, form)
         if not no_validate:
             resolve_tolerance(precision, atol, rtol)
             normalize_providers(providers.split(",") if providers else None)
@@ -415,7 +404,7 @@ def export_command(checkpoint: Path, merge: bool, adapters_as_inputs: bool, outp
             run_validation(directory, checkpoint, None, providers, atol, rtol, report, quiet,
                            json_output=json_output)
         return
-    model_path, adapter_path = export_outputs(checkpoint, output, merge=not adapters_as_inputs,
+    model_path, adapter_path = export_outputs(checkpoint, output, form=form,
                                               adapter_path=adapter_output)
     if not no_validate:  # the validation options, checked before the export rather than after it
         resolve_tolerance("fp32", atol, rtol)

@@ -16,8 +16,8 @@ from conftest import TINY_CONFIG, make_lora_model, same_base_other_rank
 
 from lora_export.cli import export_cli, train_cli
 from lora_export.corpus import prose_text, stdlib_source_text
-from lora_export.export.peft import CONFIG_FILE, WEIGHTS_FILE
 from lora_export.files import staged_outputs
+from lora_export.layout import CONFIG_FILE, WEIGHTS_FILE
 from lora_export.model.checkpoint import read_checkpoint, save_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -16,7 +16,6 @@ from conftest import TINY_CONFIG, same_base_other_rank
 from lora_export.errors import AdapterError, ExportError
 from lora_export.export.adapters import (
     activate_adapters,
-    adapter_record_path,
     adapter_tensors,
     attach_adapter,
     check_adapter,
@@ -26,6 +25,7 @@ from lora_export.export.adapters import (
 )
 from lora_export.export.convert import check_adapter_file, export_adapter, export_onnx, read_metadata
 from lora_export.files import file_sha256
+from lora_export.layout import adapter_record_path
 from lora_export.model.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
 from lora_export.model.layers import merge_lora
 from lora_export.parity.validate import validate

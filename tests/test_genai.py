@@ -22,8 +22,9 @@ from lora_export.cli import export_cli
 from lora_export.errors import ExportError, GenerationError
 from lora_export.export.adapters import attach_adapter, read_adapter
 from lora_export.export.convert import export_adapter
-from lora_export.genai.decoder import ADAPTER_FILE, CACHE_SLACK, MODEL_FILE, export_decoder
+from lora_export.genai.decoder import CACHE_SLACK, export_decoder
 from lora_export.genai.generate import Sampling, generate_bytes
+from lora_export.layout import ADAPTER_FILE, MODEL_FILE
 from lora_export.model.checkpoint import load_checkpoint, save_checkpoint
 from lora_export.parity.validate import validate
 from lora_export.report.render import SCHEMA_PATH

@@ -22,7 +22,8 @@ from test_hostile_inputs import refused, snapshot
 from lora_export.cli import export_cli
 from lora_export.export.convert import export_adapter
 from lora_export.export.quantize import convert_fp16
-from lora_export.genai.decoder import ADAPTER_FILE, GENAI_CONFIG, MODEL_FILE, export_decoder
+from lora_export.genai.decoder import export_decoder
+from lora_export.layout import ADAPTER_FILE, GENAI_CONFIG, MODEL_FILE
 from lora_export.model.checkpoint import save_checkpoint
 from lora_export.parity.validate import validate
 

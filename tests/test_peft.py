@@ -23,7 +23,8 @@ from lora_export.cli import export_cli  # noqa: E402
 from lora_export.errors import PeftError  # noqa: E402
 from lora_export.export.adapters import activate_adapters  # noqa: E402
 from lora_export.export.convert import export_onnx  # noqa: E402
-from lora_export.export.peft import CONFIG_FILE, WEIGHTS_FILE, from_peft, to_peft  # noqa: E402
+from lora_export.export.peft import from_peft, to_peft  # noqa: E402
+from lora_export.layout import CONFIG_FILE, WEIGHTS_FILE  # noqa: E402
 from lora_export.model.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from lora_export.model.layers import lora_layers  # noqa: E402
 from lora_export.model.transformer import LoRATransformerLM, ModelConfig  # noqa: E402

@@ -32,7 +32,8 @@ import onnxruntime_genai as og
 import torch
 
 from lora_export.export.convert import export_onnx
-from lora_export.genai.decoder import MODEL_FILE, export_decoder
+from lora_export.genai.decoder import export_decoder
+from lora_export.layout import MODEL_FILE
 from lora_export.machine import machine_record
 from lora_export.model.checkpoint import load_checkpoint, save_checkpoint
 from lora_export.model.transformer import LoRATransformerLM, ModelConfig

@@ -31,7 +31,9 @@ from torch import nn
 
 from ..errors import AdapterError, first_line
 from ..files import StagedOutputs, check_input_file, read_json, staged_outputs
+from ..layout import adapter_record_path
 from ..model.layers import LoRALayer, lora_layers
+from .ort_session import quiet_session
 
 ADAPTER_VERSION = 1
 LORA_SUFFIXES = (".lora_A", ".lora_B")
@@ -55,12 +57,6 @@ def adapter_tensors(model: nn.Module) -> dict[str, np.ndarray]:
 def rank_axis(layer_name: str) -> str:
     """The symbolic rank dimension of one layer's LoRA inputs: ``<layer path>.lora_rank``."""
     return f"{layer_name}.lora_rank"
-
-
-def adapter_record_path(path: str | os.PathLike) -> Path:
-    """The integrity record beside an adapter file: ``<adapter>.json``."""
-    path = Path(path)
-    return path.with_name(path.name + ".json")
 
 
 def _array_sha256(array: np.ndarray) -> str:
@@ -261,10 +257,8 @@ def _probe_feeds(session: ort.InferenceSession) -> dict[str, np.ndarray]:
 def run_adapter(model_path: str | os.PathLike, adapter_path: str | os.PathLike) -> str | None:
     """Run the model once on ONNX Runtime's CPU provider with the adapter active (one short input; a genai decoder
     from an empty cache); returns why it failed (one line), or None when it ran and gave finite logits."""
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
     try:
-        session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+        session = quiet_session(model_path)
         run_options, _adapters = activate_adapters(adapter_path)
         logits = session.run(["logits"], _probe_feeds(session), run_options)[0]
     except Exception as err:  # ORT raises its own exception types

@@ -28,15 +28,14 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 
 from .. import __version__
 from ..errors import ExportError, OutputError, first_line
 from ..files import StagedOutputs, check_outputs, file_sha256, staged_outputs
+from ..layout import Form, adapter_record_path, data_path_of, default_adapter_path, default_output_path, model_files
 from ..model.checkpoint import base_fingerprint, build_model, read_checkpoint
 from ..model.transformer import ModelConfig
 from .adapters import (
-    adapter_record_path,
     adapter_tensors,
     check_adapter,
     lora_input_specs,
@@ -45,12 +44,11 @@ from .adapters import (
     run_adapter,
     write_adapter,
 )
+from .ort_session import quiet_session
 from .tracing import DEFAULT_OPSET, add_rank0_defaults, trace_to_onnx
 
 EXTERNAL_DATA_THRESHOLD = 2 * 1024**3  # protobuf's hard limit for one file
-FORMS = ("merged", "adapters")
 #: How the CLI names each form (its flags): --merge, --adapters-as-inputs.
-FORM_NAMES = {"merged": "merged (--merge)", "adapters": "adapters-as-inputs (--adapters-as-inputs)"}
 METADATA_PREFIX = "lora_export."
 
 
@@ -60,7 +58,7 @@ class ExportResult:
 
     model_path: Path
     adapter_path: Path | None
-    form: str
+    form: Form
     opset: int
     nodes_exported: int
     nodes_final: int
@@ -75,7 +73,7 @@ class ExportResult:
         """Human-readable multi-line summary for the CLI; its time line says whether a validation follows."""
         stages = ", ".join(f"{k} {v:.1f}s" for k, v in self.stage_seconds.items())
         lines = [
-            f"form:        {FORM_NAMES[self.form]} (opset {self.opset})",
+            f"form:        {self.form.title} (opset {self.opset})",
             f"model:       {self.model_path} ({self.file_size / 1e6:.2f} MB"
             + (", external data)" if self.external_data else ")"),
             f"nodes:       {self.nodes_exported} exported -> {self.nodes_final} final ({self.simplify_note})",
@@ -129,9 +127,7 @@ def probe_feeds(model: onnx.ModelProto, config: ModelConfig, seed: int = 0) -> d
 
 def run_ort(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> np.ndarray:
     """logits from an in-memory model on ONNX Runtime CPU."""
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    session = quiet_session(model.SerializeToString())
     return session.run(["logits"], feeds)[0]
 
 
@@ -204,11 +200,6 @@ def read_metadata(model: onnx.ModelProto) -> dict[str, str]:
     return {p.key[len(METADATA_PREFIX):]: p.value for p in model.metadata_props if p.key.startswith(METADATA_PREFIX)}
 
 
-def data_path_of(path: Path) -> Path:
-    """The external-data file of a model: ``<name>.data`` beside it."""
-    return path.with_name(path.name + ".data")
-
-
 def write_model_files(model: onnx.ModelProto, path: Path, stage: StagedOutputs, external_data_threshold: int) -> bool:
     """Save ``model`` into ``stage`` (moved to ``path`` with the stage); weights go to ``<name>.data`` beside it
     when the model exceeds the threshold, and a previous export's ``.data`` is removed otherwise.
@@ -250,40 +241,22 @@ def model_file_size(path: Path) -> int:
     return path.stat().st_size + (data.stat().st_size if data.is_file() else 0)
 
 
-def default_output_path(checkpoint_path: str | os.PathLike, merge: bool = True) -> Path:
-    """``model.pt`` -> ``model.onnx`` (merged) or ``model.adapters.onnx`` (adapters as inputs) beside it: the two
-    forms of one checkpoint never share a default file (nor, through it, a report directory)."""
-    return Path(checkpoint_path).with_suffix(".onnx" if merge else ".adapters.onnx")
-
-
-def default_adapter_path(path: str | os.PathLike) -> Path:
-    """The default adapter file of a model or checkpoint: ``model.adapters.onnx`` -> ``model.adapters.onnx_adapter``,
-    ``other.pt`` -> ``other.onnx_adapter``."""
-    return Path(path).with_suffix(".onnx_adapter")
-
-
 def export_outputs(checkpoint_path: str | os.PathLike, output_path: str | os.PathLike | None = None, *,
-                   merge: bool = True, adapter_path: str | os.PathLike | None = None) -> tuple[Path, Path | None]:
+                   form: Form = Form.MERGED, adapter_path: str | os.PathLike | None = None
+                   ) -> tuple[Path, Path | None]:
     """(model path, adapter path or None) that ``export_onnx`` writes with these arguments, suffixes checked.
 
     Every file they stand for (``model_files``) is checked before the export starts.
     """
-    output = Path(output_path) if output_path is not None else default_output_path(checkpoint_path, merge)
+    output = Path(output_path) if output_path is not None else default_output_path(checkpoint_path, form)
     check_output_path(output, ".onnx")
-    if merge:
+    if form is Form.MERGED:
         if adapter_path is not None:
             raise ExportError("an adapter output only applies to the adapters-as-inputs form (merge=False)")
         return output, None
     adapter_out = Path(adapter_path) if adapter_path is not None else default_adapter_path(output)
     check_output_path(adapter_out, ".onnx_adapter")
     return output, adapter_out
-
-
-def model_files(model_path: Path | None = None, adapter_path: Path | None = None) -> list[Path]:
-    """Every file a model and an adapter written by lora-export occupy: model, external data, adapter, its
-    integrity record."""
-    files = [] if model_path is None else [model_path, data_path_of(model_path)]
-    return files + ([] if adapter_path is None else [adapter_path, adapter_record_path(adapter_path)])
 
 
 def export_onnx(
@@ -305,8 +278,8 @@ def export_onnx(
     """
     say = progress or (lambda _msg: None)
     checkpoint_path = Path(checkpoint_path)
-    form = "merged" if merge else "adapters"
-    output, adapter_out = export_outputs(checkpoint_path, output_path, merge=merge, adapter_path=adapter_path)
+    form = Form.of(merge)
+    output, adapter_out = export_outputs(checkpoint_path, output_path, form=form, adapter_path=adapter_path)
     try:
         check_outputs(model_files(output, adapter_out), [checkpoint_path])
     except OutputError as err:
@@ -348,11 +321,11 @@ def export_onnx(
         stage_done("simplify")
 
     strip_debug_info(proto)
-    if form == "adapters":
+    if form is Form.ADAPTERS:
         add_rank0_defaults(proto)
     set_metadata(proto, {
         "version": __version__,
-        "form": form,
+        "form": form.value,
         "opset": str(opset),
         "attention": attention_kernels(proto),
         "checkpoint_sha256": file_sha256(checkpoint_path),
@@ -438,7 +411,7 @@ def export_adapter(
         raise ExportError(str(err)) from None
     model = load_onnx(model_path)
     metadata = read_metadata(model)
-    if metadata.get("form") != "adapters":
+    if metadata.get("form") != Form.ADAPTERS:
         raise ExportError(f"{model_path}: not an adapters-as-inputs model (exported with --merge?)")
     payload = read_checkpoint(checkpoint_path)
     fingerprint = base_fingerprint(payload["base"])

@@ -28,12 +28,11 @@ import torch
 
 from ..errors import PeftError, first_line, short_repr
 from ..files import check_input_file, check_output_dir, file_sha256, read_json, staged_outputs
+from ..layout import CONFIG_FILE, WEIGHTS_FILE
 from ..model.checkpoint import base_fingerprint, build_model, read_checkpoint, save_checkpoint
 from ..model.layers import lora_layers
 from ..model.transformer import LoRATransformerLM, ModelConfig
 
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
 PREFIX = "base_model.model."
 #: PEFT's tensor name suffixes of a LoRA layer (linear, embedding) and the lora-export matrix each holds.
 LORA_SUFFIXES = ((".lora_A.weight", "A"), (".lora_B.weight", "B"), (".lora_embedding_A", "A"),

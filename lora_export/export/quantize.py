@@ -38,16 +38,9 @@ from onnx.external_data_helper import load_external_data_for_model
 
 from ..errors import EdgeExportError, ExportError, OutputError, first_line
 from ..files import check_outputs, staged_outputs
+from ..layout import model_files, ort_format_outputs, precision_output_path
 from .adapters import lora_input_specs
-from .convert import (
-    EXTERNAL_DATA_THRESHOLD,
-    check_output_path,
-    load_onnx,
-    model_files,
-    read_metadata,
-    save_model,
-    set_metadata,
-)
+from .convert import EXTERNAL_DATA_THRESHOLD, check_output_path, load_onnx, read_metadata, save_model, set_metadata
 
 PRECISIONS = ("fp32", "fp16", "int8", "int4")
 #: int4 blocks: 32 weights share a scale and a zero point (onnxruntime-genai's model builder's default block size).
@@ -95,17 +88,6 @@ def _read_fp32_source(model_path: str | os.PathLike) -> onnx.ModelProto:
     if precision != "fp32":
         raise EdgeExportError(f"{model_path}: is already {precision}; convert the fp32 export instead")
     return model
-
-
-def precision_output_path(model_path: Path, precision: str) -> Path:
-    """The default output of an edge build: ``<stem>.<precision>.onnx`` beside the model."""
-    return model_path.with_suffix(f".{precision}.onnx")
-
-
-def ort_format_outputs(model_path: Path, output_dir: Path | None = None) -> tuple[Path, Path]:
-    """(``<stem>.ort``, ``<stem>.required_operators.config``) that ``convert_ort_format`` writes."""
-    directory = output_dir if output_dir is not None else model_path.parent
-    return directory / model_path.with_suffix(".ort").name, directory / f"{model_path.stem}.required_operators.config"
 
 
 def _output_path(model_path: Path, output_path: str | os.PathLike | None, precision: str) -> Path:

@@ -22,6 +22,7 @@ import onnx
 import torch
 from torch import nn
 
+from ..layout import Form
 from ..model.attention import decomposed_attention
 from ..model.layers import LoRALayer, lora_layers, merge_lora
 from ..model.transformer import LoRATransformerLM, ModelConfig
@@ -95,7 +96,7 @@ def _torch_export(module: nn.Module, args: tuple, input_names: list[str], dynami
     return program.model_proto
 
 
-def trace_to_onnx(model: LoRATransformerLM, form: str, opset: int) -> tuple[onnx.ModelProto, list[str]]:
+def trace_to_onnx(model: LoRATransformerLM, form: Form, opset: int) -> tuple[onnx.ModelProto, list[str]]:
     """Export ``model`` (unmerged checkpoint model) in ``form``; returns the proto and its LoRA layer names."""
     ids, mask = _example_inputs(model.config)
     batch = torch.export.Dim("batch", min=1, max=4096)
@@ -114,7 +115,7 @@ def _dynamic_shapes(module: nn.Module, shapes: list[dict]) -> tuple:
     return tuple(shapes)
 
 
-def trace_forms(model: LoRATransformerLM, form: str, opset: int, build: Callable[[LoRATransformerLM], nn.Module],
+def trace_forms(model: LoRATransformerLM, form: Form, opset: int, build: Callable[[LoRATransformerLM], nn.Module],
                 args: tuple, input_names: list[str], shapes: list[dict], output_names: list[str],
                 fold_lora: bool = False) -> tuple[onnx.ModelProto, list[str]]:
     """Export ``build(base)`` in ``form`` with the dynamo exporter; returns the proto and its LoRA layer names.
@@ -124,10 +125,10 @@ def trace_forms(model: LoRATransformerLM, form: str, opset: int, build: Callable
     (the model itself, or a decoder over it) whose forward takes ``args`` (dynamic shapes ``shapes``).
     ``fold_lora``: the adapter form's linear layers merge their LoRA inputs into the weight at run time.
     """
-    if form == "merged":
+    if form is Form.MERGED:
         merge_lora(model, safe_merge=True)
     base = base_model_of(model, {k: v for k, v in model.state_dict().items() if "lora_" not in k})
-    if form == "merged":
+    if form is Form.MERGED:
         module = build(base)
         return _torch_export(module, args, input_names, _dynamic_shapes(module, shapes), opset, output_names), []
     names, lora_args, lora_names, lora_shapes = [], [], [], []

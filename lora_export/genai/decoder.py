@@ -35,7 +35,6 @@ from ..export.convert import (
     attention_kernels,
     count_parameters_onnx,
     load_onnx,
-    model_files,
     read_metadata,
     set_metadata,
     strip_debug_info,
@@ -44,6 +43,7 @@ from ..export.convert import (
 from ..export.quantize import convert_model_fp16, quantize_model_int4, quantize_model_int8
 from ..export.tracing import DEFAULT_OPSET, add_rank0_defaults, trace_forms
 from ..files import check_outputs, file_sha256, parse_json, read_json, remove_stale_staging, staged_outputs
+from ..layout import ADAPTER_FILE, GENAI_CONFIG, MODEL_FILE, Form, decoder_outputs
 from ..model.attention import fused_attention
 from ..model.checkpoint import base_fingerprint, build_model, read_checkpoint
 from ..model.transformer import VOCAB_SIZE, LoRATransformerLM, ModelConfig
@@ -51,9 +51,6 @@ from ..model.transformer import VOCAB_SIZE, LoRATransformerLM, ModelConfig
 #: Positions a local slot keeps beyond its window (genai's ``cache_slack``, set explicitly: its per-provider
 #: default differs between CPU and CUDA).
 CACHE_SLACK = 16
-GENAI_CONFIG = "genai_config.json"
-MODEL_FILE = "model.onnx"
-ADAPTER_FILE = "model.onnx_adapter"
 #: The byte genai is told is end-of-sequence (it needs one in the vocabulary): NUL, never in text. Generation
 #: does not stop on it unless asked to (``min_length = max_length``).
 EOS_BYTE = 0
@@ -160,7 +157,7 @@ def graph_names(slots: list[CacheSlot]) -> tuple[list[str], list[str]]:
     return inputs, outputs
 
 
-def trace_decoder(model: LoRATransformerLM, form: str, opset: int) -> tuple[onnx.ModelProto, list[str]]:
+def trace_decoder(model: LoRATransformerLM, form: Form, opset: int) -> tuple[onnx.ModelProto, list[str]]:
     """Export the decoder of an unmerged checkpoint model in ``form``; returns the proto and its LoRA layers."""
     config = model.config
     slots = cache_slots(config)
@@ -275,12 +272,6 @@ def read_decoder_dir(model_dir: str | os.PathLike) -> DecoderDirectory:
     return DecoderDirectory(model_dir, proto, metadata, config)
 
 
-def decoder_outputs(output_dir: Path, merge: bool) -> list[Path]:
-    """Every file ``export_decoder`` writes into ``output_dir``."""
-    files = model_files(output_dir / MODEL_FILE) + [output_dir / GENAI_CONFIG]
-    return files if merge else files + model_files(adapter_path=output_dir / ADAPTER_FILE)
-
-
 def export_decoder(checkpoint_path: str | os.PathLike, output_dir: str | os.PathLike, *, merge: bool = True,
                    precision: str = "fp32", opset: int = DEFAULT_OPSET,
                    progress: Callable[[str], None] | None = None) -> Path:
@@ -300,11 +291,12 @@ def export_decoder(checkpoint_path: str | os.PathLike, output_dir: str | os.Path
     if precision not in DECODER_PRECISIONS:
         raise ExportError(f"precision {precision!r} is not supported for the decoder: "
                           f"{', '.join(DECODER_PRECISIONS)}")
+    form = Form.of(merge)
     remove_stale_staging(output_dir)  # a killed earlier write's leftovers do not make the directory non-empty
     if output_dir.exists() and (not output_dir.is_dir() or any(output_dir.iterdir())):
         raise ExportError(f"{output_dir}: exists and is not an empty directory")
     try:  # an existing (empty) directory: its files to be; a new one: the directory path itself
-        check_outputs(decoder_outputs(output_dir, merge) if output_dir.is_dir() else [output_dir], [checkpoint_path])
+        check_outputs(decoder_outputs(output_dir, form) if output_dir.is_dir() else [output_dir], [checkpoint_path])
     except OutputError as err:
         raise ExportError(str(err)) from None
     say("loading checkpoint")
@@ -313,9 +305,8 @@ def export_decoder(checkpoint_path: str | os.PathLike, output_dir: str | os.Path
     problem = decoder_problem(model.config)
     if problem:
         raise ExportError(f"{checkpoint_path}: cannot be a genai decoder: {problem}")
-    form = "merged" if merge else "adapters"
     adapter = adapter_tensors(model)
-    if not merge and not adapter:
+    if form is Form.ADAPTERS and not adapter:
         raise ExportError(f"{checkpoint_path}: has no LoRA layers (r = 0): export it merged")
     fingerprint = base_fingerprint(payload["base"])
     say(f"exporting the KV-cache decoder ({form}, opset {opset}) with torch.onnx dynamo")
@@ -325,7 +316,7 @@ def export_decoder(checkpoint_path: str | os.PathLike, output_dir: str | os.Path
     except Exception as err:  # the exporter raises many exception types
         raise ExportError(f"{checkpoint_path}: decoder export failed: {first_line(err)[:200]}") from None
     strip_debug_info(proto)
-    if form == "adapters":
+    if form is Form.ADAPTERS:
         add_rank0_defaults(proto)
     slots = cache_slots(model.config)
     try:
@@ -343,7 +334,7 @@ def export_decoder(checkpoint_path: str | os.PathLike, output_dir: str | os.Path
     except EdgeExportError as err:
         raise ExportError(str(err)) from None
     set_metadata(proto, {
-        "version": __version__, "form": form, "graph": "decoder", "opset": str(opset),
+        "version": __version__, "form": form.value, "graph": "decoder", "opset": str(opset),
         "attention": attention_kernels(proto),
         "checkpoint_sha256": file_sha256(checkpoint_path), "base_sha256": fingerprint,
         "model_config": json.dumps(payload["config"], sort_keys=True),

@@ -19,6 +19,7 @@ import numpy as np
 
 from ..errors import AdapterError, ExportError, GenerationError, first_line
 from ..export.adapters import check_adapter, read_adapter
+from ..layout import Form
 from ..model.transformer import check_generation_request
 from .decoder import EOS_BYTE, read_decoder_dir
 
@@ -56,7 +57,7 @@ def check_generation(model_dir: str | os.PathLike, prompt: bytes, max_new_bytes:
             tensors, _ = read_adapter(adapter)
         except AdapterError as err:
             raise GenerationError(str(err)) from None
-        if directory.metadata.get("form") != "adapters":
+        if directory.metadata.get("form") != Form.ADAPTERS:
             raise GenerationError(f"{model_dir}: a merged decoder takes no adapter (export it --adapters-as-inputs)")
         errors, _ = check_adapter(directory.proto, tensors)
         if errors:

@@ -25,6 +25,7 @@ import torch
 
 from ..export.adapters import attach_adapter
 from ..genai.decoder import EOS_BYTE
+from ..layout import Form
 from ..model.transformer import LoRATransformerLM
 from .cases import show_bytes
 from .metrics import Tolerance, pass_boundary
@@ -84,7 +85,7 @@ def run_variant(og_model: object, adapters: object, name: str | None, model: LoR
     return run
 
 
-def decode_parity(model_dir: Path, model: LoRATransformerLM, form: str, adapters: Mapping[str, tuple[Path, dict]],
+def decode_parity(model_dir: Path, model: LoRATransformerLM, form: Form, adapters: Mapping[str, tuple[Path, dict]],
                   prompt: np.ndarray, tolerance: Tolerance, device: str = "cpu",
                   prompt_source: str = "held-out prose") -> list[DecodeRun]:
     """Every variant of a genai decoder directory against ``model`` (the unmerged checkpoint model).
@@ -103,9 +104,9 @@ def decode_parity(model_dir: Path, model: LoRATransformerLM, form: str, adapters
         config.append_provider("cuda")
     og_model = og.Model(config)
     new_bytes = model.config.max_seq_len - len(prompt)
-    if form == "merged":
+    if form is Form.MERGED:
         merge_lora(model)
-        return [run_variant(og_model, None, None, model, prompt, new_bytes, tolerance, "merged", device,
+        return [run_variant(og_model, None, None, model, prompt, new_bytes, tolerance, Form.MERGED.value, device,
                             prompt_source)]
     loaded = og.Adapters(og_model)
     for name, (path, _) in adapters.items():

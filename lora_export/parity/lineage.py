@@ -13,9 +13,9 @@ import onnx
 
 from ..errors import AdapterError, ParityInputError
 from ..export.adapters import adapter_tensors, check_adapter, model_version_from_fingerprint, read_adapter
-from ..export.convert import FORMS
 from ..export.tracing import INPUT_NAMES, OUTPUT_NAMES
 from ..files import file_sha256, parse_json
+from ..layout import Form
 from ..model.checkpoint import base_fingerprint
 from ..model.transformer import VOCAB_SIZE, LoRATransformerLM
 
@@ -27,11 +27,11 @@ LORA_FIELDS = ("r", "lora_alpha", "lora_targets", "lora_dropout", "use_rslora", 
 LATER_FIELDS = {"rank_pattern": {}, "alpha_pattern": {}}
 
 
-def _comparable(config: dict, form: str) -> dict:
+def _comparable(config: dict, form: Form) -> dict:
     """A stored model config as validation compares it: later fields filled in, LoRA fields left out for the
     adapters form."""
     config = {**LATER_FIELDS, **config}
-    return {k: v for k, v in config.items() if k not in LORA_FIELDS} if form == "adapters" else config
+    return {k: v for k, v in config.items() if k not in LORA_FIELDS} if form is Form.ADAPTERS else config
 
 
 # --------------------------------------------------------------------------- inputs
@@ -55,8 +55,9 @@ def check_model_matches(proto: onnx.ModelProto, metadata: dict[str, str], payloa
         raise ParityInputError(f"{model_path}: no lora_export metadata ({', '.join(missing)} missing): "
                                "validate checks models written by `lora-export`")
     form = metadata["form"]
-    if form not in FORMS:
-        raise ParityInputError(f"{model_path}: unknown lora_export.form {form!r}, expected one of {FORMS}")
+    if form not in {f.value for f in Form}:
+        raise ParityInputError(f"{model_path}: unknown lora_export.form {form!r}, expected one of "
+                               f"{tuple(f.value for f in Form)}")
     mismatch = f"{model_path} and {checkpoint_path} do not belong together"
     try:
         model_config = parse_json(metadata["model_config"], f"{model_path}: lora_export.model_config")
@@ -89,7 +90,7 @@ def check_model_matches(proto: onnx.ModelProto, metadata: dict[str, str], payloa
     if logits is None or len(logits) != 3 or logits[2] not in (VOCAB_SIZE, "", 0):
         raise ParityInputError(f"{model_path}: expected output 'logits' [batch, seq, {VOCAB_SIZE}], got {outputs}")
     lora_inputs = [name for name in graph_inputs if name.endswith((".lora_A", ".lora_B"))]
-    if (form == "adapters") != bool(lora_inputs):
+    if (form == Form.ADAPTERS) != bool(lora_inputs):
         raise ParityInputError(f"{model_path}: lora_export.form is {form!r} but the graph has "
                                f"{len(lora_inputs)} LoRA inputs")
     extra = sorted(set(graph_inputs) - set(INPUT_NAMES) - set(lora_inputs) - initializers)
@@ -103,7 +104,7 @@ def check_model_matches(proto: onnx.ModelProto, metadata: dict[str, str], payloa
     if recorded is not None and recorded != file_sha256(checkpoint_path):
         notes.append(f"{checkpoint_path.name} is not the file the model was exported from (checkpoint_sha256 "
                      "differs); base weights and config match" + (", but merged LoRA weights may differ"
-                                                                  if form == "merged" else ""))
+                                                                  if form == Form.MERGED else ""))
     return notes
 
 
@@ -144,7 +145,7 @@ def adapter_lineage(adapter_path: Path, adapter: dict[str, np.ndarray], model: L
 def load_adapter_for(adapter_path: Path, proto: onnx.ModelProto, metadata: dict[str, str]
                      ) -> tuple[dict[str, np.ndarray], list[str]]:
     """Read an .onnx_adapter and hold it against the model before any run; returns (tensors, notes)."""
-    if metadata["form"] != "adapters":
+    if metadata["form"] != Form.ADAPTERS:
         raise ParityInputError(f"--adapter needs an adapter-form model; this one was exported {metadata['form']}")
     try:
         tensors, version = read_adapter(adapter_path)

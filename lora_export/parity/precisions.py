@@ -24,6 +24,7 @@ from ..export.adapters import activate_adapters, attach_adapter
 from ..export.convert import load_onnx, model_file_size, read_metadata
 from ..export.quantize import PRECISIONS
 from ..export.tracing import OUTPUT_NAMES
+from ..layout import Form
 from ..model.checkpoint import build_model, read_checkpoint
 from ..model.layers import merge_lora
 from .cases import Case
@@ -125,7 +126,7 @@ def compare_precisions(
     try:
         payload = read_checkpoint(checkpoint_path)
         checked = _check_models(models, payload, checkpoint_path)
-        forms = {metadata["form"] for _, _, metadata in checked.values()}
+        forms = {Form(metadata["form"]) for _, _, metadata in checked.values()}
         if len(forms) > 1:
             raise EdgeExportError(f"the models mix export forms {sorted(forms)}: compare builds of one export")
         tensors = None
@@ -136,7 +137,7 @@ def compare_precisions(
         raise EdgeExportError(str(err)) from None
 
     model = build_model(payload, checkpoint_path)
-    if forms == {"merged"}:
+    if forms == {Form.MERGED}:
         merge_lora(model)
     else:
         attach_adapter(model, tensors)

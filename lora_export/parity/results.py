@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import __version__
+from ..layout import Form
 from .cases import Case
 from .metrics import Metrics, Tolerance
 from .sessions import ProviderStatus
@@ -65,7 +66,7 @@ class ParityResult:
     model_path: Path
     checkpoint_path: Path
     adapter_path: Path | None
-    form: str  # 'merged' or 'adapters'
+    form: Form
     precision: str
     tolerance: Tolerance
     pass_rule: str

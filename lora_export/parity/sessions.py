@@ -22,6 +22,7 @@ import onnxruntime as ort
 import torch  # noqa: F401  (loads the CUDA libraries a CUDA build of torch ships, before ONNX Runtime looks)
 
 from ..errors import ParityInputError, first_line
+from ..export.ort_session import quiet_session
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
@@ -104,11 +105,9 @@ def open_session(model_path: str | os.PathLike, provider: str) -> tuple[ort.Infe
     Raises ParityInputError when even the CPU session cannot load the model.
     """
     name = PROVIDERS[provider]
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
     if provider == "cpu":
         try:
-            session = ort.InferenceSession(str(model_path), options, providers=[name])
+            session = quiet_session(model_path, [name])
         except Exception as err:  # ORT raises its own exception types (InvalidGraph, Fail, ...)
             raise ParityInputError(f"{model_path}: ONNX Runtime cannot load the model: {first_line(err)}"
                                    ) from None
@@ -124,7 +123,7 @@ def open_session(model_path: str | os.PathLike, provider: str) -> tuple[ort.Infe
             with contextlib.suppress(Exception):  # best effort: finds the nvidia pip packages' libraries
                 ort.preload_dlls()
         try:
-            session = ort.InferenceSession(str(model_path), options, providers=[name, PROVIDERS["cpu"]])
+            session = quiet_session(model_path, [name, PROVIDERS["cpu"]])
         except Exception as err:  # e.g. a CUDA driver error raised instead of a fallback
             session, error = None, first_line(err)
     if session is None:

@@ -44,16 +44,17 @@ from ..errors import (
     first_line,
 )
 from ..export.adapters import activate_adapters, attach_adapter
-from ..export.convert import load_onnx, model_files, read_metadata
+from ..export.convert import load_onnx, read_metadata
 from ..export.tracing import OUTPUT_NAMES
 from ..files import check_output_dir, file_sha256
-from ..genai.decoder import ADAPTER_FILE, MODEL_FILE, read_decoder_dir
+from ..genai.decoder import read_decoder_dir
+from ..layout import ADAPTER_FILE, MODEL_FILE, REPORT_FILES, Form, default_report_dir, model_files
 from ..machine import machine_record
 from ..model.checkpoint import build_model, read_checkpoint
 from ..model.layers import merge_lora
 from ..model.transformer import VOCAB_SIZE, LoRATransformerLM
 from ..progress import progress_bar
-from ..report.render import REPORT_FILES, counted, precision_verdicts, write_reports
+from ..report.render import counted, precision_verdicts, write_reports
 from .cases import generation_prompt, parity_cases
 from .decode import decode_parity
 from .lineage import adapter_lineage, check_model_matches, load_adapter_for
@@ -85,7 +86,6 @@ class _Variant:
     tensors: dict[str, np.ndarray] | None
     run_options: ort.RunOptions | None
     adapter: ort.LoraAdapter | None = None  # kept alive while run_options refers to it
-
 
 
 def pass_rule(tolerance: Tolerance, generate_bytes: int) -> str:
@@ -152,10 +152,10 @@ def greedy_generation(session: ort.InferenceSession, variant: _Variant, model: L
     return reference, ids[0, prompt.shape[1]:]
 
 
-def _variants(form: str, adapter_path: Path | None, tensors: dict[str, np.ndarray] | None) -> list[_Variant]:
+def _variants(form: Form, adapter_path: Path | None, tensors: dict[str, np.ndarray] | None) -> list[_Variant]:
     """merged -> [merged]; adapters -> [base] or [base, adapter] when an adapter file is given."""
-    if form == "merged":
-        return [_Variant("merged", None, None)]
+    if form is Form.MERGED:
+        return [_Variant(Form.MERGED.value, None, None)]
     variants = [_Variant("base", None, None)]
     if adapter_path is not None:
         run_options, (adapter,) = activate_adapters(adapter_path)
@@ -275,11 +275,6 @@ def validation_text(data: Sequence[str | os.PathLike]) -> tuple[list[Path], byte
     return files, text, source
 
 
-def default_report_dir(model_path: Path) -> Path:
-    """``<model stem>_parity/`` beside the model."""
-    return model_path.with_name(f"{model_path.stem}_parity")
-
-
 def validate(
     model_path: str | os.PathLike,
     checkpoint_path: str | os.PathLike,
@@ -328,7 +323,7 @@ def validate(
     if data:
         notes.append(f"real-text cases and the generation prompt come from {source} ({len(text):,} bytes), "
                      "not the built-in held-out prose")
-    form = metadata["form"]
+    form = Form(metadata["form"])
     precision = metadata.get("precision", "fp32")
     tolerance = resolve_tolerance(precision, atol, rtol)
     tensors = None
@@ -362,7 +357,7 @@ def validate(
     if tensors is not None:  # the adapter file must hold the checkpoint's trained weights, not just run
         lineage_failures, lineage_notes = adapter_lineage(adapter_path, tensors, model, checkpoint_path)
         notes += lineage_notes
-    if form == "merged":
+    if form is Form.MERGED:
         merge_lora(model)
     variants = _variants(form, adapter_path, tensors)
     try:
@@ -386,7 +381,7 @@ def validate(
     report_progress, close_progress = _progress_callback(progress, total)
     try:
         for variant in variants if sessions else []:  # no provider ran: nothing to compare or time
-            if form == "adapters":
+            if form is Form.ADAPTERS:
                 attach_adapter(model, variant.tensors)
             references = [_reference(model, case.input_ids, case.attention_mask) for case in cases]
             step = functools.partial(_reference, model, latency_ids, latency_mask)
@@ -485,13 +480,13 @@ def validate_decoder(
     data_files, text, source = validation_text(data)
     model_path = model_dir / MODEL_FILE
     proto, payload, metadata, notes = _model_and_checkpoint(model_path, checkpoint_path)
-    form = metadata["form"]
-    if adapter_path is not None and form != "adapters":
+    form = Form(metadata["form"])
+    if adapter_path is not None and form is not Form.ADAPTERS:
         raise ParityInputError(f"--adapter needs an adapter-form decoder; this one was exported {form}")
     precision = metadata.get("precision", "fp32")
     tolerance = resolve_tolerance(precision, atol, rtol)
     own = model_dir / ADAPTER_FILE
-    under_test = adapter_path if adapter_path is not None else own if form == "adapters" and own.is_file() else None
+    under_test = adapter_path if adapter_path is not None else own if form is Form.ADAPTERS and own.is_file() else None
     adapters, lineage_failures = {}, []
     model = build_model(payload, checkpoint_path)
     if under_test is not None:

@@ -25,6 +25,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from ..files import staged_outputs
+from ..layout import REPORT_FILES
 from ..parity.metrics import ERROR_HISTOGRAM_EDGES
 from ..parity.results import decode_labels
 
@@ -33,7 +34,6 @@ if TYPE_CHECKING:
 
 SCHEMA_VERSION = 1
 SCHEMA_PATH = Path(__file__).with_name("parity_schema.json")
-REPORT_FILES = {"json": "parity.json", "markdown": "parity.md", "html": "parity.html"}
 #: The headline word of each ParityResult.status.
 VERDICTS = {"passed": "PASS", "failed": "FAIL", "not run": "NOT RUN"}
 
