@@ -145,6 +145,22 @@ def check_output_dir(directory: str | os.PathLike, files: Iterable[str],
         raise OutputError(problem)
 
 
+def check_empty_output_dir(directory: str | os.PathLike, files: Iterable[str],
+                           inputs: Iterable[str | os.PathLike | None] = (), *, overwrite: bool = False,
+                           refusal: str = "") -> None:
+    """Refuse (OutputError), before any work, a directory that one result is to fill: :func:`check_output_dir`,
+    and unless ``overwrite`` it must be new or empty ("exists and is not an empty directory" + ``refusal``, e.g.
+    how to replace it). Staging left there by a killed earlier write is removed first: it is not content.
+
+    The result's files are then written with :func:`staged_outputs`, which makes the directory and its missing
+    parents and removes them again if the result does not land."""
+    directory = Path(directory)
+    remove_stale_staging(directory)
+    if not overwrite and directory.is_dir() and any(directory.iterdir()):
+        raise OutputError(f"{directory}: exists and is not an empty directory{refusal}")
+    check_output_dir(directory, files, inputs)
+
+
 def _lock(directory: Path) -> int:
     """Create and hold (flock) the lock file of a staging directory; returns its descriptor."""
     fd = os.open(directory / LOCK_NAME, os.O_CREAT | os.O_RDWR, 0o600)

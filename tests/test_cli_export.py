@@ -13,24 +13,12 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from click.testing import CliRunner
+from conftest import assert_one_line_error, invoke
 
 from lora_export.cli import export_cli
 from lora_export.export.quantize import convert_fp16
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def invoke(*args: str) -> tuple[int, str, str]:
-    result = CliRunner().invoke(export_cli, [str(a) for a in args])
-    return result.exit_code, result.stdout, result.stderr
-
-
-def assert_one_line_error(code: int, stderr: str, needle: str) -> None:
-    assert code == 2, stderr
-    lines = [line for line in stderr.strip().splitlines() if not line.startswith("[lora-export]")]  # progress
-    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], stderr
-    assert "Traceback" not in stderr
 
 
 def test_literal_quick_start_command_on_the_demo_model(tmp_path):

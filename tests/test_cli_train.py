@@ -7,13 +7,12 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from conftest import TINY_ARGS
 
 from lora_export.cli import train_cli
 from lora_export.corpus import prose_text, stdlib_source_text
 from lora_export.model.checkpoint import load_checkpoint, read_checkpoint
 
-TINY = ["--dim", "32", "--depth", "1", "--heads", "2", "--dim-head", "16", "--local-heads", "1", "--window", "8",
-        "--max-seq-len", "32", "--dropout", "0"]
 FAST = ["--batch-size", "4", "--eval-every", "10", "--quiet"]
 
 
@@ -30,7 +29,7 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def base(tmp_path_factory: pytest.TempPathFactory, corpus: dict[str, Path]) -> Path:
     path = tmp_path_factory.mktemp("ckpt") / "base.pt"
     result = CliRunner().invoke(train_cli, ["pretrain", "-o", str(path), "--steps", "20", "--data", str(corpus["code"]),
-                                            *TINY, *FAST])
+                                            *TINY_ARGS, *FAST])
     assert result.exit_code == 0, result.output
     return path
 

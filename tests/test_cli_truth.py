@@ -11,8 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
-from conftest import TINY_CONFIG, make_lora_model, same_base_other_rank
+from conftest import TINY_ARGS, TINY_CONFIG, invoke, make_lora_model, same_base_other_rank
 
 from lora_export.cli import export_cli, train_cli
 from lora_export.corpus import prose_text, stdlib_source_text
@@ -21,13 +20,7 @@ from lora_export.layout import CONFIG_FILE, WEIGHTS_FILE
 from lora_export.model.checkpoint import read_checkpoint, save_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
-TINY_TRAIN = ["--dim", "32", "--depth", "1", "--heads", "2", "--dim-head", "16", "--local-heads", "1", "--window",
-              "8", "--max-seq-len", "32", "--dropout", "0", "--batch-size", "4", "--eval-every", "1", "--quiet"]
-
-
-def invoke(cli: object, *args: object) -> tuple[int, str, str]:
-    result = CliRunner().invoke(cli, [str(a) for a in args])
-    return result.exit_code, result.stdout, result.stderr
+TINY_TRAIN = [*TINY_ARGS, "--batch-size", "4", "--eval-every", "1", "--quiet"]
 
 
 def files_under(folder: Path) -> set[str]:
@@ -35,7 +28,7 @@ def files_under(folder: Path) -> set[str]:
 
 
 def help_text(*command: str) -> str:
-    code, out, _ = invoke(export_cli, *command, "--help")
+    code, out, _ = invoke(*command, "--help")
     assert code == 0
     return " ".join(out.split())  # click wraps the lines; the names stay whole
 
@@ -54,7 +47,7 @@ def corpus(tmp_path: Path) -> tuple[Path, Path]:
 def test_one_data_flag_takes_a_file_and_a_directory(corpus: tuple[Path, Path], tmp_path: Path) -> None:
     """`lora-train pretrain --data a.txt corpus/` as the README writes it trains on both."""
     out = tmp_path / "base.pt"
-    code, stdout, stderr = invoke(train_cli, "pretrain", "--data", *corpus, "-o", out, "--steps", "1", *TINY_TRAIN)
+    code, stdout, stderr = invoke("pretrain", "--data", *corpus, "-o", out, "--steps", "1", *TINY_TRAIN, cli=train_cli)
     assert code == 0, stderr
     assert read_checkpoint(out)["training"]["data"]["source"] == "files: a.txt, corpus"
     assert "wrote" in stdout
@@ -65,17 +58,17 @@ def test_data_paths_end_at_the_next_option(command: str, corpus: tuple[Path, Pat
     """Every command with --data parses several paths after it and goes on with the options that follow (with a
     bad input, so that nothing runs: the error is about it, not about an unexpected extra argument)."""
     if command == "validate":
-        args = [export_cli, "validate", tmp_path / "m.onnx", "--data", *corpus, "--checkpoint", tmp_path / "c.pt"]
+        cli, args = export_cli, ["validate", tmp_path / "m.onnx", "--data", *corpus, "--checkpoint", tmp_path / "c.pt"]
     else:
         first = [] if command == "pretrain" else [tmp_path / "base.pt"]
-        args = [train_cli, command, *first, "--data", *corpus, "--steps", "0", "-o", tmp_path / "x.pt"]
-    code, _, stderr = invoke(*args)
+        cli, args = train_cli, [command, *first, "--data", *corpus, "--steps", "0", "-o", tmp_path / "x.pt"]
+    code, _, stderr = invoke(*args, cli=cli)
     assert code == 2 and "unexpected extra argument" not in stderr, stderr
     assert ("m.onnx: no such ONNX model" if command == "validate" else "steps must be >= 1") in stderr, stderr
 
 
 def test_validate_reads_every_data_path_after_one_flag(merged_export, tiny_checkpoint, corpus, tmp_path) -> None:
-    code, _, stderr = invoke(export_cli, "validate", merged_export.model_path, "--checkpoint", tiny_checkpoint,
+    code, _, stderr = invoke("validate", merged_export.model_path, "--checkpoint", tiny_checkpoint,
                              "--data", *corpus, "--report", tmp_path / "r", "--quiet")
     assert code == 0, stderr
     assert "your data: a.txt, corpus" in (tmp_path / "r" / "parity.md").read_text()
@@ -86,18 +79,18 @@ def test_validate_reads_every_data_path_after_one_flag(merged_export, tiny_check
 
 def test_to_peft_refuses_a_filled_directory_without_force_and_replaces_with_it(tiny_checkpoint, tmp_path) -> None:
     out = tmp_path / "peft"
-    code, _, stderr = invoke(export_cli, "to-peft", tiny_checkpoint, "-o", out)
+    code, _, stderr = invoke("to-peft", tiny_checkpoint, "-o", out)
     assert code == 0, stderr
     (out / "README.md").write_text("mine\n")
     before = {name: (out / name).read_bytes() for name in (CONFIG_FILE, WEIGHTS_FILE)}
     other = tmp_path / "other.pt"
     save_checkpoint(other, same_base_other_rank(tiny_checkpoint, r=2, seed=1))
 
-    code, _, stderr = invoke(export_cli, "to-peft", other, "-o", out)
+    code, _, stderr = invoke("to-peft", other, "-o", out)
     assert code == 2 and "pass --force" in stderr and "Traceback" not in stderr, stderr
     assert {name: (out / name).read_bytes() for name in before} == before
 
-    code, _, stderr = invoke(export_cli, "to-peft", other, "-o", out, "--force")
+    code, _, stderr = invoke("to-peft", other, "-o", out, "--force")
     assert code == 0, stderr
     assert json.loads((out / CONFIG_FILE).read_text())["r"] == 2
     assert (out / WEIGHTS_FILE).read_bytes() != before[WEIGHTS_FILE]
@@ -119,12 +112,12 @@ def written(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     }.items():
         folder = folders[name] = tmp_path_factory.mktemp(name)
         shutil.copy(tiny_checkpoint, folder / "model.pt")
-        code, _, stderr = invoke(export_cli, folder / "model.pt", "--no-simplify", "--quiet", *args)
+        code, _, stderr = invoke(folder / "model.pt", "--no-simplify", "--quiet", *args)
         assert code == 0, stderr
         written[name] = files_under(folder) - {"model.pt"}
     folder = tmp_path_factory.mktemp("adapter")
     shutil.copy(tiny_checkpoint, folder / "other.pt")
-    code, _, stderr = invoke(export_cli, "adapter", folder / "other.pt", "--model",
+    code, _, stderr = invoke("adapter", folder / "other.pt", "--model",
                              folders["adapters"] / "model.adapters.onnx")
     assert code == 0, stderr
     written["adapter"] = files_under(folder) - {"other.pt"}
@@ -155,11 +148,11 @@ def test_adapter_help_names_its_default_output(written: dict[str, set[str]]) -> 
 
 def test_missing_output_directories_are_made_like_the_report_directory(tiny_checkpoint, tmp_path) -> None:
     """`-o edge/x.onnx` with edge/ missing works, as `--report new/dir` does."""
-    code, _, stderr = invoke(export_cli, tiny_checkpoint, "-o", tmp_path / "edge" / "x.onnx", "--no-simplify",
+    code, _, stderr = invoke(tiny_checkpoint, "-o", tmp_path / "edge" / "x.onnx", "--no-simplify",
                              "--report", tmp_path / "reports" / "x", "--quiet")
     assert code == 0, stderr
     assert {"edge/x.onnx", "reports/x/parity.json"} <= files_under(tmp_path)
-    code, _, stderr = invoke(export_cli, "to-peft", tiny_checkpoint, "-o", tmp_path / "peft" / "deep" / "dir")
+    code, _, stderr = invoke("to-peft", tiny_checkpoint, "-o", tmp_path / "peft" / "deep" / "dir")
     assert code == 0, stderr
     assert files_under(tmp_path / "peft") == {f"deep/dir/{CONFIG_FILE}", f"deep/dir/{WEIGHTS_FILE}"}
 
@@ -173,7 +166,7 @@ def test_directories_made_for_a_failed_result_are_removed(tmp_path: Path) -> Non
 
 def test_an_output_directory_that_cannot_be_made_is_refused_before_work(tiny_checkpoint, tmp_path) -> None:
     (tmp_path / "file").write_text("x")
-    code, _, stderr = invoke(export_cli, tiny_checkpoint, "-o", tmp_path / "file" / "sub" / "x.onnx", "--no-validate")
+    code, _, stderr = invoke(tiny_checkpoint, "-o", tmp_path / "file" / "sub" / "x.onnx", "--no-validate")
     assert code == 2 and "cannot be created" in stderr and "Traceback" not in stderr, stderr
     assert files_under(tmp_path) == {"file"}
 
@@ -205,7 +198,7 @@ def test_readme_generate_samples_are_what_the_commands_print(tmp_path: Path) -> 
     directory = export_decoder(ROOT / "models" / "demo.pt", tmp_path / "demo_genai", merge=False)
     for args, shown in samples:
         args = [str(directory / Path(a).name) if a.endswith(".onnx_adapter") else a for a in args]
-        code, out, stderr = invoke(export_cli, "generate", directory, *args)
+        code, out, stderr = invoke("generate", directory, *args)
         assert code == 0, stderr
         assert out.rstrip("\n") == shown, (args, out)
 

@@ -12,14 +12,13 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
-import torch
-from conftest import make_lora_model, same_base_other_rank
+from conftest import make_lora_model, same_base_other_rank, session, torch_logits
 
-from lora_export.errors import EdgeExportError, ParityInputError
+from lora_export.errors import EdgeExportError, ExportError, OutputError, ParityInputError
 from lora_export.export.adapters import activate_adapters, attach_adapter, lora_input_specs, read_adapter
-from lora_export.export.convert import ExportResult, export_adapter, read_metadata
+from lora_export.export.convert import ExportResult, export_adapter
+from lora_export.export.onnx_files import read_metadata
 from lora_export.export.quantize import (
     constant_weight_nodes,
     convert_fp16,
@@ -30,25 +29,14 @@ from lora_export.export.quantize import (
 from lora_export.model.checkpoint import load_checkpoint, save_checkpoint
 from lora_export.parity.metrics import TOLERANCES, compare_logits, judge
 from lora_export.parity.precisions import compare_precisions, heldout_windows
-from lora_export.parity.validate import validate
+from lora_export.pipeline import validate_and_report
 
 FAST = {"warmup": 1, "runs": 3}
-
-
-def session(path: Path) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
 def prose_feeds(batch: int, n: int) -> dict[str, np.ndarray]:
     ids = heldout_windows(batch, n)
     return {"input_ids": ids, "attention_mask": np.ones_like(ids)}
-
-
-def torch_logits(model: torch.nn.Module, feeds: dict[str, np.ndarray]) -> np.ndarray:
-    with torch.no_grad():
-        return model(torch.from_numpy(feeds["input_ids"]), torch.from_numpy(feeds["attention_mask"])).numpy()
 
 
 
@@ -218,7 +206,7 @@ def test_corrupt_model_raises_and_writes_nothing(merged_export, tmp_path):
     corrupt = tmp_path / "corrupt.onnx"
     corrupt.write_bytes(merged_export.model_path.read_bytes()[:5000])
     for build in (quantize_int8, convert_fp16, convert_ort_format):
-        with pytest.raises(EdgeExportError, match="not a readable ONNX model"):
+        with pytest.raises(ExportError, match="not a readable ONNX model"):
             build(corrupt)
     assert [p.name for p in tmp_path.iterdir()] == ["corrupt.onnx"]
 
@@ -245,13 +233,13 @@ def test_ort_conversion_failure_leaves_nothing(tmp_path):
 
 
 def test_bad_outputs_and_sources_are_refused(merged_export, merged_int8, tmp_path):
-    with pytest.raises(EdgeExportError, match="cannot be created"):
+    with pytest.raises(OutputError, match="cannot be created"):
         quantize_int8(merged_export.model_path, Path(os.devnull) / "missing" / "x.onnx")
-    with pytest.raises(EdgeExportError, match="cannot be created"):
+    with pytest.raises(OutputError, match="cannot be created"):
         convert_ort_format(merged_export.model_path, Path(os.devnull) / "missing")
-    with pytest.raises(EdgeExportError, match="must end in .onnx"):
+    with pytest.raises(ExportError, match="must end in .onnx"):
         convert_fp16(merged_export.model_path, tmp_path / "x.bin")
-    with pytest.raises(EdgeExportError, match="would overwrite the input"):
+    with pytest.raises(OutputError, match="would overwrite the input"):
         quantize_int8(merged_int8, merged_int8)
     with pytest.raises(EdgeExportError, match="is already int8"):
         convert_fp16(merged_int8, tmp_path / "x.onnx")
@@ -265,9 +253,9 @@ def test_unwritable_output_directory(merged_export, tmp_path):
     try:
         if os.access(locked, os.W_OK):
             pytest.skip("running as a user who can write anywhere (root)")
-        with pytest.raises(EdgeExportError, match="not writable"):
+        with pytest.raises(OutputError, match="not writable"):
             quantize_int8(merged_export.model_path, locked / "x.onnx")
-        with pytest.raises(EdgeExportError, match="not writable"):
+        with pytest.raises(OutputError, match="not writable"):
             convert_ort_format(merged_export.model_path, locked)
         assert list(locked.iterdir()) == []
     finally:
@@ -290,15 +278,15 @@ def test_compare_refuses_models_that_do_not_fit(merged_copy, tiny_checkpoint, tm
         compare_precisions(tiny_checkpoint, {"bf16": merged_copy})
     other = tmp_path / "other.pt"
     save_checkpoint(other, make_lora_model(seed=99))
-    with pytest.raises(EdgeExportError, match="do not belong together"):
+    with pytest.raises(ParityInputError, match="do not belong together"):
         compare_precisions(other, {"fp32": merged_copy})
 
 
 def test_validate_reports_the_precision_table(merged_copy, merged_int8, tiny_checkpoint, tmp_path):
-    with pytest.raises(ParityInputError, match="is fp32, given as int8"):
-        validate(merged_copy, tiny_checkpoint, precision_models={"int8": merged_copy}, report_dir=tmp_path)
-    result = validate(merged_copy, tiny_checkpoint, providers=["cpu"], report_dir=tmp_path, latency_runs=2,
-                      precision_models={"fp32": merged_copy, "int8": merged_int8})
+    with pytest.raises(EdgeExportError, match="is fp32, given as int8"):
+        validate_and_report(merged_copy, tiny_checkpoint, precision_models={"int8": merged_copy}, report_dir=tmp_path)
+    result = validate_and_report(merged_copy, tiny_checkpoint, providers=["cpu"], report_dir=tmp_path, latency_runs=2,
+                                 precision_models={"fp32": merged_copy, "int8": merged_int8})
     assert result.passed, result.summary
     assert [(row["precision"], row["status"], row["passed"]) for row in result.precisions] == [
         ("fp32", "ran", True), ("int8", "ran", True)]

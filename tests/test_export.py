@@ -11,9 +11,9 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from conftest import TINY_CONFIG, same_base_other_rank
+from conftest import TINY_CONFIG, same_base_other_rank, session, torch_logits
 
-from lora_export.errors import AdapterError, ExportError
+from lora_export.errors import AdapterError, ExportError, OutputError
 from lora_export.export.adapters import (
     activate_adapters,
     adapter_tensors,
@@ -23,31 +23,21 @@ from lora_export.export.adapters import (
     read_adapter,
     write_adapter,
 )
-from lora_export.export.convert import check_adapter_file, export_adapter, export_onnx, read_metadata
+from lora_export.export.convert import check_adapter_file, export_adapter, export_onnx
+from lora_export.export.onnx_files import read_metadata
 from lora_export.files import file_sha256
 from lora_export.layout import adapter_record_path
 from lora_export.model.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
 from lora_export.model.layers import merge_lora
-from lora_export.parity.validate import validate
+from lora_export.pipeline import validate_and_report
 
 SHAPES = [(1, 1), (2, 5), (2, 9), (1, 8), (3, TINY_CONFIG["max_seq_len"])]  # window 8: 9 is not a multiple
-
-
-def session(path: Path) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
 def feeds(batch: int, n: int, seed: int) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     mask = np.ones((batch, n), np.int64)
     return {"input_ids": rng.integers(0, 256, (batch, n), dtype=np.int64), "attention_mask": mask}
-
-
-def torch_logits(model: torch.nn.Module, inputs: dict[str, np.ndarray]) -> np.ndarray:
-    with torch.no_grad():
-        return model(torch.from_numpy(inputs["input_ids"]), torch.from_numpy(inputs["attention_mask"])).numpy()
 
 
 @pytest.mark.parametrize("batch,n", SHAPES)
@@ -95,8 +85,8 @@ def test_onnxslim_shrinks_a_two_block_graph_and_keeps_its_lora_inputs(tmp_path):
     assert result.simplify_note == "simplified with onnxslim", result.simplify_note
     assert result.nodes_final < result.nodes_exported == plain.nodes_final
     assert lora_input_specs(onnx.load(result.model_path)) == lora_input_specs(onnx.load(plain.model_path))
-    verdict = validate(result.model_path, tmp_path / "two.pt", adapter_path=result.adapter_path, providers=["cpu"],
-                       report_dir=tmp_path / "report")
+    verdict = validate_and_report(result.model_path, tmp_path / "two.pt", adapter_path=result.adapter_path,
+                                  providers=["cpu"], report_dir=tmp_path / "report")
     assert verdict.passed, verdict.summary
 
 
@@ -236,7 +226,7 @@ def test_external_data_round_trip(merged_export, tiny_checkpoint, tmp_path):
 
 
 def test_bad_inputs_leave_nothing_behind(tiny_checkpoint, tmp_path):
-    with pytest.raises(ExportError, match="cannot be created"):
+    with pytest.raises(OutputError, match="cannot be created"):
         export_onnx(tiny_checkpoint, Path(os.devnull) / "missing" / "x.onnx")
     with pytest.raises(ExportError, match="must end in .onnx"):
         export_onnx(tiny_checkpoint, tmp_path / "x.txt")
@@ -270,8 +260,8 @@ def test_partial_and_mixed_rank_adapters_check_run_and_validate(adapter_export, 
     got = session(adapter_export.model_path).run(None, inputs, run_options)[0]
     np.testing.assert_allclose(got, torch_logits(reference, inputs), atol=2e-5, rtol=1e-4)
     # graph and file agree, but the file is not the checkpoint's trained adapter: validate fails naming a layer
-    result = validate(adapter_export.model_path, tiny_checkpoint, adapter_path=path, providers=["cpu"],
-                      report_dir=tmp_path / "r", latency_runs=1)
+    result = validate_and_report(adapter_export.model_path, tiny_checkpoint, adapter_path=path, providers=["cpu"],
+                                 report_dir=tmp_path / "r", latency_runs=1)
     assert result.status == "failed" and all("trained LoRA: layer " in f for f in result.failures), result.failures
     assert not [c for c in result.comparisons if not c.passed]  # every numeric comparison itself passed
 

@@ -163,7 +163,9 @@ def test_ctrl_c_during_imports_exits_130(tiny_checkpoint, tmp_path):
     exe = Path(sys.executable).with_name("lora-export")
     child = subprocess.Popen([str(exe), str(tiny_checkpoint), "--merge", "-o", str(tmp_path / "m.onnx")],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
-    time.sleep(0.2)
+    maps, deadline = Path(f"/proc/{child.pid}/maps"), time.monotonic() + 60
+    while "libtorch" not in maps.read_text() and time.monotonic() < deadline:  # torch is loading: the imports
+        time.sleep(0.01)
     child.send_signal(signal.SIGINT)
     _, err = child.communicate(timeout=120)
     assert child.returncode == 130 and err.strip().splitlines() == ["error: interrupted"], err

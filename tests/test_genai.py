@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-from pathlib import Path
 
 import jsonschema
 import numpy as np
@@ -15,32 +14,20 @@ import onnxruntime as ort
 import onnxruntime_genai as og
 import pytest
 import torch
-from click.testing import CliRunner
-from conftest import TINY_CONFIG, make_lora_model, same_base_other_rank
+from conftest import TINY_CONFIG, make_lora_model, run_cli, same_base_other_rank
 
-from lora_export.cli import export_cli
-from lora_export.errors import ExportError, GenerationError
+from lora_export.errors import ExportError
 from lora_export.export.adapters import attach_adapter, read_adapter
 from lora_export.export.convert import export_adapter
 from lora_export.genai.decoder import CACHE_SLACK, export_decoder
 from lora_export.genai.generate import Sampling, generate_bytes
 from lora_export.layout import ADAPTER_FILE, MODEL_FILE
 from lora_export.model.checkpoint import load_checkpoint, save_checkpoint
-from lora_export.parity.validate import validate
+from lora_export.pipeline import validate_and_report
 from lora_export.report.render import SCHEMA_PATH
 
 PROMPT = b"Hello, world"  # 12 bytes: longer than the window of 8
 NEW = TINY_CONFIG["max_seq_len"] - len(PROMPT)  # to the end of the context: the window is crossed 2.5 times
-
-
-@pytest.fixture(scope="module")
-def genai_merged(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return export_decoder(tiny_checkpoint, tmp_path_factory.mktemp("genai") / "merged", merge=True)
-
-
-@pytest.fixture(scope="module")
-def genai_adapters(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return export_decoder(tiny_checkpoint, tmp_path_factory.mktemp("genai") / "adapters", merge=False)
 
 
 def torch_greedy(model: torch.nn.Module, prompt: bytes = PROMPT, new: int = NEW) -> list[int]:
@@ -132,7 +119,8 @@ def test_linear_global_heads_are_refused(tmp_path):
 
 
 def invoke(*args: object) -> tuple[int, bytes, str]:
-    result = CliRunner().invoke(export_cli, [str(a) for a in args])
+    """(exit code, stdout as bytes, stderr): generate writes raw bytes."""
+    result = run_cli(*args)
     return result.exit_code, result.stdout_bytes, result.stderr
 
 
@@ -158,7 +146,7 @@ def test_generate_refuses_bad_input_in_one_line(genai_merged, genai_adapters, ar
 
 
 def test_generate_refuses_a_directory_that_is_not_a_genai_model(tmp_path):
-    with pytest.raises(GenerationError, match="not a genai model directory"):
+    with pytest.raises(ExportError, match="not a genai model directory"):
         list(generate_bytes(tmp_path, PROMPT))
 
 
@@ -174,12 +162,12 @@ def test_genai_export_refuses_a_non_empty_directory(tiny_checkpoint, tmp_path):
 
 
 def test_validate_decoder_directories_pass(genai_merged, genai_adapters, tiny_checkpoint, tmp_path):
-    result = validate(genai_merged, tiny_checkpoint, providers=["cpu"], report_dir=tmp_path / "m")
+    result = validate_and_report(genai_merged, tiny_checkpoint, providers=["cpu"], report_dir=tmp_path / "m")
     assert result.passed, result.summary
     (run,) = result.decode
     assert run.identical and run.prompt_bytes > TINY_CONFIG["local_attn_window_size"]
     assert run.prompt_bytes + run.new_bytes == TINY_CONFIG["max_seq_len"]
-    result = validate(genai_adapters, tiny_checkpoint, providers=["cpu"], report_dir=tmp_path / "a")
+    result = validate_and_report(genai_adapters, tiny_checkpoint, providers=["cpu"], report_dir=tmp_path / "a")
     assert result.passed, result.summary
     assert [run.variant for run in result.decode] == ["base", "adapter trained", "base"]
     assert result.decode[0].generated == result.decode[2].generated != result.decode[1].generated
@@ -202,14 +190,14 @@ def test_validate_decoder_catches_a_changed_graph(genai_merged, tiny_checkpoint,
     values[ord("~")] += shift
     bias.CopyFrom(onnx.numpy_helper.from_array(values, bias.name))
     onnx.save(proto, broken / MODEL_FILE)
-    result = validate(broken, tiny_checkpoint, providers=["cpu"], report_dir=tmp_path / "r")
+    result = validate_and_report(broken, tiny_checkpoint, providers=["cpu"], report_dir=tmp_path / "r")
     assert result.status == "failed" and any(failure in f for f in result.failures), result.failures
 
 
 def test_int8_decoder_generates_with_top1_reported(tiny_checkpoint, genai_merged, tmp_path):
     directory = export_decoder(tiny_checkpoint, tmp_path / "int8", precision="int8")
     assert (directory / MODEL_FILE).stat().st_size < (genai_merged / MODEL_FILE).stat().st_size
-    result = validate(directory, tiny_checkpoint, providers=["cpu"], report_dir=tmp_path / "r")
+    result = validate_and_report(directory, tiny_checkpoint, providers=["cpu"], report_dir=tmp_path / "r")
     (run,) = result.decode
     assert result.precision == "int8" and run.tolerance_used is None
     assert result.passed == (run.top1_agreement >= 0.9) and 0.0 < run.top1_agreement <= 1.0
@@ -242,7 +230,7 @@ def test_fp16_decoder_keeps_its_cache_in_fp16_and_hot_swaps_float32_adapters(tin
     trained = genai_greedy(model, adapters, "fp32-export")
     assert len(trained) == NEW and trained != genai_greedy(model)
 
-    result = validate(directory, tiny_checkpoint, providers=["cpu"], report_dir=tmp_path / "r")
+    result = validate_and_report(directory, tiny_checkpoint, providers=["cpu"], report_dir=tmp_path / "r")
     assert result.passed and result.precision == "fp16", result.summary
     assert all(run.tolerance_used is not None and 0 < run.tolerance_used <= 1 for run in result.decode)
     assert [run.variant for run in result.decode] == ["base", "adapter trained", "base"]
@@ -256,7 +244,7 @@ def test_fp16_decoder_fails_parity_when_a_weight_is_off_by_more_than_fp16_roundi
     values[ord("~")] += np.float16(0.5)  # 25x the fp16 atol
     bias.CopyFrom(onnx.numpy_helper.from_array(values, bias.name))
     onnx.save(proto, directory / MODEL_FILE)
-    result = validate(directory, tiny_checkpoint, providers=["cpu"], report_dir=tmp_path / "r")
+    result = validate_and_report(directory, tiny_checkpoint, providers=["cpu"], report_dir=tmp_path / "r")
     assert result.status == "failed" and any("the tolerance" in failure for failure in result.failures)
 
 
@@ -274,7 +262,7 @@ def test_int4_decoder_runs_in_genai_with_the_fp32_adapter(tiny_checkpoint, genai
     adapters.load(str(genai_adapters / ADAPTER_FILE), "trained")
     base, trained = genai_greedy(model), genai_greedy(model, adapters, "trained")
     assert len(base) == len(trained) == NEW and base != trained
-    result = validate(directory, tiny_checkpoint, providers=["cpu"], report_dir=tmp_path / "r")
+    result = validate_and_report(directory, tiny_checkpoint, providers=["cpu"], report_dir=tmp_path / "r")
     assert result.precision == "int4" and all(run.tolerance_used is None for run in result.decode)
     assert result.passed == all(run.top1_agreement >= 0.9 for run in result.decode)
 
@@ -290,6 +278,6 @@ def test_decoder_directory_whose_adapter_is_not_the_checkpoints_fails_naming_the
     (broken / ADAPTER_FILE).unlink()
     (broken / f"{ADAPTER_FILE}.json").unlink()
     write_adapter(broken / ADAPTER_FILE, tensors, version)
-    result = validate(broken, tiny_checkpoint, providers=["cpu"], report_dir=tmp_path / "r")
+    result = validate_and_report(broken, tiny_checkpoint, providers=["cpu"], report_dir=tmp_path / "r")
     assert result.status == "failed"
     assert any("is not tiny.pt's trained LoRA: layer blocks.0.attn.to_v" in f for f in result.failures), result.failures

@@ -15,33 +15,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
-from conftest import make_lora_model, same_base_other_rank
-from test_hostile_inputs import refused, snapshot
+from conftest import invoke, make_lora_model, refused, same_base_other_rank, snapshot
 
-from lora_export.cli import export_cli
 from lora_export.export.convert import export_adapter
 from lora_export.export.quantize import convert_fp16
 from lora_export.genai.decoder import export_decoder
 from lora_export.layout import ADAPTER_FILE, GENAI_CONFIG, MODEL_FILE
 from lora_export.model.checkpoint import save_checkpoint
-from lora_export.parity.validate import validate
-
-
-@pytest.fixture(scope="module")
-def genai_merged(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return export_decoder(tiny_checkpoint, tmp_path_factory.mktemp("trust") / "merged", merge=True)
-
-
-@pytest.fixture(scope="module")
-def genai_adapters(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return export_decoder(tiny_checkpoint, tmp_path_factory.mktemp("trust") / "adapters", merge=False)
-
-
-def invoke(*args: object) -> tuple[int, str, str]:
-    result = CliRunner().invoke(export_cli, [str(a) for a in args])
-    return result.exit_code, result.stdout, result.stderr
-
+from lora_export.pipeline import validate_and_report
 
 # --------------------------------------------------------------------------- item 1: the given adapter
 
@@ -52,13 +33,14 @@ def test_given_adapter_is_held_against_the_given_checkpoint(genai_adapters, tiny
     save_checkpoint(tmp_path / "other.pt", same_base_other_rank(tiny_checkpoint, r=2, seed=4))
     other = export_adapter(tmp_path / "other.pt", genai_adapters / MODEL_FILE, tmp_path / "other.onnx_adapter")
 
-    wrong = validate(genai_adapters, tiny_checkpoint, adapter_path=other, providers=["cpu"], report_dir=tmp_path / "w")
+    wrong = validate_and_report(genai_adapters, tiny_checkpoint, adapter_path=other, providers=["cpu"],
+                                report_dir=tmp_path / "w")
     assert wrong.status == "failed", wrong.summary
     assert any("adapter other.onnx_adapter is not tiny.pt's trained LoRA" in f for f in wrong.failures), wrong.failures
     assert not any(ADAPTER_FILE in f for f in wrong.failures), wrong.failures
 
-    right = validate(genai_adapters, tmp_path / "other.pt", adapter_path=other, providers=["cpu"],
-                     report_dir=tmp_path / "r")
+    right = validate_and_report(genai_adapters, tmp_path / "other.pt", adapter_path=other, providers=["cpu"],
+                                report_dir=tmp_path / "r")
     assert right.passed, right.summary
     assert [run.variant for run in right.decode] == ["base", "adapter other", "base"]
 
@@ -84,7 +66,7 @@ def test_decoder_validation_takes_its_prompt_from_data_and_records_it(genai_merg
     assert run["prompt_source"] == "your data: mine.txt"
     assert len(run["prompt"]) == run["prompt_bytes"] and run["prompt"] in text.read_text()
 
-    default = validate(genai_merged, tiny_checkpoint, providers=["cpu"], report_dir=tmp_path / "d")
+    default = validate_and_report(genai_merged, tiny_checkpoint, providers=["cpu"], report_dir=tmp_path / "d")
     assert default.decode[0].prompt_source == "held-out prose" and default.decode[0].prompt not in text.read_text()
 
 
@@ -130,7 +112,7 @@ def large_logits_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_fp16_decoder_of_large_logits_passes_on_the_scaled_limit(large_logits_checkpoint, tmp_path):
     directory = export_decoder(large_logits_checkpoint, tmp_path / "fp16", merge=False, precision="fp16")
-    result = validate(directory, large_logits_checkpoint, providers=["cpu"], report_dir=tmp_path / "r")
+    result = validate_and_report(directory, large_logits_checkpoint, providers=["cpu"], report_dir=tmp_path / "r")
     assert result.passed, result.summary
     assert max(abs(run.max_abs) for run in result.decode) > 0.01  # beyond a fixed fp16 atol of 1e-2
     assert "16 epsilons of that logit's magnitude" in result.pass_rule
@@ -143,8 +125,8 @@ def test_fp16_scoring_graph_runs_on_cpu_under_the_same_rule(large_logits_checkpo
 
     exported = export_onnx(large_logits_checkpoint, tmp_path / "large.onnx", merge=True)
     fp16 = convert_fp16(exported.model_path, tmp_path / "large.fp16.onnx")
-    result = validate(fp16, large_logits_checkpoint, providers=["cpu"], explicit_providers=True,
-                      report_dir=tmp_path / "r", latency_runs=1)
+    result = validate_and_report(fp16, large_logits_checkpoint, providers=["cpu"], explicit_providers=True,
+                                 report_dir=tmp_path / "r", latency_runs=1)
     assert result.passed, result.summary
     assert {c.provider for c in result.comparisons} == {"CPUExecutionProvider"}
     assert "16 epsilons of that logit's magnitude" in result.pass_rule

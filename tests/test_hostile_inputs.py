@@ -8,7 +8,6 @@ import bz2
 import contextlib
 import glob
 import gzip
-import hashlib
 import json
 import lzma
 import os
@@ -17,7 +16,6 @@ import random
 import re
 import resource
 import shutil
-import stat
 import struct
 import subprocess
 import sys
@@ -31,22 +29,17 @@ from pathlib import Path
 import onnx
 import pytest
 import torch
-from click.testing import CliRunner
-from conftest import make_lora_model
+from conftest import TINY_ARGS, assert_refused, make_lora_model, refused, run_cli, snapshot
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from lora_export.cli import export_cli, train_cli
 from lora_export.corpus import prose_text, read_text_files
 from lora_export.export.adapters import read_adapter, write_adapter
 from lora_export.export.peft import to_peft
 from lora_export.model.checkpoint import load_checkpoint, save_checkpoint, tensor_sha256
 
-CLIS = {"lora-export": export_cli, "lora-train": train_cli}
 FAST = ["--no-validate", "--no-simplify", "--quiet"]
 TRAIN = ["--steps", "1", "--batch-size", "2", "--quiet"]
-TINY = ["--dim", "32", "--depth", "1", "--heads", "2", "--dim-head", "16", "--local-heads", "1", "--window", "8",
-        "--max-seq-len", "32", "--dropout", "0"]
 INPUTS = ("c.pt", "m.onnx", "a.onnx_adapter", "b.pt", "t.txt")  # checkpoint, adapter model, adapter, base, text
 COMMANDS = {
     "export": ("lora-export", ["c.pt", "--merge", *FAST]),
@@ -55,12 +48,11 @@ COMMANDS = {
     "check": ("lora-export", ["check", "m.onnx", "a.onnx_adapter"]),
     "validate": ("lora-export", ["validate", "m.onnx", "--checkpoint", "c.pt", "--adapter", "a.onnx_adapter",
                                  "--quiet"]),
-    "pretrain": ("lora-train", ["pretrain", "-o", "out.pt", "--data", "t.txt", *TINY, *TRAIN]),
+    "pretrain": ("lora-train", ["pretrain", "-o", "out.pt", "--data", "t.txt", *TINY_ARGS, *TRAIN]),
     "adapt": ("lora-train", ["adapt", "b.pt", "-o", "out.pt", "--data", "t.txt", *TRAIN]),
 }
 CHECKPOINT_OF = {"export": "c.pt", "export-adapters": "c.pt", "adapter": "c.pt", "validate": "c.pt", "adapt": "b.pt"}
 KINDS = ("missing", "directory", "empty", "random", "truncated", "text")
-STARTED = "[lora-export] exporting"  # the progress line of the (slow) torch export: work has begun
 
 
 class Payload:
@@ -71,64 +63,6 @@ class Payload:
 
     def __reduce__(self):
         return (os.system, (f"touch {self.marker}",))
-
-
-def snapshot(root: Path) -> dict[str, tuple]:
-    """{relative path: (size, sha256)} of every file under root, hidden ones included; folders, links and special
-    files (FIFOs) too. Files over 64 MiB (the sparse giants below) are known by size and modification time."""
-    state: dict[str, tuple] = {}
-    for folder, dirs, files in os.walk(root):
-        for name in dirs + files:
-            path = Path(folder, name)
-            rel = str(path.relative_to(root))
-            status = path.lstat()
-            if path.is_symlink():
-                state[rel] = ("link", os.readlink(path))
-            elif path.is_dir():
-                state[rel] = ("dir",)
-            elif not stat.S_ISREG(status.st_mode):
-                state[rel] = ("special", stat.S_IFMT(status.st_mode))
-            elif status.st_size > 64 << 20:
-                state[rel] = (status.st_size, status.st_mtime_ns)
-            else:
-                data = path.read_bytes()
-                state[rel] = (len(data), hashlib.sha256(data).hexdigest())
-    return state
-
-
-def assert_refused(outcome: tuple, before: dict, cwd: Path, codes: tuple[int, ...] = (2,), needle: str | None = None,
-                   marker: Path | None = None, no_work: bool = False) -> None:
-    """Everything a refusal must be: exit code, one `error:` line, no traceback, no file touched, no payload run."""
-    code, out, err, exception = outcome
-    shown = f"exit {code}\nstdout: {out[-1500:]}\nstderr: {err[-1500:]}\nexception: {exception!r}"
-    assert code in codes, shown
-    assert exception is None or isinstance(exception, SystemExit), shown
-    assert "Traceback" not in out + err, shown
-    lines = [line for line in err.splitlines() if line.strip() and not line.startswith("[lora-export]")]
-    if code == 2:
-        assert len(lines) == 1 and lines[0].startswith("error: "), shown
-        message = lines[0]
-    else:  # 1: a failed parity check or `check` mismatch, reported on stdout
-        assert len(lines) <= 1 and all(line.startswith("error: ") for line in lines), shown
-        assert not out.startswith(("ok", "PASS")) and re.search(r"^(mismatch|FAIL)", out, re.M), shown
-        message = out + err
-    if needle is not None:
-        assert needle.lower() in message.lower(), shown
-    if no_work:
-        assert STARTED not in err, f"the export started before refusing\n{shown}"
-    if marker is not None:
-        assert not marker.exists(), "the pickled payload ran"
-    after = snapshot(cwd)
-    changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
-    assert not changed, f"files created, removed or changed: {changed}\n{shown}"
-
-
-def refused(tool: str, args: list[str], **expect: object) -> None:
-    """Run tool (in-process, in the current directory) on args and assert_refused on the outcome."""
-    cwd = Path.cwd()
-    before = snapshot(cwd)
-    result = CliRunner().invoke(CLIS[tool], [str(a) for a in args])
-    assert_refused((result.exit_code, result.stdout, result.stderr, result.exception), before, cwd, **expect)
 
 
 def make_hostile(path: Path, kind: str) -> None:
@@ -223,7 +157,8 @@ OUTPUT_CASES = {
                                              ["adapter", "c.onnx_adapter", "--model", "m.onnx"]),
     "adapter-o-is-model": ("", "lora-export", ["adapter", "c.pt", "--model", "m.onnx", "-o", "m.onnx"]),
     "adapter-o-is-checkpoint": ("", "lora-export", ["adapter", "c.pt", "--model", "m.onnx", "-o", "c.pt"]),
-    "pretrain-o-is-data": ("cp t.txt d.pt", "lora-train", ["pretrain", "--data", "d.pt", "-o", "d.pt", *TINY, *TRAIN]),
+    "pretrain-o-is-data": ("cp t.txt d.pt", "lora-train",
+                           ["pretrain", "--data", "d.pt", "-o", "d.pt", *TINY_ARGS, *TRAIN]),
     "adapt-o-is-base": ("", "lora-train", ["adapt", "b.pt", "-o", "b.pt", "--data", "t.txt", *TRAIN]),
     "validate-report-over-checkpoint": ("cp c.pt parity.json", "lora-export",
                                         ["validate", "m.onnx", "--checkpoint", "parity.json", "--report", ".",
@@ -637,6 +572,6 @@ def test_deleted_tensor_record_is_damage(safetensors_checkpoint):
 @pytest.mark.parametrize("value", ["256", "-1"])
 def test_stop_byte_out_of_range(work, value):
     before = snapshot(work)
-    result = CliRunner().invoke(export_cli, ["generate", "missing_genai", "--prompt", "a", "--stop-byte", value])
+    result = run_cli("generate", "missing_genai", "--prompt", "a", "--stop-byte", value)
     assert result.exit_code == 2 and "--stop-byte" in result.stderr and "0<=x<=255" in result.stderr, result.stderr
     assert snapshot(work) == before

@@ -11,59 +11,13 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import jsonschema
-import numpy as np
 import pytest
+from conftest import make_result
 
-from lora_export.parity.cases import Case
-from lora_export.parity.metrics import ERROR_HISTOGRAM_EDGES, TOLERANCES, Metrics, judge
-from lora_export.parity.results import Comparison, Generation, Latency, ParityResult
-from lora_export.parity.sessions import ProviderStatus
-from lora_export.parity.validate import pass_rule
-from lora_export.report.render import SCHEMA_PATH, render_markdown, report_json, write_reports
+from lora_export.parity.metrics import TOLERANCES
+from lora_export.report.render import render_markdown, report_json, write_reports
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-def metrics(max_abs: float = 1e-6, finite: bool = True) -> Metrics:
-    return Metrics(max_abs=max_abs, max_rel=max_abs * 10, mean_abs=max_abs / 5, cosine=1.0,
-                   tolerance_used=max_abs / 1e-4, outside=0 if max_abs < 1e-4 else 7, elements=512,
-                   worst_index=[1, 3, 200], finite=finite, top1_agreement=1.0, top1_exact=1.0,
-                   loss_ref=5.5, loss_onnx=5.5 + max_abs)
-
-
-def make_result(failing: bool) -> ParityResult:
-    """A two-case result on CPU (CUDA not run); with ``failing`` the second case is off by 0.05 or NaN."""
-    tolerance = TOLERANCES["fp32"]
-    ids = np.arange(8, dtype=np.int64).reshape(2, 4)
-    mask = np.array([[1, 1, 1, 1], [1, 1, 0, 0]])
-    cases = [Case("n4", "N = 4, batch 2", "held-out prose", ids, mask),
-             Case("padding", "right-padded | pipes", "held-out prose", ids, mask)]
-    bad = metrics(0.05) if failing else metrics()
-    comparisons = [Comparison("merged", "CPUExecutionProvider", "n4", "logits", metrics(), True, []),
-                   Comparison("merged", "CPUExecutionProvider", "padding", "logits", bad, not failing,
-                              judge(bad, tolerance))]
-    if failing:
-        nan_metrics = metrics(float("nan"), finite=False)
-        comparisons.append(Comparison("merged", "CPUExecutionProvider", "nan_case", "logits", nan_metrics, False,
-                                      judge(nan_metrics, tolerance)))
-    failures = [f"case '{c.case}': {reason}" for c in comparisons for reason in c.failures]
-    return ParityResult(
-        status="failed" if failing else "passed",
-        summary="FAIL: worst case 'padding', output 'logits'" if failing else "PASS: all good",
-        model_path=Path("/models/tiny.onnx"), checkpoint_path=Path("/models/tiny.pt"), adapter_path=None,
-        form="merged", precision="fp32", tolerance=tolerance, pass_rule=pass_rule(tolerance, 24), seed=0,
-        model_metadata={"form": "merged", "opset": "18"},
-        providers=[ProviderStatus("cpu", "CPUExecutionProvider", True, ["CPUExecutionProvider"]),
-                   ProviderStatus("cuda", "CUDAExecutionProvider", False, ["CPUExecutionProvider"],
-                                  "the CUDA provider library did not load")],
-        variants=["merged"], cases=cases, comparisons=comparisons,
-        generations=[Generation("merged", "CPUExecutionProvider", "The a|b", "xyz\\x98", "xyz\\x98", True, None)],
-        latencies=[Latency("merged", "PyTorch eager (CPU)", 1, 4, 3, 20, 1.5, 2.0),
-                   Latency("merged", "ORT CPUExecutionProvider", 1, 4, 3, 20, 0.2, 0.3)],
-        failures=failures, worst=comparisons[1] if failing else None, notes=["a note"],
-        error_histograms={"CPUExecutionProvider": np.arange(len(ERROR_HISTOGRAM_EDGES) - 1)},
-        created="2026-01-01T00:00:00+00:00",
-    )
 
 
 def precision_rows() -> list[dict]:
@@ -98,11 +52,6 @@ class ImageCollector(HTMLParser):
                 self.external.append(value)
             if tag == "img" and name == "src":
                 self.images.append(value or "")
-
-
-@pytest.fixture(scope="module")
-def schema() -> dict:
-    return json.loads(SCHEMA_PATH.read_text())
 
 
 @pytest.mark.parametrize("failing", [False, True])

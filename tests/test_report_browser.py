@@ -16,7 +16,7 @@ import pytest
 from onnx import numpy_helper
 
 from lora_export.export.convert import ExportResult
-from lora_export.parity.validate import validate
+from lora_export.pipeline import validate_and_report
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome")
 
@@ -41,16 +41,16 @@ def reports(merged_export: ExportResult, tiny_checkpoint: Path, tmp_path_factory
             ) -> dict[str, Path]:
     """parity.html of a passing run and of a failing one (a bias of the graph moved by 100x atol)."""
     work = tmp_path_factory.mktemp("browser")
-    passing = validate(merged_export.model_path, tiny_checkpoint, providers=["cpu"], report_dir=work / "pass",
-                       latency_runs=2)
+    passing = validate_and_report(merged_export.model_path, tiny_checkpoint, providers=["cpu"],
+                                  report_dir=work / "pass", latency_runs=2)
     proto = onnx.load(merged_export.model_path)
     bias = next(init for init in proto.graph.initializer if init.name.endswith("lm_head.bias"))
     values = numpy_helper.to_array(bias).copy()
     values[3] += 1e-2
     bias.CopyFrom(numpy_helper.from_array(values, bias.name))
     onnx.save(proto, work / "broken.onnx")
-    failing = validate(work / "broken.onnx", tiny_checkpoint, providers=["cpu"], report_dir=work / "fail",
-                       latency_runs=2)
+    failing = validate_and_report(work / "broken.onnx", tiny_checkpoint, providers=["cpu"], report_dir=work / "fail",
+                                  latency_runs=2)
     assert passing.status == "passed" and failing.status == "failed"
     return {"passed": passing.report_files["html"], "failed": failing.report_files["html"]}
 

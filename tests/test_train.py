@@ -181,11 +181,11 @@ def test_data_directories_are_read_file_by_file_in_path_order(tmp_path):
 
 def test_progress_off_a_terminal_is_a_few_plain_lines(capsys):
     """A log gets at most one line per tenth of the work, no carriage-return frames, each count once."""
-    from lora_export.progress import progress_bar
+    from lora_export.progress import ConsoleProgress, progress_bar
 
-    bar = progress_bar(range(250), desc="pretrain")
-    for step in bar:
-        bar.set_postfix(loss=f"{step:.1f}")
+    bar = ConsoleProgress("pretrain")
+    for step in range(250):
+        bar.advance(step + 1, 250, f"loss={step:.1f}")
     small = progress_bar(total=8, desc="parity")
     for _ in range(8):
         small.update(1)

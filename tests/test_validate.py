@@ -19,7 +19,7 @@ import pytest
 import torch
 from onnx import numpy_helper
 
-from lora_export.errors import ParityInputError, ProviderUnavailableError
+from lora_export.errors import ExportError, OutputError, ParityInputError, ProviderUnavailableError
 from lora_export.export.adapters import read_adapter, write_adapter
 from lora_export.export.convert import ExportResult
 from lora_export.export.quantize import convert_fp16
@@ -30,7 +30,7 @@ from lora_export.parity.metrics import TOLERANCES, Metrics, Tolerance, compare_l
 from lora_export.parity.results import ParityResult
 from lora_export.parity.sessions import normalize_providers, open_session
 from lora_export.parity.validate import GENERATE_BYTES, validate
-from lora_export.report.render import SCHEMA_PATH
+from lora_export.pipeline import validate_and_report
 
 CONFIG = ModelConfig(dim=32, depth=1, heads=2, dim_head=16, n_local_attn_heads=1, local_attn_window_size=8,
                      max_seq_len=32, r=4)
@@ -56,17 +56,12 @@ def one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(scope="module")
-def schema() -> dict:
-    return json.loads(SCHEMA_PATH.read_text())
-
-
 
 
 @pytest.fixture(scope="module")
 def merged_result(merged_copy: Path, tiny_checkpoint: Path) -> ParityResult:
     """The untouched merged export with the default providers (CPU, plus CUDA when it runs)."""
-    return validate(merged_copy, tiny_checkpoint, **FAST)
+    return validate_and_report(merged_copy, tiny_checkpoint, **FAST)
 
 
 # --------------------------------------------------------------------------- parity of real exports
@@ -112,8 +107,8 @@ def test_explicit_cuda_that_cannot_run_raises(merged_export: ExportResult, tiny_
     if cuda_runs:
         pytest.skip("CUDA runs on this machine")
     with pytest.raises(ProviderUnavailableError, match="CUDAExecutionProvider was requested but cannot run"):
-        validate(merged_export.model_path, tiny_checkpoint, providers=["cpu", "cuda"], explicit_providers=True,
-                 report_dir=tmp_path)
+        validate_and_report(merged_export.model_path, tiny_checkpoint, providers=["cpu", "cuda"],
+                            explicit_providers=True, report_dir=tmp_path)
     assert issubclass(ProviderUnavailableError, ValueError)
 
 
@@ -121,8 +116,8 @@ def test_explicit_cuda_that_cannot_run_raises(merged_export: ExportResult, tiny_
 def test_cuda_parity(merged_export: ExportResult, tiny_checkpoint: Path, cuda_runs: bool, tmp_path: Path) -> None:
     if not cuda_runs:
         pytest.skip("CUDA does not run here")
-    result = validate(merged_export.model_path, tiny_checkpoint, providers=["cuda"], explicit_providers=True,
-                      report_dir=tmp_path, **FAST)
+    result = validate_and_report(merged_export.model_path, tiny_checkpoint, providers=["cuda"], explicit_providers=True,
+                                 report_dir=tmp_path, **FAST)
     assert result.passed, result.summary
     assert {c.provider for c in result.comparisons} == {"CPUExecutionProvider", "CUDAExecutionProvider"}
     assert "ORT CUDAExecutionProvider" in {t.backend for t in result.latencies}
@@ -134,9 +129,10 @@ def test_fp16_model_runs_on_cpu_and_on_cuda_only_where_it_runs(merged_export: Ex
         pytest.skip("CUDA runs on this machine")
     fp16 = convert_fp16(merged_export.model_path, tmp_path / "tiny.fp16.onnx")
     with pytest.raises(ProviderUnavailableError, match="CUDAExecutionProvider was requested but cannot run"):
-        validate(fp16, tiny_checkpoint, providers=["cuda"], explicit_providers=True, report_dir=tmp_path)
+        validate_and_report(fp16, tiny_checkpoint, providers=["cuda"], explicit_providers=True, report_dir=tmp_path)
 
-    result = validate(fp16, tiny_checkpoint, providers=["cpu"], explicit_providers=True, report_dir=tmp_path, **FAST)
+    result = validate_and_report(fp16, tiny_checkpoint, providers=["cpu"], explicit_providers=True,
+                                 report_dir=tmp_path, **FAST)
     assert result.passed and result.precision == "fp16", result.summary
     assert {c.provider for c in result.comparisons} == {"CPUExecutionProvider"}
     document = json.loads(result.report_files["json"].read_text())
@@ -153,7 +149,7 @@ def test_perturbed_weight_fails_and_names_the_worst_case(merged_export: ExportRe
     bias.CopyFrom(numpy_helper.from_array(values, bias.name))
     onnx.save(proto, tmp_path / "perturbed.onnx")
 
-    result = validate(tmp_path / "perturbed.onnx", tiny_checkpoint, providers=["cpu"], **FAST)
+    result = validate_and_report(tmp_path / "perturbed.onnx", tiny_checkpoint, providers=["cpu"], **FAST)
     assert not result.passed
     worst = result.worst
     assert worst is not None and worst.output == "logits" and worst.metrics.worst_index[2] == 101
@@ -168,8 +164,9 @@ def test_perturbed_weight_fails_and_names_the_worst_case(merged_export: ExportRe
 def test_adapter_form_with_and_without_its_adapter(adapter_export: ExportResult, tiny_checkpoint: Path,
                                                    tmp_path: Path) -> None:
     progress: list[tuple[int, int, str]] = []
-    result = validate(adapter_export.model_path, tiny_checkpoint, adapter_path=adapter_export.adapter_path,
-                      providers=["cpu"], report_dir=tmp_path, progress=lambda *step: progress.append(step), **FAST)
+    result = validate_and_report(adapter_export.model_path, tiny_checkpoint,
+                                 adapter_path=adapter_export.adapter_path, providers=["cpu"], report_dir=tmp_path,
+                                 progress=lambda *step: progress.append(step), **FAST)
     assert result.passed, result.summary
     assert progress[-1] == (16, 16, "adapter/CPUExecutionProvider/padding")
     assert result.variants == ["base", "adapter"]
@@ -197,11 +194,11 @@ def test_second_adapter_validates_against_its_own_checkpoint_and_the_wrong_one_f
     second.load_state_dict({k: v for k, v in other.state_dict().items() if k in second.state_dict()}, strict=False)
     save_checkpoint(tmp_path / "second.pt", second)
     adapter = export_adapter(tmp_path / "second.pt", adapter_export.model_path, tmp_path / "second.onnx_adapter")
-    result = validate(adapter_export.model_path, tmp_path / "second.pt", adapter_path=adapter, providers=["cpu"],
-                      report_dir=tmp_path / "own", **FAST)
+    result = validate_and_report(adapter_export.model_path, tmp_path / "second.pt", adapter_path=adapter,
+                                 providers=["cpu"], report_dir=tmp_path / "own", **FAST)
     assert result.passed, result.summary
-    wrong = validate(adapter_export.model_path, tiny_checkpoint, adapter_path=adapter, providers=["cpu"],
-                     report_dir=tmp_path / "wrong", **FAST)
+    wrong = validate_and_report(adapter_export.model_path, tiny_checkpoint, adapter_path=adapter, providers=["cpu"],
+                                report_dir=tmp_path / "wrong", **FAST)
     assert wrong.status == "failed" and "is not tiny.pt's trained LoRA: layer " in wrong.summary, wrong.summary
     assert any("blocks.0.attn.to_k" in failure and "not in the adapter" in failure for failure in wrong.failures)
 
@@ -223,9 +220,9 @@ def test_checkpoint_that_does_not_belong_to_the_model(merged_export: ExportResul
 def test_corrupted_or_foreign_onnx(merged_export: ExportResult, tiny_checkpoint: Path, tmp_path: Path) -> None:
     truncated = tmp_path / "truncated.onnx"
     truncated.write_bytes(merged_export.model_path.read_bytes()[:5000])
-    with pytest.raises(ParityInputError, match="not a readable ONNX model"):
+    with pytest.raises(ExportError, match="not a readable ONNX model"):
         validate(truncated, tiny_checkpoint)
-    with pytest.raises(ParityInputError, match="no such ONNX model"):
+    with pytest.raises(ExportError, match="no such ONNX model"):
         validate(tmp_path / "missing.onnx", tiny_checkpoint)
     proto = onnx.load(merged_export.model_path)
     del proto.metadata_props[:]
@@ -256,7 +253,22 @@ def test_adapter_that_does_not_fit(merged_export: ExportResult, adapter_export: 
 def test_bad_options(merged_export: ExportResult, tiny_checkpoint: Path, tmp_path: Path, option: dict,
                      message: str) -> None:
     with pytest.raises(ParityInputError, match=message):
-        validate(merged_export.model_path, tiny_checkpoint, report_dir=tmp_path, **option)
+        validate_and_report(merged_export.model_path, tiny_checkpoint, report_dir=tmp_path, **option)
+
+
+def test_validate_writes_no_file_and_the_pipeline_writes_the_reports(merged_export: ExportResult,
+                                                                      tiny_checkpoint: Path, tmp_path: Path) -> None:
+    """validate() returns the result alone (with the sha256 the reports record); validate_and_report writes them,
+    refusing a report directory that cannot hold them before any work."""
+    before = sorted(merged_export.model_path.parent.iterdir())
+    result = validate(merged_export.model_path, tiny_checkpoint, providers=["cpu"], **FAST)
+    assert result.passed and result.report_files == {} and result.report_dir is None
+    assert sorted(merged_export.model_path.parent.iterdir()) == before
+    assert result.checkpoint_sha256 is not None and len(result.checkpoint_sha256) == 64
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(OutputError, match="not a directory"):
+        validate_and_report(merged_export.model_path, tiny_checkpoint, report_dir=tmp_path / "file",
+                            generate_bytes=0)  # refused before the arguments are even looked at
 
 
 # --------------------------------------------------------------------------- cases and metrics
@@ -383,7 +395,7 @@ def test_generation_alone_decides_the_verdict(merged_copy: Path, tiny_checkpoint
         return reference, got
 
     monkeypatch.setattr(validate_module, "greedy_generation", one_byte_off)
-    result = validate(merged_copy, tiny_checkpoint, providers=["cpu"], report_dir=tmp_path, **FAST)
+    result = validate_and_report(merged_copy, tiny_checkpoint, providers=["cpu"], report_dir=tmp_path, **FAST)
     assert all(c.passed for c in result.comparisons)
     assert result.status == "failed" and any(f.startswith("greedy generation differs") for f in result.failures)
     assert result.generations[0].first_mismatch == GENERATE_BYTES - 1
@@ -441,8 +453,8 @@ def test_validation_on_the_users_own_text(merged_export: ExportResult, tiny_chec
     own = b"Quarterly revenue grew in every region we serve.\n" * 8
     (tmp_path / "data" / "a.txt").write_bytes(own)
     (tmp_path / "data" / "sub" / "b.txt").write_bytes(own.upper())
-    result = validate(merged_export.model_path, tiny_checkpoint, data=[tmp_path / "data"], providers=["cpu"],
-                      report_dir=tmp_path / "r", **FAST)
+    result = validate_and_report(merged_export.model_path, tiny_checkpoint, data=[tmp_path / "data"], providers=["cpu"],
+                                 report_dir=tmp_path / "r", **FAST)
     assert result.passed, result.summary
     real_text = [case for case in result.cases if case.source != "random bytes"]
     assert real_text and all(case.source == "your data: data" for case in real_text)
@@ -450,4 +462,5 @@ def test_validation_on_the_users_own_text(merged_export: ExportResult, tiny_chec
     assert result.generations[0].prompt in own.decode() + own.upper().decode()
     (tmp_path / "short.txt").write_bytes(b"too short")
     with pytest.raises(ParityInputError, match="needs more than max_seq_len"):
-        validate(merged_export.model_path, tiny_checkpoint, data=[tmp_path / "short.txt"], report_dir=tmp_path / "s")
+        validate_and_report(merged_export.model_path, tiny_checkpoint, data=[tmp_path / "short.txt"],
+                            report_dir=tmp_path / "s")

@@ -13,30 +13,17 @@ from pathlib import Path
 
 import onnx
 import pytest
-from click.testing import CliRunner
-from test_report import make_result
+from conftest import assert_one_line_error, invoke, make_result
 
-from lora_export.cli import export_cli
 from lora_export.errors import ParityInputError
-from lora_export.export.convert import count_parameters_onnx
+from lora_export.export.onnx_files import count_parameters_onnx
 from lora_export.export.quantize import convert_fp16, convert_ort_format, quantize_int4, quantize_int8
 from lora_export.genai.decoder import export_decoder
 from lora_export.parity.results import DecodeRun, ParityResult
-from lora_export.parity.validate import validate
+from lora_export.pipeline import validate_and_report
 from lora_export.report.render import render_html, render_markdown, write_reports
 
 FAST = {"providers": ["cpu"], "latency_runs": 2}
-
-
-def invoke(*args: object) -> tuple[int, str, str]:
-    result = CliRunner().invoke(export_cli, [str(a) for a in args])
-    return result.exit_code, result.stdout, result.stderr
-
-
-def assert_one_line_error(code: int, stderr: str, needle: str) -> None:
-    assert code == 2, stderr
-    lines = stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], stderr
 
 
 @pytest.fixture(scope="module")
@@ -51,8 +38,8 @@ def builds(merged_export, tiny_checkpoint, tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def export_validation(builds, tiny_checkpoint, tmp_path_factory) -> ParityResult:
     """What the export runs: the fp32 model validated with the precision table of its builds."""
-    return validate(builds["fp32"], tiny_checkpoint, report_dir=tmp_path_factory.mktemp("export_report"),
-                    precision_models=builds, **FAST)
+    return validate_and_report(builds["fp32"], tiny_checkpoint, report_dir=tmp_path_factory.mktemp("export_report"),
+                               precision_models=builds, **FAST)
 
 
 # --------------------------------------------------------------------------- item 2: one rule for int8 / int4
@@ -62,7 +49,7 @@ def export_validation(builds, tiny_checkpoint, tmp_path_factory) -> ParityResult
 def test_standalone_validation_of_a_quantized_build_agrees_with_the_export(precision, builds, export_validation,
                                                                            tiny_checkpoint, tmp_path):
     row = next(row for row in export_validation.precisions if row["precision"] == precision)
-    result = validate(builds[precision], tiny_checkpoint, report_dir=tmp_path, **FAST)
+    result = validate_and_report(builds[precision], tiny_checkpoint, report_dir=tmp_path, **FAST)
     judged = [c for c in result.comparisons if c.judged]
     assert [c.case for c in judged] == ["heldout_eval"]  # the export's held-out prose windows, and nothing else
     assert judged[0].metrics.top1_agreement == row["top1_agreement"]
@@ -80,7 +67,7 @@ def test_standalone_validation_of_a_quantized_build_agrees_with_the_export(preci
 
 def test_element_wise_tolerances_do_not_apply_to_quantized_graphs(builds, tiny_checkpoint, tmp_path):
     with pytest.raises(ParityInputError, match="not element-wise"):
-        validate(builds["int8"], tiny_checkpoint, atol=1e-2, report_dir=tmp_path, **FAST)
+        validate_and_report(builds["int8"], tiny_checkpoint, atol=1e-2, report_dir=tmp_path, **FAST)
 
 
 # --------------------------------------------------------------------------- item 7: what a user reads
@@ -151,8 +138,8 @@ def genai_reports(tiny_checkpoint, tmp_path_factory) -> tuple[ParityResult, Pari
     """Two validations of one merged genai decoder."""
     folder = tmp_path_factory.mktemp("verdict_genai")
     model_dir = export_decoder(tiny_checkpoint, folder / "genai", merge=True)
-    return tuple(validate(model_dir, tiny_checkpoint, providers=["cpu"], report_dir=folder / name)
-                 for name in ("a", "b"))
+    return tuple(validate_and_report(model_dir, tiny_checkpoint, providers=["cpu"], report_dir=folder / name)
+                                     for name in ("a", "b"))
 
 
 def test_one_genai_run_is_one_run_and_compare_reports_matches_decode_runs(genai_reports):
@@ -182,7 +169,7 @@ def test_compare_reports_warns_of_other_checkpoints_and_adapters(tmp_path):
 def test_validating_an_ort_format_file_says_what_to_validate(builds, tiny_checkpoint, tmp_path):
     ort_path, _ = convert_ort_format(builds["fp32"], tmp_path)
     code, _, err = invoke("validate", ort_path, "--checkpoint", tiny_checkpoint, "--report", tmp_path / "r")
-    assert_one_line_error(code, err, "ORT-format model")
+    assert_one_line_error(code, err, "ORT-format model", progress_allowed=False)
     assert "tiny.onnx" in err and "Wire format" not in err
     assert not (tmp_path / "r").exists()
 
@@ -211,7 +198,7 @@ def test_compare_reports_refuses_a_malformed_report_in_one_line(how, tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps(damaged(json.loads(good.read_text()), how)))
     code, out, err = invoke("compare-reports", good, bad)
-    assert_one_line_error(code, err, f"{bad}: not a valid lora-export parity.json")
+    assert_one_line_error(code, err, f"{bad}: not a valid lora-export parity.json", progress_allowed=False)
 
 
 def test_compare_reports_escapes_control_characters(tmp_path):
@@ -228,7 +215,7 @@ def test_compare_reports_escapes_control_characters(tmp_path):
 def test_a_hostile_data_file_name_is_escaped_in_markdown_and_html(builds, tiny_checkpoint, tmp_path):
     hostile = tmp_path / "<img src=x onerror=alert(1)>[x](javascript:alert(2)).txt"
     hostile.write_text("The quick brown fox jumps over the lazy dog. " * 40)
-    result = validate(builds["fp32"], tiny_checkpoint, data=[hostile], report_dir=tmp_path / "r", **FAST)
+    result = validate_and_report(builds["fp32"], tiny_checkpoint, data=[hostile], report_dir=tmp_path / "r", **FAST)
     markdown = result.report_files["markdown"].read_text()
     page = result.report_files["html"].read_text()
     assert hostile.name in " ".join(result.notes)

@@ -2,7 +2,7 @@
 
 Everything in one run, at 1 and 2 threads (``--threads``), at (batch, N) = (8, 256) and (1, 256):
 
-* the machine (``lora_export.providers.machine_record``: CPU model, SIMD features, load, versions), and its
+* the machine (``lora_export.machine.machine_record``: CPU model, SIMD features, load, versions), and its
   fp32 GEMM peak (torch.matmul of 2048 x 2048 x 2048 and of the model's own 2048 x 128 x 512 shape, the best of both);
 * latency of PyTorch eager (merged model, no_grad), ``torch.compile`` (inductor) of the same model, and ONNX
   Runtime CPU: merged fp32, adapters-as-inputs with the trained adapter active, int8 and int4 of the merged

@@ -1,10 +1,11 @@
 """Mutation testing of the code whose answers users trust: would the tests notice if that code were wrong?
 
-    python tools/mutation_test.py [--modules parity.metrics,parity.sessions] [--functions 'judge,validate._summary']
-        [--lines parity.validate:386-396] [--tests tests/test_validate.py ...] [--max-children 2] [--list] [--keep]
+    python tools/mutation_test.py [--modules parity.metrics,parity.lineage] [--functions 'judge,parity.lineage.*']
+        [--lines parity.metrics:150-160] [--tests tests/test_validate.py ...] [--max-children 2] [--list] [--keep]
 
 Runs mutmut (the version installed beside this Python) over lora_export's verdict code, by default the modules
-metrics, providers, lineage, validate, adapters, export, checkpoint and files. A mutant is one small change to one
+parity.metrics, parity.sessions, parity.lineage, parity.validate, export.adapters, export.convert,
+model.checkpoint and files (dotted paths below ``lora_export``). A mutant is one small change to one
 function (a flipped comparison, a dropped ``not``, a changed constant or string, an argument set to None, ...).
 mutmut first runs the selected tests once to learn which tests execute which function, runs them once unmutated,
 then, per mutant, runs the tests that execute its function (pytest ``-p no:randomly -q -x``, one thread per
@@ -15,8 +16,9 @@ Nothing lands in the checkout: the repository's tracked and untracked-not-ignore
 --exclude-standard``) are copied to a temporary directory, a ``[tool.mutmut]`` table is appended to that copy's
 pyproject.toml, and mutmut writes its ``mutants/`` folder there (removed at the end unless ``--keep``).
 
-Choosing what runs: ``--modules`` picks the files to mutate. ``--functions`` (comma-separated name globs matched
-against ``judge`` / ``StagedOutputs.commit`` and ``metrics.judge``) and ``--lines MODULE:START-END`` (repeatable;
+Choosing what runs: ``--modules`` picks the files to mutate, by dotted module name (``parity.metrics``).
+``--functions`` (comma-separated name globs matched against ``judge`` / ``StagedOutputs.commit`` and against
+``parity.metrics.judge``) and ``--lines MODULE:START-END`` (repeatable;
 lines of the checkout's file) each add the mutants they match; with neither, every mutant of the modules runs.
 ``--tests`` picks the tests (default: the whole suite). ``--list`` prints the selected mutants and stops.
 
@@ -30,7 +32,7 @@ unmutated run of them), then ~25 s of wall time per mutant, i.e. ~140 mutants an
 
 Reading the output: mutmut's progress goes to stderr. stdout gets one line per mutant that was not killed:
 
-  survived   metrics.judge:163  if not metrics.finite:  ->  if metrics.finite:  [lora_export.metrics.x_judge__mutmut_2]
+survived   parity.metrics.judge:228  failures = []  ->  failures = None  [lora_export.parity.metrics.x_judge__mutmut_1]
 
 status, module.function:line (in the checkout's file), the original line(s) -> the mutated line(s) (several
 joined with ' | '), and mutmut's name for it (``mutmut show NAME`` in a ``--keep`` copy prints the diff). Then the
@@ -61,8 +63,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = "lora_export"
-DEFAULT_MODULES = ("parity.metrics", "parity.sessions", "parity.lineage", "parity.validate", "export.adapters",
-                   "export.convert", "model.checkpoint", "files")
+DEFAULT_MODULES = ("tolerance", "parity.metrics", "parity.verdict", "parity.sessions", "parity.lineage",
+                   "parity.validate", "parity.validate_decoder", "parity.subject", "export.adapters", "export.convert",
+                   "model.checkpoint", "files")
 PYTEST_ARGS = ["-p", "no:randomly", "-q", "-x"]
 ALWAYS_COUNTED = ("killed", "survived", "timeout", "skipped")
 #: mutmut names a function's mutants x_<function>__mutmut_<n>, a method's x<SEP><class><SEP><method>__mutmut_<n>
@@ -78,8 +81,8 @@ def module_path(root: Path, module: str) -> Path:
 class Mutant:
     """One mutant: mutmut's name for it and where and what it changes."""
 
-    name: str  # e.g. lora_export.metrics.x_judge__mutmut_1
-    module: str  # e.g. metrics
+    name: str  # e.g. lora_export.parity.metrics.x_judge__mutmut_1
+    module: str  # e.g. parity.metrics
     function: str  # e.g. judge, StagedOutputs.commit
     line: int  # first changed line in the module's file
     before: str
@@ -94,7 +97,7 @@ def comma_list(value: str) -> list[str]:
 
 
 def line_range(value: str) -> tuple[str, int, int]:
-    """'validate:386-396' (or 'validate:386') -> ('validate', 386, 396)."""
+    """'parity.validate:386-396' (or 'parity.validate:386') -> ('parity.validate', 386, 396)."""
     module, _, lines = value.partition(":")
     start, _, end = lines.partition("-")
     try:
@@ -108,7 +111,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--modules", type=comma_list, default=list(DEFAULT_MODULES),
                         help=f"lora_export modules to mutate (default: {','.join(DEFAULT_MODULES)})")
     parser.add_argument("--functions", type=comma_list, default=[],
-                        help="name globs of the functions whose mutants run, e.g. 'judge,validate._summary,files.*'")
+                        help="name globs of the functions whose mutants run, e.g. 'judge,parity.lineage.*,files.*'")
     parser.add_argument("--lines", type=line_range, action="append", default=[], metavar="MODULE:START-END",
                         help="also run the mutants on these lines of MODULE (repeatable)")
     parser.add_argument("--tests", nargs="+", default=["tests"], help="test files or node ids (default: tests)")

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from ..errors import PeftError, first_line, short_repr
-from ..files import check_input_file, check_output_dir, file_sha256, read_json, staged_outputs
+from ..files import check_empty_output_dir, check_input_file, file_sha256, read_json, staged_outputs
 from ..layout import CONFIG_FILE, WEIGHTS_FILE
 from ..model.checkpoint import base_fingerprint, build_model, read_checkpoint, save_checkpoint
 from ..model.layers import lora_layers
@@ -239,16 +239,15 @@ def to_peft(checkpoint: str | os.PathLike, output_dir: str | os.PathLike, overwr
     checkpoint's base model (a lora-export ``LoRATransformerLM`` with r = 0). Raises PeftError / CheckpointError /
     OutputError.
 
-    The directory must be new or empty; with ``overwrite`` an existing one is written into, its two adapter files
-    replaced together (other files are left as they are). Missing parent directories are created.
+    The directory must be new or empty (``files.check_empty_output_dir``); with ``overwrite`` an existing one is
+    written into, its two adapter files replaced together (other files are left as they are). Missing parent
+    directories are created.
     """
     from safetensors.torch import save_file
 
     output_dir = Path(output_dir)
-    check_output_dir(output_dir, (CONFIG_FILE, WEIGHTS_FILE), [checkpoint])
-    if not overwrite and output_dir.is_dir() and any(output_dir.iterdir()):
-        raise PeftError(f"{output_dir}: exists and is not an empty directory; pass --force to replace its "
-                        f"adapter files")
+    check_empty_output_dir(output_dir, (CONFIG_FILE, WEIGHTS_FILE), [checkpoint], overwrite=overwrite,
+                           refusal="; pass --force to replace its adapter files")
     model = build_model(read_checkpoint(checkpoint), checkpoint)
     config = model.config
     layers = list(lora_layers(model))

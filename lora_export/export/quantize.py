@@ -16,10 +16,11 @@ Every build reads an fp32 export written by ``lora_export.export`` (either form)
 
 The ONNX outputs carry ``lora_export.precision`` (``fp32`` / ``fp16`` / ``int8``; absent means fp32) next to the
 source's other ``lora_export.*`` metadata; the ``.ort`` file keeps its source's metadata. Every write is atomic (a
-temporary file or folder beside the output, then a rename): a failure raises ``EdgeExportError`` with one line and
-leaves no output behind.
+temporary file or folder beside the output, then a rename): a failed build or write raises ``EdgeExportError`` with
+one line and leaves no output behind; an unreadable model is ``load_onnx``'s ExportError, an output that cannot be
+written ``check_outputs``' OutputError, both raised before any work.
 
-``lora_export.precisions`` measures what each build costs against the PyTorch fp32 checkpoint.
+``parity.precisions`` measures what each build costs against the PyTorch fp32 checkpoint.
 """
 
 from __future__ import annotations
@@ -36,11 +37,11 @@ import onnx
 import onnxruntime as ort
 from onnx.external_data_helper import load_external_data_for_model
 
-from ..errors import EdgeExportError, ExportError, OutputError, first_line
+from ..errors import EdgeExportError, first_line
 from ..files import check_outputs, staged_outputs
 from ..layout import model_files, ort_format_outputs, precision_output_path
 from .adapters import lora_input_specs
-from .convert import EXTERNAL_DATA_THRESHOLD, check_output_path, load_onnx, read_metadata, save_model, set_metadata
+from .onnx_files import EXTERNAL_DATA_THRESHOLD, check_suffix, load_onnx, read_metadata, save_model, set_metadata
 
 PRECISIONS = ("fp32", "fp16", "int8", "int4")
 #: int4 blocks: 32 weights share a scale and a zero point (onnxruntime-genai's model builder's default block size).
@@ -75,13 +76,12 @@ def _quiet_onnxruntime() -> Iterator[None]:
 
 
 def _read_fp32_source(model_path: str | os.PathLike) -> onnx.ModelProto:
-    """The model with its weights (external data too); refuses one that is not fp32 already."""
+    """The model with its weights (external data too); refuses one that is not fp32 already. Raises ExportError
+    (``load_onnx``) or EdgeExportError."""
     model_path = Path(model_path)
+    model = load_onnx(model_path)
     try:
-        model = load_onnx(model_path)
         load_external_data_for_model(model, str(model_path.parent))
-    except ExportError as err:
-        raise EdgeExportError(str(err)) from None
     except OSError as err:
         raise EdgeExportError(f"{model_path}: cannot read its external data: {err.strerror or err}") from None
     precision = read_metadata(model).get("precision", "fp32")
@@ -91,13 +91,11 @@ def _read_fp32_source(model_path: str | os.PathLike) -> onnx.ModelProto:
 
 
 def _output_path(model_path: Path, output_path: str | os.PathLike | None, precision: str) -> Path:
-    """``output_path`` checked (it must not replace the model or its data), or ``<stem>.<precision>.onnx``."""
+    """``output_path`` checked (it must not replace the model or its data), or ``<stem>.<precision>.onnx``. Raises
+    ExportError (``check_suffix``) or OutputError (``check_outputs``)."""
     output = Path(output_path) if output_path is not None else precision_output_path(model_path, precision)
-    try:
-        check_output_path(output, ".onnx")
-        check_outputs(model_files(output), model_files(model_path))
-    except (ExportError, OutputError) as err:
-        raise EdgeExportError(str(err)) from None
+    check_suffix(output, ".onnx")
+    check_outputs(model_files(output), model_files(model_path))
     return output
 
 
@@ -160,7 +158,7 @@ def quantize_int8(model_path: str | os.PathLike, output_path: str | os.PathLike 
 
     The result is checked: no float weight MatMul / Gather is left, LoRA inputs and their rank-0 defaults are
     unchanged (see ``_check_lora_inputs``). Default output: ``<stem>.int8.onnx`` beside the model.
-    Raises EdgeExportError.
+    Raises ExportError / OutputError (an unreadable model, a bad output) or EdgeExportError (see module docstring).
     """
     model_path = Path(model_path)
     output = _output_path(model_path, output_path, "int8")
@@ -197,7 +195,7 @@ def quantize_model_int8(source: onnx.ModelProto, name: str, *, per_channel: bool
 def quantize_int4(model_path: str | os.PathLike, output_path: str | os.PathLike | None = None) -> Path:
     """Write an int4 build of an fp32 export for the edge; returns its path. See ``quantize_model_int4``.
 
-    Default output: ``<stem>.int4.onnx`` beside the model. Raises EdgeExportError.
+    Default output: ``<stem>.int4.onnx`` beside the model. Raises as quantize_int8.
     """
     model_path = Path(model_path)
     output = _output_path(model_path, output_path, "int4")
@@ -249,7 +247,7 @@ def convert_fp16(model_path: str | os.PathLike, output_path: str | os.PathLike |
     """Write a float16 build of an fp32 export for the CUDA provider; returns its path.
 
     Float initializers and compute in float16, float32 at every graph input and output (see
-    ``convert_model_fp16``). Default output: ``<stem>.fp16.onnx`` beside the model. Raises EdgeExportError.
+    ``convert_model_fp16``). Default output: ``<stem>.fp16.onnx`` beside the model. Raises as quantize_int8.
     """
     model_path = Path(model_path)
     output = _output_path(model_path, output_path, "fp16")
@@ -301,7 +299,7 @@ def convert_ort_format(model_path: str | os.PathLike, output_dir: str | os.PathL
     optimized with the tool's ``Fixed`` style (for the CPU provider and other non-compiling providers; NCHWc
     layout left out so the file runs on ARM too). The tool works in a temporary folder in ``output_dir``; both
     files are renamed into place when it succeeded (ort first, then the config).
-    Returns (ort path, config path). Raises EdgeExportError.
+    Returns (ort path, config path). Raises as quantize_int8.
     """
     from onnxruntime.tools.convert_onnx_models_to_ort import OptimizationStyle, convert_onnx_models_to_ort
 
@@ -309,11 +307,8 @@ def convert_ort_format(model_path: str | os.PathLike, output_dir: str | os.PathL
     if model_path.suffix != ".onnx":
         raise EdgeExportError(f"{model_path}: the model must end in .onnx")
     outputs = ort_format_outputs(model_path, Path(output_dir) if output_dir is not None else None)
-    try:
-        load_onnx(model_path)
-        check_outputs(outputs, model_files(model_path))
-    except (ExportError, OutputError) as err:
-        raise EdgeExportError(str(err)) from None
+    load_onnx(model_path)
+    check_outputs(outputs, model_files(model_path))
     try:
         with staged_outputs() as stage, _quiet_onnxruntime():
             tmp = stage.path(outputs[0]).parent

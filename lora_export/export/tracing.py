@@ -3,7 +3,7 @@
 merged: the LoRA folded into the base weights, a plain graph. adapters: every LoRA layer's A_t / B_t are graph
 inputs (``AdaptersAsInputs``), each layer with its own symbolic rank (``<path>.lora_rank``) and a rank-0 default
 initializer, so ONNX Runtime's multi-LoRA API feeds any adapter of the same base. ``trace_forms`` serves the
-scoring graph (``trace_to_onnx``) and the KV-cache decoder (``lora_export.decoder``). From opset 23 on the
+scoring graph (``trace_to_onnx``) and the KV-cache decoder (``genai.decoder``). From opset 23 on the
 global softmax heads become ONNX ``Attention`` nodes; below it, ``decomposed_attention`` keeps the exporter off
 its own (mismatching) decomposition of a masked SDPA.
 """

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,25 +27,16 @@ import onnx
 import torch
 from torch import nn
 
-from .. import __version__
-from ..errors import EdgeExportError, ExportError, OutputError, first_line, short_repr
-from ..export.adapters import adapter_tensors, model_version_from_fingerprint, write_adapter
-from ..export.convert import (
-    attention_kernels,
-    count_parameters_onnx,
-    load_onnx,
-    read_metadata,
-    set_metadata,
-    strip_debug_info,
-    write_model_files,
-)
+from ..errors import ExportError, first_line, short_repr
+from ..export.core import ExportSource, export_metadata, finish_graph, write_export
+from ..export.onnx_files import count_parameters_onnx, load_onnx, read_metadata, set_metadata
 from ..export.quantize import convert_model_fp16, quantize_model_int4, quantize_model_int8
-from ..export.tracing import DEFAULT_OPSET, add_rank0_defaults, trace_forms
-from ..files import check_outputs, file_sha256, parse_json, read_json, remove_stale_staging, staged_outputs
+from ..export.tracing import DEFAULT_OPSET, trace_forms
+from ..files import check_empty_output_dir, parse_json, read_json
 from ..layout import ADAPTER_FILE, GENAI_CONFIG, MODEL_FILE, Form, decoder_outputs
 from ..model.attention import fused_attention
-from ..model.checkpoint import base_fingerprint, build_model, read_checkpoint
 from ..model.transformer import VOCAB_SIZE, LoRATransformerLM, ModelConfig
+from ..progress import SILENT, Progress
 
 #: Positions a local slot keeps beyond its window (genai's ``cache_slack``, set explicitly: its per-provider
 #: default differs between CPU and CUDA).
@@ -274,7 +264,7 @@ def read_decoder_dir(model_dir: str | os.PathLike) -> DecoderDirectory:
 
 def export_decoder(checkpoint_path: str | os.PathLike, output_dir: str | os.PathLike, *, merge: bool = True,
                    precision: str = "fp32", opset: int = DEFAULT_OPSET,
-                   progress: Callable[[str], None] | None = None) -> Path:
+                   progress: Progress = SILENT) -> Path:
     """Write an onnxruntime-genai model directory for a checkpoint: model.onnx (KV-cache decoder, merged or with
     the adapters as inputs), genai_config.json, and in the adapter form the trained model.onnx_adapter.
 
@@ -283,75 +273,58 @@ def export_decoder(checkpoint_path: str | os.PathLike, output_dir: str | os.Path
     compute and cache (past/present), float32 logits. LoRA inputs and the adapter file stay float32 in every
     precision, so one ``.onnx_adapter`` serves them all.
 
-    The directory must be new or empty (staging left by a killed earlier write is removed first); its files land
-    together or not at all. Raises ExportError (one line).
+    The directory must be new or empty (``files.check_empty_output_dir``: staging left by a killed earlier write
+    does not count); its files land together or not at all. Raises CheckpointError, ExportError, OutputError or,
+    for a failed int8 / int4 / fp16 conversion, EdgeExportError (one line).
     """
-    say = progress or (lambda _message: None)
-    checkpoint_path, output_dir = Path(checkpoint_path), Path(output_dir)
+    say = progress.stage
+    checkpoint_path, output_dir, form = Path(checkpoint_path), Path(output_dir), Form.of(merge)
     if precision not in DECODER_PRECISIONS:
         raise ExportError(f"precision {precision!r} is not supported for the decoder: "
                           f"{', '.join(DECODER_PRECISIONS)}")
-    form = Form.of(merge)
-    remove_stale_staging(output_dir)  # a killed earlier write's leftovers do not make the directory non-empty
-    if output_dir.exists() and (not output_dir.is_dir() or any(output_dir.iterdir())):
-        raise ExportError(f"{output_dir}: exists and is not an empty directory")
-    try:  # an existing (empty) directory: its files to be; a new one: the directory path itself
-        check_outputs(decoder_outputs(output_dir, form) if output_dir.is_dir() else [output_dir], [checkpoint_path])
-    except OutputError as err:
-        raise ExportError(str(err)) from None
+    check_empty_output_dir(output_dir, [path.name for path in decoder_outputs(output_dir, form)], [checkpoint_path])
     say("loading checkpoint")
-    payload = read_checkpoint(checkpoint_path)
-    model = build_model(payload, checkpoint_path)
-    problem = decoder_problem(model.config)
+    source = ExportSource.read(checkpoint_path)
+    problem = decoder_problem(source.model.config)
     if problem:
         raise ExportError(f"{checkpoint_path}: cannot be a genai decoder: {problem}")
-    adapter = adapter_tensors(model)
-    if form is Form.ADAPTERS and not adapter:
-        raise ExportError(f"{checkpoint_path}: has no LoRA layers (r = 0): export it merged")
-    fingerprint = base_fingerprint(payload["base"])
+    adapter = source.adapter(form)
     say(f"exporting the KV-cache decoder ({form}, opset {opset}) with torch.onnx dynamo")
     try:
-        proto, layer_names = trace_decoder(model, form, opset)
+        proto, layer_names = trace_decoder(source.model, form, opset)
         onnx.checker.check_model(proto, full_check=True)
     except Exception as err:  # the exporter raises many exception types
         raise ExportError(f"{checkpoint_path}: decoder export failed: {first_line(err)[:200]}") from None
-    strip_debug_info(proto)
-    if form is Form.ADAPTERS:
-        add_rank0_defaults(proto)
-    slots = cache_slots(model.config)
-    try:
-        if precision == "int8":
-            say("quantizing to int8 (onnxruntime.quantization)")
-            proto = quantize_model_int8(proto, str(output_dir / MODEL_FILE))
-        elif precision == "int4":
-            say("quantizing to int4 (onnxruntime MatMulNBits)")
-            proto = quantize_model_int4(proto, str(output_dir / MODEL_FILE))
-        elif precision == "fp16":
-            say("converting to fp16 (onnxruntime.transformers.float16), cache in fp16")
-            input_names, output_names = graph_names(slots)
-            cache = [name for name in input_names + output_names if name.startswith(("past_", "present."))]
-            proto = convert_model_fp16(proto, str(output_dir / MODEL_FILE), float16_io=cache)
-    except EdgeExportError as err:
-        raise ExportError(str(err)) from None
-    set_metadata(proto, {
-        "version": __version__, "form": form.value, "graph": "decoder", "opset": str(opset),
-        "attention": attention_kernels(proto),
-        "checkpoint_sha256": file_sha256(checkpoint_path), "base_sha256": fingerprint,
-        "model_config": json.dumps(payload["config"], sort_keys=True),
-        "lora_config": json.dumps({"merged": merge, "lora_layers": layer_names}, sort_keys=True),
-        "cache_slots": json.dumps([slot.__dict__ for slot in slots]), "cache_slack": str(CACHE_SLACK),
-        "precision": precision,
-    })
-    config_text = json.dumps(genai_config(model.config, slots), indent=2) + "\n"
+    finish_graph(proto, form)
+    slots = cache_slots(source.model.config)
+    proto = _in_precision(proto, precision, str(output_dir / MODEL_FILE), slots, progress)
+    set_metadata(proto, export_metadata(proto, source, form, opset, {"lora_layers": layer_names}, graph="decoder",
+                                        cache_slots=json.dumps([slot.__dict__ for slot in slots]),
+                                        cache_slack=str(CACHE_SLACK), precision=precision))
+    config_text = json.dumps(genai_config(source.model.config, slots), indent=2) + "\n"
     say(f"writing {output_dir}/")
-    try:
-        with staged_outputs() as stage:  # makes output_dir and missing parents, removed again if this fails
-            write_model_files(proto, output_dir / MODEL_FILE, stage, 2 * 1024**3)
-            stage.path(output_dir / GENAI_CONFIG).write_text(config_text, encoding="utf-8")
-            if not merge:
-                write_adapter(output_dir / ADAPTER_FILE, adapter, model_version_from_fingerprint(fingerprint), stage)
-    except OSError as err:
-        raise ExportError(f"{output_dir}: cannot write: {err.strerror or first_line(err)}") from None
+    write_export(proto, output_dir / MODEL_FILE, source, where=output_dir,
+                 texts={output_dir / GENAI_CONFIG: config_text},
+                 adapter=None if form is Form.MERGED else (output_dir / ADAPTER_FILE, adapter))
     say(f"decoder: {len(proto.graph.node)} nodes, {count_parameters_onnx(proto):,} parameters, "
         f"{len(slots)} cache slots")
     return output_dir
+
+
+def _in_precision(proto: onnx.ModelProto, precision: str, name: str, slots: list[CacheSlot],
+                  progress: Progress) -> onnx.ModelProto:
+    """The decoder graph ``proto`` (fp32) in ``precision`` (see export_decoder; fp16 keeps its cache in float16);
+    ``name`` names it in errors. Raises EdgeExportError."""
+    say = progress.stage
+    if precision == "int8":
+        say("quantizing to int8 (onnxruntime.quantization)")
+        return quantize_model_int8(proto, name)
+    if precision == "int4":
+        say("quantizing to int4 (onnxruntime MatMulNBits)")
+        return quantize_model_int4(proto, name)
+    if precision == "fp16":
+        say("converting to fp16 (onnxruntime.transformers.float16), cache in fp16")
+        input_names, output_names = graph_names(slots)
+        cache = [tensor for tensor in input_names + output_names if tensor.startswith(("past_", "present."))]
+        return convert_model_fp16(proto, name, float16_io=cache)
+    return proto

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import AdapterError, ExportError, GenerationError, first_line
+from ..errors import GenerationError, first_line
 from ..export.adapters import check_adapter, read_adapter
 from ..layout import Form
 from ..model.transformer import check_generation_request
@@ -38,12 +38,11 @@ class Sampling:
 
 def check_generation(model_dir: str | os.PathLike, prompt: bytes, max_new_bytes: int, adapter: str | os.PathLike | None,
                      device: str, sampling: Sampling) -> int:
-    """Refuse (GenerationError) what cannot run, before onnxruntime-genai loads anything; returns the model's
-    context length (its max_seq_len, from the model's own metadata: ``decoder.read_decoder_dir``)."""
-    try:
-        directory = read_decoder_dir(model_dir)
-    except ExportError as err:
-        raise GenerationError(str(err)) from None
+    """Refuse what cannot run, before onnxruntime-genai loads anything: a directory that is not a lora-export
+    decoder (``decoder.read_decoder_dir``'s ExportError), an unreadable adapter (``read_adapter``'s AdapterError),
+    anything else GenerationError. Returns the model's context length (its max_seq_len, from the model's own
+    metadata)."""
+    directory = read_decoder_dir(model_dir)
     context = directory.config.max_seq_len
     if device not in DEVICES:
         raise GenerationError(f"unknown device {device!r}: choose from {', '.join(DEVICES)}")
@@ -53,10 +52,7 @@ def check_generation(model_dir: str | os.PathLike, prompt: bytes, max_new_bytes:
     except ValueError as err:
         raise GenerationError(str(err)) from None
     if adapter is not None:
-        try:
-            tensors, _ = read_adapter(adapter)
-        except AdapterError as err:
-            raise GenerationError(str(err)) from None
+        tensors, _ = read_adapter(adapter)
         if directory.metadata.get("form") != Form.ADAPTERS:
             raise GenerationError(f"{model_dir}: a merged decoder takes no adapter (export it --adapters-as-inputs)")
         errors, _ = check_adapter(directory.proto, tensors)
@@ -68,7 +64,7 @@ def check_generation(model_dir: str | os.PathLike, prompt: bytes, max_new_bytes:
 def generate_bytes(model_dir: str | os.PathLike, prompt: bytes, *, max_new_bytes: int = 64,
                    adapter: str | os.PathLike | None = None, device: str = "cpu", sampling: Sampling = Sampling(),
                    stop_byte: int | None = None) -> Iterator[int]:
-    """Yield the bytes (ints 0..255) genai generates after ``prompt``. Raises GenerationError before the first."""
+    """Yield the bytes (ints 0..255) genai generates after ``prompt``. Raises (check_generation) before the first."""
     check_generation(model_dir, prompt, max_new_bytes, adapter, device, sampling)
     import onnxruntime_genai as og
 

@@ -11,13 +11,14 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from ..errors import AdapterError, ParityInputError
+from ..errors import ParityInputError
 from ..export.adapters import adapter_tensors, check_adapter, model_version_from_fingerprint, read_adapter
 from ..export.tracing import INPUT_NAMES, OUTPUT_NAMES
 from ..files import file_sha256, parse_json
 from ..layout import Form
 from ..model.checkpoint import base_fingerprint
 from ..model.transformer import VOCAB_SIZE, LoRATransformerLM
+from ..tolerance import deviation
 
 REQUIRED_METADATA = ("form", "base_sha256", "model_config")
 #: The config fields of the LoRA alone: an adapters-as-inputs graph does not depend on them (any adapter on the
@@ -41,23 +42,17 @@ def _dims(value: onnx.ValueInfoProto) -> list[int | str]:
     return [d.dim_param if d.HasField("dim_param") else d.dim_value for d in value.type.tensor_type.shape.dim]
 
 
-def check_model_matches(proto: onnx.ModelProto, metadata: dict[str, str], payload: dict, model_path: Path,
-                        checkpoint_path: Path) -> list[str]:
-    """Refuse (ParityInputError) a model that the checkpoint did not produce; return notes for the report.
-
-    Checks the lora_export metadata (form, model_config, base weights fingerprint) against the checkpoint,
-    then the graph interface: input_ids / attention_mask int64 [batch, seq] with a dynamic seq axis, logits
-    [batch, seq, 256], LoRA inputs present exactly in the adapter form, no other required input.
-    ``metadata``: the model's lora_export.* metadata_props (``export.read_metadata``).
-    """
+def _check_metadata(metadata: dict[str, str], payload: dict, model_path: Path, checkpoint_path: Path) -> Form:
+    """The model's form, once its lora_export metadata (form, model_config, base fingerprint) matches the
+    checkpoint; raises ParityInputError otherwise."""
     missing = [key for key in REQUIRED_METADATA if key not in metadata]
     if missing:
         raise ParityInputError(f"{model_path}: no lora_export metadata ({', '.join(missing)} missing): "
                                "validate checks models written by `lora-export`")
-    form = metadata["form"]
-    if form not in {f.value for f in Form}:
-        raise ParityInputError(f"{model_path}: unknown lora_export.form {form!r}, expected one of "
+    if metadata["form"] not in {f.value for f in Form}:
+        raise ParityInputError(f"{model_path}: unknown lora_export.form {metadata['form']!r}, expected one of "
                                f"{tuple(f.value for f in Form)}")
+    form = Form(metadata["form"])
     mismatch = f"{model_path} and {checkpoint_path} do not belong together"
     try:
         model_config = parse_json(metadata["model_config"], f"{model_path}: lora_export.model_config")
@@ -72,7 +67,13 @@ def check_model_matches(proto: onnx.ModelProto, metadata: dict[str, str], payloa
         raise ParityInputError(f"{mismatch}: model config differs in {detail}")
     if metadata["base_sha256"] != base_fingerprint(payload["base"]):
         raise ParityInputError(f"{mismatch}: the model was exported from different base weights (base_sha256)")
+    return form
 
+
+def _check_interface(proto: onnx.ModelProto, form: Form, decoder: bool, model_path: Path) -> None:
+    """Raise ParityInputError unless the graph has input_ids / attention_mask int64 [batch, seq] with a dynamic
+    seq axis, logits [batch, seq, 256], LoRA inputs exactly in the adapters form and no other required input
+    (a KV-cache ``decoder`` also takes position_ids and its cache)."""
     graph_inputs = {value.name: value for value in proto.graph.input}
     initializers = {init.name for init in proto.graph.initializer}
     for name in INPUT_NAMES:
@@ -90,21 +91,33 @@ def check_model_matches(proto: onnx.ModelProto, metadata: dict[str, str], payloa
     if logits is None or len(logits) != 3 or logits[2] not in (VOCAB_SIZE, "", 0):
         raise ParityInputError(f"{model_path}: expected output 'logits' [batch, seq, {VOCAB_SIZE}], got {outputs}")
     lora_inputs = [name for name in graph_inputs if name.endswith((".lora_A", ".lora_B"))]
-    if (form == Form.ADAPTERS) != bool(lora_inputs):
-        raise ParityInputError(f"{model_path}: lora_export.form is {form!r} but the graph has "
+    if (form is Form.ADAPTERS) != bool(lora_inputs):
+        raise ParityInputError(f"{model_path}: lora_export.form is '{form}' but the graph has "
                                f"{len(lora_inputs)} LoRA inputs")
     extra = sorted(set(graph_inputs) - set(INPUT_NAMES) - set(lora_inputs) - initializers)
-    if metadata.get("graph") == "decoder":  # the KV-cache decoder's position and cache inputs
+    if decoder:  # the KV-cache decoder's position and cache inputs
         extra = [name for name in extra if name != "position_ids" and not name.startswith("past_key_values.")]
     if extra:
         raise ParityInputError(f"{model_path}: unexpected required graph inputs {extra[:3]}")
 
+
+def check_model_matches(proto: onnx.ModelProto, metadata: dict[str, str], payload: dict, model_path: Path,
+                        checkpoint_path: Path) -> list[str]:
+    """Refuse (ParityInputError) a model that the checkpoint did not produce; return notes for the report.
+
+    Checks the lora_export metadata (form, model_config, base weights fingerprint) against the checkpoint,
+    then the graph interface: input_ids / attention_mask int64 [batch, seq] with a dynamic seq axis, logits
+    [batch, seq, 256], LoRA inputs present exactly in the adapter form, no other required input.
+    ``metadata``: the model's lora_export.* metadata_props (``export.read_metadata``).
+    """
+    form = _check_metadata(metadata, payload, model_path, checkpoint_path)
+    _check_interface(proto, form, metadata.get("graph") == "decoder", model_path)
     notes = []
     recorded = metadata.get("checkpoint_sha256")
     if recorded is not None and recorded != file_sha256(checkpoint_path):
         notes.append(f"{checkpoint_path.name} is not the file the model was exported from (checkpoint_sha256 "
                      "differs); base weights and config match" + (", but merged LoRA weights may differ"
-                                                                  if form == Form.MERGED else ""))
+                                                                  if form is Form.MERGED else ""))
     return notes
 
 
@@ -122,9 +135,8 @@ def adapter_weight_mismatches(adapter: dict[str, np.ndarray], trained: dict[str,
         elif adapter[name].shape != trained[name].shape:
             problems.append(f"layer {layer}: {name} is {list(adapter[name].shape)} in the adapter, "
                             f"{list(trained[name].shape)} in the checkpoint")
-        elif not np.allclose(adapter[name], trained[name], rtol=1e-6, atol=1e-7):
-            diff = float(np.abs(adapter[name].astype(np.float64) - trained[name]).max())
-            problems.append(f"layer {layer}: {name} differs from the checkpoint's (max |diff| {diff:.3g})")
+        elif not (measured := deviation(adapter[name], trained[name], atol=1e-7, rtol=1e-6)).passed:
+            problems.append(f"layer {layer}: {name} differs from the checkpoint's (max |diff| {measured.max_abs:.3g})")
     return list(dict.fromkeys(problems))
 
 
@@ -144,13 +156,11 @@ def adapter_lineage(adapter_path: Path, adapter: dict[str, np.ndarray], model: L
 
 def load_adapter_for(adapter_path: Path, proto: onnx.ModelProto, metadata: dict[str, str]
                      ) -> tuple[dict[str, np.ndarray], list[str]]:
-    """Read an .onnx_adapter and hold it against the model before any run; returns (tensors, notes)."""
+    """Read an .onnx_adapter and hold it against the model before any run; returns (tensors, notes). Raises
+    AdapterError for a file that cannot be read, ParityInputError for an adapter that does not fit the model."""
     if metadata["form"] != Form.ADAPTERS:
         raise ParityInputError(f"--adapter needs an adapter-form model; this one was exported {metadata['form']}")
-    try:
-        tensors, version = read_adapter(adapter_path)
-    except AdapterError as err:
-        raise ParityInputError(str(err)) from None
+    tensors, version = read_adapter(adapter_path)
     errors, notes = check_adapter(proto, tensors)
     expected = model_version_from_fingerprint(metadata["base_sha256"])
     if version != expected:

@@ -5,6 +5,7 @@ reference at the real (attention_mask = 1) positions: max absolute error, max re
 with ``b`` the reference (polygraphy's definition: zeros of ``b`` are replaced by float64 epsilon), mean absolute
 error, cosine similarity, NaN/Inf, the share of the tolerance used ``max |a - b| / (atol + rtol * |b|)`` (at most
 1 is numpy-allclose), next-byte top-1 agreement and next-byte cross-entropy. ``judge`` turns them into failures.
+The elementwise rule itself is ``lora_export.tolerance``'s, reached through ``Tolerance.deviation``.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from ..errors import ParityInputError
+from ..tolerance import Deviation, boundary, deviation
 
 LATENCY_WARMUP = 3
 LATENCY_RUNS = 20
@@ -80,6 +82,13 @@ class Tolerance:
         return (f"the absolute limit follows the logits' scale: fp16 keeps 11 significant bits (epsilon 2^-10), and a "
                 f"logit's rounding error grows with the largest logit at its position, so atol there is "
                 f"{self.atol_scale / FP16_EPS:g} epsilons of that logit's magnitude")
+
+    def deviation(self, got: np.ndarray, reference: np.ndarray) -> Deviation:
+        """``got`` against ``reference`` (both [..., V]) under ``pass_boundary``: the one elementwise judgement of
+        logits, decode steps and ``.ort`` models. A tolerance without an elementwise limit (int8, int4) measures
+        against fp32's boundary, for scale: its verdict does not use it."""
+        limits = self if self.elementwise else TOLERANCES["fp32"]
+        return deviation(got, reference, limits.atol, limits.rtol, limits.atol_scale)
 
     def describe(self) -> str:
         """One line, e.g. 'atol 0.0001, rtol 0.001, top-1 >= 100%'."""
@@ -157,11 +166,7 @@ def resolve_tolerance(precision: str, atol: float | None, rtol: float | None) ->
 def pass_boundary(tolerance: Tolerance, reference: np.ndarray) -> np.ndarray:
     """Each logit's elementwise limit for reference logits [..., V] (V, the last axis, is one position's logits):
     atol + atol_scale * max |reference| at its position + rtol * |reference|. The tolerance must be elementwise."""
-    abs_ref = np.abs(reference.astype(np.float64))
-    boundary = tolerance.atol + tolerance.rtol * abs_ref
-    if tolerance.atol_scale:
-        boundary += tolerance.atol_scale * abs_ref.max(axis=-1, keepdims=True)
-    return boundary
+    return boundary(reference, tolerance.atol, tolerance.rtol, tolerance.atol_scale)
 
 
 # --------------------------------------------------------------------------- metrics
@@ -188,27 +193,23 @@ def compare_logits(got: np.ndarray, ref: np.ndarray, input_ids: np.ndarray, atte
     """
     real = attention_mask != 0
     a, b = got[real].astype(np.float64), ref[real].astype(np.float64)  # [P, V]
-    diff = np.abs(a - b)
-    abs_b = np.abs(b)
-    rel = diff / np.where(b == 0, POLYGRAPHY_EPSILON, abs_b)
+    measured = tolerance.deviation(a, b)
+    diff = measured.diff
+    rel = diff / np.where(b == 0, POLYGRAPHY_EPSILON, np.abs(b))
     flat_a, flat_b = a.ravel(), b.ravel()
     norms = np.linalg.norm(flat_a) * np.linalg.norm(flat_b)
     cosine = float(flat_a @ flat_b / norms) if norms > 0 else float(np.array_equal(flat_a, flat_b))
     worst = np.unravel_index(int(np.nanargmax(diff)) if not np.isnan(diff).all() else 0, diff.shape)
     row, pos = np.argwhere(real)[worst[0]]
-    # each element's pass boundary; precisions without an elementwise limit use fp32's, for the histogram's scale
-    boundary = pass_boundary(tolerance if tolerance.atol is not None else TOLERANCES["fp32"], b)
-    if tolerance.atol is not None:
-        allowed = boundary
-        used = np.divide(diff, allowed, out=np.zeros_like(diff), where=diff != 0)  # 0/0 (exact) uses nothing
-        tolerance_used, outside = float(used.max()), int(np.sum(~(diff <= allowed)))
-        tie = boundary[np.arange(len(b)), b.argmax(axis=-1)]
+    if tolerance.elementwise:
+        tolerance_used, outside = measured.used, measured.outside
+        tie = measured.limit[np.arange(len(b)), b.argmax(axis=-1)]
     else:
         tolerance_used, outside, tie = None, 0, 0.0
     pick = a.argmax(axis=-1)
     ref_at_pick = b[np.arange(len(b)), pick]
     metrics = Metrics(
-        max_abs=float(diff.max()), max_rel=float(rel.max()), mean_abs=float(diff.mean()), cosine=cosine,
+        max_abs=measured.max_abs, max_rel=float(rel.max()), mean_abs=float(diff.mean()), cosine=cosine,
         tolerance_used=tolerance_used, outside=outside, elements=int(diff.size),
         worst_index=[int(row), int(pos), int(worst[1])],
         finite=bool(np.isfinite(a).all() and np.isfinite(b).all()),
@@ -217,7 +218,7 @@ def compare_logits(got: np.ndarray, ref: np.ndarray, input_ids: np.ndarray, atte
         loss_ref=next_byte_loss(ref, input_ids, attention_mask),
         loss_onnx=next_byte_loss(got, input_ids, attention_mask),
     )
-    share = diff / boundary
+    share = diff / measured.limit
     low, high = ERROR_HISTOGRAM_EDGES[0], ERROR_HISTOGRAM_EDGES[-1]
     log_share = np.log10(np.clip(share[np.isfinite(share)], 10.0**low, 10.0**high))
     return metrics, np.histogram(log_share, bins=ERROR_HISTOGRAM_EDGES)[0]

@@ -16,21 +16,23 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import torch
 
 from ..corpus import heldout_text
-from ..errors import AdapterError, CheckpointError, EdgeExportError, ExportError, ParityInputError
+from ..errors import EdgeExportError
 from ..export.adapters import activate_adapters, attach_adapter
-from ..export.convert import load_onnx, model_file_size, read_metadata
+from ..export.onnx_files import load_onnx, model_file_size, read_metadata
 from ..export.quantize import PRECISIONS
 from ..export.tracing import OUTPUT_NAMES
 from ..layout import Form
 from ..model.checkpoint import build_model, read_checkpoint
 from ..model.layers import merge_lora
+from ..model.transformer import LoRATransformerLM
 from .cases import Case
 from .lineage import check_model_matches, load_adapter_for
 from .metrics import LATENCY_MAX_SEQ, LATENCY_RUNS, LATENCY_WARMUP, TOLERANCES, compare_logits, judge, percentiles_ms
-from .sessions import open_session
+from .sessions import ProviderStatus, open_session
 
 EVAL_WINDOWS = 16
 HELDOUT_CASE = "heldout_eval"
@@ -39,24 +41,22 @@ HELDOUT_CASE = "heldout_eval"
 def check_ort_format(model_path: str | os.PathLike, ort_path: str | os.PathLike) -> float:
     """Hold an ``.ort`` model against the ``.onnx`` it was converted from: both on ONNX Runtime's CPU provider, on
     two seeded batches of held-out prose (LoRA inputs at their defaults); returns the largest |difference| of the
-    logits. Raises EdgeExportError when they differ beyond the fp32 tolerance (atol 1e-4 + rtol 1e-3 |onnx|)."""
+    logits. Raises EdgeExportError when they differ beyond the fp32 tolerance (atol 1e-4 + rtol 1e-3 |onnx|),
+    ParityInputError when ONNX Runtime cannot load either."""
     tolerance = TOLERANCES["fp32"]
     feeds = [{"input_ids": ids, "attention_mask": np.ones_like(ids)} for ids in
              (heldout_windows(2, 32), heldout_windows(1, 7))]
     outputs = []
     for path in (model_path, ort_path):
-        try:
-            session, _ = open_session(path, "cpu")
-        except ParityInputError as err:
-            raise EdgeExportError(str(err)) from None
+        session, _ = open_session(path, "cpu")
         outputs.append([session.run(OUTPUT_NAMES, inputs)[0] for inputs in feeds])
     worst = 0.0
     for want, got in zip(*outputs, strict=True):
-        diff = np.abs(got.astype(np.float64) - want)
-        worst = max(worst, float(diff.max()))
-        if not (diff <= tolerance.atol + tolerance.rtol * np.abs(want)).all():
+        measured = tolerance.deviation(got, want)
+        worst = max(worst, measured.max_abs)
+        if not measured.passed:
             raise EdgeExportError(f"{ort_path}: its logits differ from {Path(model_path).name}'s "
-                                  f"(max |diff| {float(diff.max()):.3g}): the ORT-format conversion changed the model")
+                                  f"(max |diff| {measured.max_abs:.3g}): the ORT-format conversion changed the model")
     return worst
 
 
@@ -96,6 +96,48 @@ def _check_models(models: Mapping[str, str | os.PathLike], payload: dict, checkp
     return checked
 
 
+def _reference_model(checkpoint_path: Path, payload: dict,
+                     checked: Mapping[str, tuple[Path, onnx.ModelProto, dict[str, str]]],
+                     adapter_path: Path | None) -> LoRATransformerLM:
+    """The checkpoint's model in the form of the ``checked`` models (one form for all): merged LoRA, or the base
+    with the adapter of ``adapter_path`` attached (None: the bare base)."""
+    forms = {Form(metadata["form"]) for _, _, metadata in checked.values()}
+    if len(forms) > 1:
+        raise EdgeExportError(f"the models mix export forms {sorted(forms)}: compare builds of one export")
+    tensors = None
+    if adapter_path is not None:
+        _, proto, metadata = next(iter(checked.values()))
+        tensors, _ = load_adapter_for(adapter_path, proto, metadata)
+    model = build_model(payload, checkpoint_path)
+    if forms == {Form.MERGED}:
+        merge_lora(model)
+    else:
+        attach_adapter(model, tensors)
+    return model
+
+
+def _quality_row(precision: str, path: Path, session: ort.InferenceSession | None, status: ProviderStatus,
+                 case: Case, reference: np.ndarray, run_options: ort.RunOptions | None) -> dict:
+    """One build's row of ``compare_precisions`` without latency: its logits on ``case`` against ``reference``,
+    judged by TOLERANCES[precision]; metrics None and passed None when ``session`` is None (not run)."""
+    tolerance = TOLERANCES[precision]
+    row = {"precision": precision, "model": str(path), "file_size": model_file_size(path), "provider": status.name,
+           "status": status.status(), "tolerance": tolerance.describe(), "top1_agreement": None,
+           "top1_exact": None, "max_abs": None, "eval_loss_ref": None, "eval_loss": None,
+           "eval_loss_change_pct": None, "latency": [], "passed": None, "failures": []}
+    if session is None:
+        return row
+    feeds = {"input_ids": case.input_ids, "attention_mask": case.attention_mask}
+    got = session.run(OUTPUT_NAMES, feeds, run_options)[0]
+    metrics, _ = compare_logits(got, reference, case.input_ids, case.attention_mask, tolerance)
+    failures = judge(metrics, tolerance)
+    row.update(top1_agreement=metrics.top1_agreement, top1_exact=metrics.top1_exact, max_abs=metrics.max_abs,
+               eval_loss_ref=metrics.loss_ref, eval_loss=metrics.loss_onnx,
+               eval_loss_change_pct=100.0 * (metrics.loss_onnx - metrics.loss_ref) / metrics.loss_ref,
+               passed=not failures, failures=failures)
+    return row
+
+
 def compare_precisions(
     checkpoint_path: str | os.PathLike,
     models: Mapping[str, str | os.PathLike],
@@ -120,59 +162,29 @@ def compare_precisions(
     top1_agreement, top1_exact, max_abs, eval_loss_ref (PyTorch), eval_loss (ONNX Runtime), eval_loss_change_pct
     (100 * (eval_loss - eval_loss_ref) / eval_loss_ref), latency (list of {batch, seq_len, p50_ms, p90_ms}),
     passed and failures (``metrics.judge`` on ``heldout_case``). A model that did not run has None metrics, []
-    latency and passed None. Raises EdgeExportError for models that do not belong to the checkpoint or cannot load.
+    latency and passed None. Raises a LoraExportError (one line) for models that do not belong to the checkpoint
+    or cannot load: EdgeExportError, ParityInputError, CheckpointError, ExportError or AdapterError, by the stage
+    that refused them.
     """
     checkpoint_path = Path(checkpoint_path)
-    try:
-        payload = read_checkpoint(checkpoint_path)
-        checked = _check_models(models, payload, checkpoint_path)
-        forms = {Form(metadata["form"]) for _, _, metadata in checked.values()}
-        if len(forms) > 1:
-            raise EdgeExportError(f"the models mix export forms {sorted(forms)}: compare builds of one export")
-        tensors = None
-        if adapter_path is not None:
-            _, proto, metadata = next(iter(checked.values()))
-            tensors, _ = load_adapter_for(Path(adapter_path), proto, metadata)
-    except (CheckpointError, ExportError, ParityInputError, AdapterError) as err:
-        raise EdgeExportError(str(err)) from None
-
-    model = build_model(payload, checkpoint_path)
-    if forms == {Form.MERGED}:
-        merge_lora(model)
-    else:
-        attach_adapter(model, tensors)
+    payload = read_checkpoint(checkpoint_path)
+    checked = _check_models(models, payload, checkpoint_path)
+    model = _reference_model(checkpoint_path, payload, checked,
+                             Path(adapter_path) if adapter_path is not None else None)
     case = heldout_case(model.config.max_seq_len, windows)
-    input_ids, attention_mask = case.input_ids, case.attention_mask
-    seq_len = input_ids.shape[1]
     with torch.no_grad():
-        reference = model(torch.from_numpy(input_ids), torch.from_numpy(attention_mask)).numpy()
+        reference = model(torch.from_numpy(case.input_ids), torch.from_numpy(case.attention_mask)).numpy()
     run_options, _adapters = activate_adapters(adapter_path) if adapter_path is not None else (None, [])
-    rng = np.random.default_rng(0)
-    latency_inputs = [{"input_ids": rng.integers(0, 256, shape, dtype=np.int64),
-                       "attention_mask": np.ones(shape, np.int64)} for shape in (shapes or [(1, seq_len)])]
-
     rows, sessions = {}, {}
     for precision, (path, _, _) in checked.items():
-        tolerance = TOLERANCES[precision]
-        try:
-            session, status = open_session(path, "cuda" if precision == "fp16" else "cpu")
-        except ParityInputError as err:
-            raise EdgeExportError(str(err)) from None
-        row = {"precision": precision, "model": str(path), "file_size": model_file_size(path), "provider": status.name,
-               "status": status.status(), "tolerance": tolerance.describe(), "top1_agreement": None,
-               "top1_exact": None, "max_abs": None, "eval_loss_ref": None, "eval_loss": None,
-               "eval_loss_change_pct": None, "latency": [], "passed": None, "failures": []}
+        session, status = open_session(path, "cuda" if precision == "fp16" else "cpu")
+        rows[precision] = _quality_row(precision, path, session, status, case, reference, run_options)
         if session is not None:
-            feeds = {"input_ids": input_ids, "attention_mask": attention_mask}
-            got = session.run(OUTPUT_NAMES, feeds, run_options)[0]
-            metrics, _ = compare_logits(got, reference, input_ids, attention_mask, tolerance)
-            failures = judge(metrics, tolerance)
-            row.update(top1_agreement=metrics.top1_agreement, top1_exact=metrics.top1_exact, max_abs=metrics.max_abs,
-                       eval_loss_ref=metrics.loss_ref, eval_loss=metrics.loss_onnx,
-                       eval_loss_change_pct=100.0 * (metrics.loss_onnx - metrics.loss_ref) / metrics.loss_ref,
-                       passed=not failures, failures=failures)
             sessions[precision] = session
-        rows[precision] = row
+    rng = np.random.default_rng(0)
+    shapes = shapes or [(1, case.input_ids.shape[1])]
+    latency_inputs = [{"input_ids": rng.integers(0, 256, shape, dtype=np.int64),
+                       "attention_mask": np.ones(shape, np.int64)} for shape in shapes]
     for precision, session in sessions.items():  # each build in its own warmed block
         for inputs in latency_inputs:
             batch, seq = inputs["input_ids"].shape

@@ -59,7 +59,8 @@ class Latency:
 
 @dataclass
 class ParityResult:
-    """Everything validate() measured; ``status`` is the verdict, ``report_files`` what it wrote."""
+    """Everything validate() measured; ``status`` is the verdict, ``report_files`` what ``validate_and_report`` (or
+    ``report.render.write_reports``) wrote from it."""
 
     status: str  # 'passed', 'failed' or 'not run'
     summary: str  # one line naming the worst case and output when failing

@@ -4,19 +4,22 @@
 (merged: base + merged LoRA; adapter form: the base alone and, given an adapter file, base + that adapter),
 runs seeded cases on ONNX Runtime's CPU provider (and CUDA when asked for or present), and compares
 ``logits`` [batch, seq, 256] at the real (attention_mask = 1) positions of the seeded cases of
-``lora_export.cases`` with the metrics and verdict of ``lora_export.metrics``, and greedily generates bytes from a
-held-out prompt on both (re-running the graph on the growing sequence): the bytes must be identical. An int8 / int4
-model is judged by the rule of the export's precision table wherever it is judged: top-1 agreement and eval loss on
-the held-out prose of ``precisions.heldout_case``; its other cases and greedy bytes are reported, not judged.
+``lora_export.parity.cases`` with the metrics and verdict of ``lora_export.parity.metrics``, and greedily generates
+bytes from a held-out prompt on both (re-running the graph on the growing sequence): the bytes must be identical.
+An int8 / int4 model is judged by the rule of the export's precision table wherever it is judged: top-1 agreement
+and eval loss on the held-out prose of ``precisions.heldout_case``; its other cases and greedy bytes are reported,
+not judged.
 
-The model and adapter must come from the checkpoint (``lora_export.lineage``). What ran is read from each session
-(``lora_export.providers``); a provider that did not run is ``not run: <reason>``, an error when the user asked
-for it explicitly. fp16 models (``lora_export.precision`` metadata) run on every provider that can open them (ONNX
-Runtime's CPU provider runs the fp16 graph, casting where it lacks float16 kernels), held to fp16's limit scaled by
-the logits (``metrics.pass_boundary``). When no provider ran, the result's ``status`` is ``'not run'``: neither passed
-nor failed. Given the edge builds of the model (``precision_models``), the report also carries
-``lora_export.precisions.compare_precisions``'s table across fp32 / fp16 / int8.
-Reports are written by ``lora_export.report``.
+The model and adapter must come from the checkpoint (``lora_export.parity.lineage``). What ran is read from each
+session (``lora_export.parity.sessions``); a provider that did not run is ``not run: <reason>``, an error when the
+user asked for it explicitly. fp16 models (``lora_export.precision`` metadata) run on every provider that can open
+them (ONNX Runtime's CPU provider runs the fp16 graph, casting where it lacks float16 kernels), held to fp16's limit
+scaled by the logits (``metrics.pass_boundary``). When no provider ran, the result's ``status`` is ``'not run'``:
+neither passed nor failed. Given the edge builds of the model (``precision_models``), the result also carries
+``lora_export.parity.precisions.compare_precisions``'s table across fp32 / fp16 / int8.
+
+validate() writes no file: it returns a ParityResult, whose reports ``lora_export.report.render.write_reports``
+writes (``lora_export.pipeline.validate_and_report`` does both, as the command line does).
 """
 
 from __future__ import annotations
@@ -24,40 +27,23 @@ from __future__ import annotations
 import functools
 import os
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
-from datetime import datetime, timezone
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 import torch
 
-from ..corpus import read_text_files, text_files
-from ..errors import (
-    CheckpointError,
-    EdgeExportError,
-    ExportError,
-    OutputError,
-    ParityInputError,
-    ProviderUnavailableError,
-    first_line,
-)
+from ..errors import ParityInputError, ProviderUnavailableError
 from ..export.adapters import activate_adapters, attach_adapter
-from ..export.convert import load_onnx, read_metadata
 from ..export.tracing import OUTPUT_NAMES
-from ..files import check_output_dir, file_sha256
-from ..genai.decoder import read_decoder_dir
-from ..layout import ADAPTER_FILE, MODEL_FILE, REPORT_FILES, Form, default_report_dir, model_files
-from ..machine import machine_record
-from ..model.checkpoint import build_model, read_checkpoint
+from ..layout import Form
+from ..model.checkpoint import build_model
 from ..model.layers import merge_lora
-from ..model.transformer import VOCAB_SIZE, LoRATransformerLM
-from ..progress import progress_bar
-from ..report.render import counted, precision_verdicts, write_reports
-from .cases import generation_prompt, parity_cases
-from .decode import decode_parity
-from .lineage import adapter_lineage, check_model_matches, load_adapter_for
+from ..model.transformer import VOCAB_SIZE, LoRATransformerLM, ModelConfig
+from ..progress import Progress, as_progress
+from .cases import Case, generation_prompt, parity_cases, show_bytes
+from .lineage import adapter_lineage, load_adapter_for
 from .metrics import (
     ERROR_HISTOGRAM_EDGES,
     LATENCY_MAX_SEQ,
@@ -67,16 +53,17 @@ from .metrics import (
     compare_logits,
     judge,
     percentiles_ms,
-    resolve_tolerance,
 )
 from .precisions import HELDOUT_CASE, compare_precisions, heldout_case
-from .results import Comparison, DecodeRun, Generation, Latency, ParityResult
-from .sessions import PROVIDERS, ProviderStatus, normalize_providers, open_session
+from .results import Comparison, Generation, Latency, ParityResult
+from .sessions import ProviderStatus, normalize_providers, open_session
+from .subject import Subject, read_subject, validation_text
+from .validate_decoder import validate_decoder
+from .verdict import conclude, pass_rule, scoring_summary
 
 GENERATE_BYTES = 24
 PROMPT_BYTES = 16
 ORT_FORMAT_ID = b"ORTM"  # the flatbuffer file identifier of an ORT-format model, at bytes 4..8
-
 
 @dataclass
 class _Variant:
@@ -88,38 +75,47 @@ class _Variant:
     adapter: ort.LoraAdapter | None = None  # kept alive while run_options refers to it
 
 
-def pass_rule(tolerance: Tolerance, generate_bytes: int) -> str:
-    """The pass rule in words, as written in the reports."""
-    if not tolerance.elementwise:
-        return (f"PASS when, for every variant and provider that ran, on the held-out prose windows (case "
-                f"'{HELDOUT_CASE}', the rule of the export's precision table): next-byte top-1 agreement >= "
-                f"{tolerance.top1_min:.0%}, |eval loss(onnx) - eval loss(torch)| <= {tolerance.loss_delta_max:g} "
-                "nats/byte and no NaN or Inf. Every other case is held to no NaN or Inf only: its element-wise "
-                f"metrics and the {generate_bytes} greedily generated bytes are reported, not judged. A provider that "
-                "did not run is reported as 'not run', never as passed.")
-    parts = ["for every variant, provider that ran and case:"]
-    if tolerance.atol is not None:
-        basis = tolerance.limit_basis()
-        parts.append(f"every logit at a real position satisfies |onnx - torch| <= atol + rtol * |torch| "
-                     f"({tolerance.limits('torch')}{f'; {basis}' if basis else ''});")
-    parts.append("no NaN or Inf;")
-    parts.append(f"next-byte top-1 agreement >= {tolerance.top1_min:.0%} of real positions (ONNX's argmax must be "
-                 "the reference's top byte, or tie with it within the tolerance);")
-    if tolerance.loss_delta_max is not None:
-        parts.append(f"|eval loss(onnx) - eval loss(torch)| <= {tolerance.loss_delta_max:g} nats/byte;")
-    parts.append(f"and {generate_bytes} greedily generated bytes are "
-                 + ("identical." if tolerance.exact_bytes else "reported, free to drift (reduced precision).")
-                 + " A provider that did not run is "
-                 "reported as 'not run', never as passed.")
-    return "PASS when, " + " ".join(parts)
+@dataclass
+class _Inputs:
+    """The seeded inputs every variant and provider runs: the cases, the generation prompt [1, P] and its length
+    to generate, the latency input [1, N] and its number of timed runs."""
+
+    cases: list[Case]
+    prompt: np.ndarray
+    generate_bytes: int
+    latency_ids: np.ndarray
+    latency_runs: int
+
+
+@dataclass
+class _Measured:
+    """What the runs of a scoring graph measured, filled in variant by variant."""
+
+    comparisons: list[Comparison] = field(default_factory=list)
+    generations: list[Generation] = field(default_factory=list)
+    latencies: list[Latency] = field(default_factory=list)
+    histograms: dict[str, np.ndarray] = field(default_factory=dict)  # '<variant> | <provider>' -> counts
+
+
+# --------------------------------------------------------------------------- arguments and data
+
+
+def _check_arguments(model_path: Path, generate_bytes: int, latency_runs: int) -> None:
+    """Refuse (ParityInputError, one line) counts below 1, and an ORT-format model (``--ort-format``), which is not
+    ONNX, saying how to validate it."""
+    if generate_bytes < 1 or latency_runs < 1:
+        raise ParityInputError(f"generate_bytes and latency_runs must be >= 1, got {generate_bytes}, {latency_runs}")
+    is_ort = model_path.suffix == ".ort"
+    if not is_ort and model_path.is_file():
+        with open(model_path, "rb") as file:
+            is_ort = file.read(8)[4:] == ORT_FORMAT_ID
+    if is_ort:
+        raise ParityInputError(f"{model_path}: an ORT-format model, not ONNX: validate the .onnx it was converted "
+                               f"from (lora-export validate {model_path.with_suffix('.onnx')} --checkpoint ...); the "
+                               "export checks each .ort against its .onnx")
 
 
 # --------------------------------------------------------------------------- runs
-
-
-def _show_bytes(data: np.ndarray) -> str:
-    """Bytes [n] for a report: printable ASCII as is, everything else (and the backslash) as \\xNN."""
-    return "".join(chr(b) if 32 <= b < 127 and b != 92 else f"\\x{b:02x}" for b in data.tolist())
 
 
 def _run(session: ort.InferenceSession, variant: _Variant, input_ids: np.ndarray,
@@ -163,116 +159,139 @@ def _variants(form: Form, adapter_path: Path | None, tensors: dict[str, np.ndarr
     return variants
 
 
-def _pass_detail(comparisons: list[Comparison], worst: Comparison, tolerance: Tolerance, ran: list[str]) -> str:
-    """What a PASS rests on: the comparisons within the tolerance and the worst one's headroom."""
-    where = f"(case '{worst.case}', variant {worst.variant}, {worst.provider})"
-    if tolerance.elementwise:
-        headroom = "" if worst.metrics.tolerance_used is None else (
-            f", worst {worst.metrics.tolerance_used:.1%} of the tolerance {where}")
-        return (f"{counted(len(comparisons), 'comparison')} on {', '.join(ran)} within {tolerance.describe()}"
-                f"{headroom}; greedy generation {'identical' if tolerance.exact_bytes else 'reported'}")
-    judged = sum(c.judged for c in comparisons)
-    metrics = worst.metrics
-    loss = "" if metrics.loss_ref is None else f", eval loss {metrics.loss_ref:.4f} -> {metrics.loss_onnx:.4f}"
-    return (f"{counted(judged, 'held-out prose comparison')} on {', '.join(ran)} within {tolerance.describe()}, "
-            f"worst top-1 {metrics.top1_agreement:.1%}{loss} {where}; the other "
-            f"{counted(len(comparisons) - judged, 'comparison')} and greedy generation reported, not judged")
+# --------------------------------------------------------------------------- the steps of validate()
 
 
-def _summary(status: str, comparisons: list[Comparison], worst: Comparison | None, failures: list[str],
-             providers: list[ProviderStatus], tolerance: Tolerance, precisions: list[dict] | None) -> str:
-    """One line: PASS with the tolerance headroom, FAIL naming the worst case and output, or NOT RUN; then the
-    edge builds' verdicts (``precisions``) and the providers that did not run."""
-    not_run = "; ".join(f"{p.name} {p.brief()}" for p in providers if not p.ran)
-    ran = [p.name for p in providers if p.ran]
-    if status == "not run":
-        return f"NOT RUN: no execution provider could run the model; {not_run}"
-    if status == "passed":
-        line = f"PASS: {_pass_detail(comparisons, worst, tolerance, ran)}"
-    elif worst is not None and worst.failures:
-        line = (f"FAIL: worst case '{worst.case}', output '{worst.output}' (variant {worst.variant}, "
-                f"{worst.provider}): {worst.failures[0]}; {counted(len(failures), 'failing check')}")
-    else:
-        line = f"FAIL: {failures[0]}; {counted(len(failures), 'failing check')}"
-    builds = precision_verdicts(precisions or [])
-    return "; ".join(part for part in (line, builds and f"precisions: {builds}", not_run) if part)
+def _open_sessions(model_path: Path, providers: Sequence[str] | None, explicit: bool
+                   ) -> tuple[dict[str, ort.InferenceSession], list[ProviderStatus]]:
+    """({provider name: session} of the providers that run the model, the status of every provider requested);
+    with ``explicit`` one that cannot run raises ProviderUnavailableError."""
+    sessions, statuses = {}, []
+    for provider in normalize_providers(providers):
+        session, status = open_session(model_path, provider)
+        if not status.ran and explicit:
+            raise ProviderUnavailableError(f"{status.name} was requested but cannot run: {status.reason}")
+        statuses.append(status)
+        if session is not None:
+            sessions[status.name] = session
+    return sessions, statuses
 
 
-def _progress_callback(progress: bool | Callable[[int, int, str], None], total: int
-                       ) -> tuple[Callable[[int, str], None], Callable[[], None]]:
-    """(report(done, label), close()) for a tqdm bar (progress=True), a callback, or nothing."""
-    if callable(progress):
-        return (lambda done, label: progress(done, total, label)), (lambda: None)
-    if not progress:
-        return (lambda done, label: None), (lambda: None)
-    bar = progress_bar(total=total, desc="parity", unit="case", leave=False)
-
-    def report(done: int, label: str) -> None:
-        bar.set_postfix_str(label, refresh=False)
-        bar.update(done - bar.n)
-
-    return report, bar.close
+def _adapter_tensors(subject: Subject) -> dict[str, np.ndarray] | None:
+    """The tensors of the adapter given (None without one), checked against the model's LoRA inputs."""
+    if subject.adapter_path is None:
+        return None
+    tensors, notes = load_adapter_for(subject.adapter_path, subject.proto, subject.metadata)
+    subject.notes += notes
+    return tensors
 
 
-def _checked_report_dir(report_dir: str | os.PathLike | None, model: Path, inputs: list[Path]) -> Path:
-    """The report directory (default beside ``model``), refused (ParityInputError) before any work when it cannot
-    be written or its files would replace one of ``inputs``."""
-    report_dir = Path(report_dir) if report_dir is not None else default_report_dir(model)
+def _reference_model(subject: Subject, tensors: dict[str, np.ndarray] | None
+                     ) -> tuple[LoRATransformerLM, list[str]]:
+    """(the PyTorch reference in the export's form, the lineage failures of the adapter given): the adapter file
+    must hold the checkpoint's trained weights, not just run."""
+    model = build_model(subject.payload, subject.checkpoint_path)
+    failures = []
+    if tensors is not None:
+        failures, notes = adapter_lineage(subject.adapter_path, tensors, model, subject.checkpoint_path)
+        subject.notes += notes
+    if subject.form is Form.MERGED:
+        merge_lora(model)
+    return model, failures
+
+
+def _seeded_inputs(config: ModelConfig, seed: int, text: bytes | None, source: str, tolerance: Tolerance,
+                   generate_bytes: int, latency_runs: int) -> _Inputs:
+    """The cases (int8 / int4: with the held-out prose they are judged on), the generation prompt and the latency
+    input, seeded by ``seed``; raises ParityInputError for a validation text too short for the cases."""
     try:
-        check_output_dir(report_dir, REPORT_FILES.values(), inputs)
-    except OutputError as err:
+        cases = parity_cases(config, seed, text, source)
+    except ValueError as err:  # the text is the user's --data: a bad input, not a bug
         raise ParityInputError(str(err)) from None
-    return report_dir
+    if not tolerance.elementwise:
+        cases.append(heldout_case(config.max_seq_len))
+    rng = np.random.default_rng(seed + 1)
+    # the prompt leaves room for the generated bytes: learned positions end at max_seq_len, nothing is cropped
+    prompt = generation_prompt(max(1, min(PROMPT_BYTES, config.max_seq_len - generate_bytes)), rng, text)
+    latency_ids = rng.integers(0, VOCAB_SIZE, size=(1, min(LATENCY_MAX_SEQ, config.max_seq_len)), dtype=np.int64)
+    return _Inputs(cases, prompt, generate_bytes, latency_ids, latency_runs)
 
 
-def _with_reports(result: ParityResult, report_dir: Path) -> ParityResult:
-    """Record the sha256 of the checkpoint and adapter validated (compare-reports tells runs of other files by
-    them), write the result's reports into ``report_dir`` (made if missing) and return it."""
-    result.checkpoint_sha256 = file_sha256(result.checkpoint_path)
-    if result.adapter_path is not None:
-        result.adapter_sha256 = file_sha256(result.adapter_path)
+def _latency(variant: str, backend: str, step: Callable[[], object], inputs: _Inputs) -> Latency:
+    """p50 / p90 of ``step``, one forward pass of the latency input on ``backend``."""
+    return Latency(variant, backend, 1, inputs.latency_ids.shape[1], LATENCY_WARMUP, inputs.latency_runs,
+                   *percentiles_ms(step, LATENCY_WARMUP, inputs.latency_runs))
+
+
+def _compare_cases(session: ort.InferenceSession, provider: str, variant: _Variant, references: list[np.ndarray],
+                   inputs: _Inputs, tolerance: Tolerance, measured: _Measured, progress: Progress,
+                   total: int) -> None:
+    """Every case on ``session`` against its PyTorch reference logits, judged (an int8 / int4 model: judged on the
+    held-out prose alone, the other cases held to no NaN or Inf) and counted into the error histogram."""
+    reported_only = replace(tolerance, top1_min=0.0, loss_delta_max=None)
+    for case, reference in zip(inputs.cases, references, strict=True):
+        got = _run(session, variant, case.input_ids, case.attention_mask)
+        metrics, counts = compare_logits(got, reference, case.input_ids, case.attention_mask, tolerance)
+        judged = tolerance.elementwise or case.name == HELDOUT_CASE
+        failures = judge(metrics, tolerance if judged else reported_only)
+        measured.comparisons.append(Comparison(variant.name, provider, case.name, OUTPUT_NAMES[0], metrics,
+                                               not failures, failures, judged))
+        measured.histograms[f"{variant.name} | {provider}"] += counts
+        progress.advance(len(measured.comparisons), total, f"{variant.name}/{provider}/{case.name}")
+
+
+def _generation(session: ort.InferenceSession, provider: str, variant: _Variant, model: LoRATransformerLM,
+                inputs: _Inputs) -> Generation:
+    """Greedy bytes from the prompt on ``session`` and on PyTorch, and where they first differ."""
+    ref_bytes, onnx_bytes = greedy_generation(session, variant, model, inputs.prompt, inputs.generate_bytes)
+    mismatch = np.flatnonzero(ref_bytes != onnx_bytes)
+    return Generation(variant.name, provider, show_bytes(inputs.prompt[0]), show_bytes(ref_bytes),
+                      show_bytes(onnx_bytes), not mismatch.size, int(mismatch[0]) if mismatch.size else None)
+
+
+def _measure(model: LoRATransformerLM, form: Form, variants: list[_Variant],
+             sessions: dict[str, ort.InferenceSession], inputs: _Inputs, tolerance: Tolerance,
+             progress: Progress) -> _Measured:
+    """Each variant on PyTorch and on every session: the cases compared, the greedy generation, the latency of
+    each backend (timed in its own block). No session: nothing to compare or time."""
+    measured = _Measured(histograms={f"{v.name} | {name}": np.zeros(len(ERROR_HISTOGRAM_EDGES) - 1, np.int64)
+                                     for v in variants for name in sessions})
+    total = len(variants) * len(sessions) * len(inputs.cases)
+    latency_mask = np.ones_like(inputs.latency_ids)
     try:
-        result.report_files = write_reports(result, report_dir)
-    except OSError as err:
-        raise ParityInputError(f"{report_dir}: cannot write the report: {err.strerror or err}") from None
-    return result
+        for variant in variants if sessions else []:
+            if form is Form.ADAPTERS:
+                attach_adapter(model, variant.tensors)
+            references = [_reference(model, case.input_ids, case.attention_mask) for case in inputs.cases]
+            step = functools.partial(_reference, model, inputs.latency_ids, latency_mask)
+            measured.latencies.append(_latency(variant.name, "PyTorch eager (CPU)", step, inputs))
+            for name, session in sessions.items():
+                _compare_cases(session, name, variant, references, inputs, tolerance, measured, progress, total)
+                measured.generations.append(_generation(session, name, variant, model, inputs))
+                step = functools.partial(_run, session, variant, inputs.latency_ids, latency_mask)
+                measured.latencies.append(_latency(variant.name, f"ORT {name}", step, inputs))
+    finally:
+        progress.close()
+    return measured
 
 
-def _model_and_checkpoint(model_path: Path, checkpoint_path: Path) -> tuple[onnx.ModelProto, dict, dict, list[str]]:
-    """(graph, checkpoint dict, lora_export metadata, notes) of a model that comes from the checkpoint; raises
-    ParityInputError (one line) for unreadable files or a model the checkpoint did not produce."""
-    try:
-        proto = load_onnx(model_path)
-        payload = read_checkpoint(checkpoint_path)
-    except (ExportError, CheckpointError) as err:
-        raise ParityInputError(str(err)) from None
-    metadata = read_metadata(proto)
-    return proto, payload, metadata, check_model_matches(proto, metadata, payload, model_path, checkpoint_path)
+def _failures(measured: _Measured, precisions: list[dict] | None, tolerance: Tolerance) -> list[str]:
+    """Every failing check of a scoring graph in words: comparisons, greedy bytes (where judged), edge builds."""
+    failures = [f"case '{c.case}', output '{c.output}' (variant {c.variant}, {c.provider}): {reason}"
+                for c in measured.comparisons for reason in c.failures]
+    failures += [f"greedy generation differs (variant {g.variant}, {g.provider}) from generated byte "
+                 f"{g.first_mismatch}: torch '{g.reference}' vs onnx '{g.onnx}'"
+                 for g in measured.generations if not g.identical and tolerance.exact_bytes]
+    return failures + [f"precision {row['precision']} ({row['provider']}): {reason}"
+                       for row in precisions or [] for reason in row["failures"]]
 
 
-def _refuse_ort_format(model_path: Path) -> None:
-    """An ORT-format model (``--ort-format``) is not ONNX: refuse it with one line saying how to validate it."""
-    is_ort = model_path.suffix == ".ort"
-    if not is_ort and model_path.is_file():
-        with open(model_path, "rb") as file:
-            is_ort = file.read(8)[4:] == ORT_FORMAT_ID
-    if is_ort:
-        raise ParityInputError(f"{model_path}: an ORT-format model, not ONNX: validate the .onnx it was converted "
-                               f"from (lora-export validate {model_path.with_suffix('.onnx')} --checkpoint ...); the "
-                               "export checks each .ort against its .onnx")
-
-
-def validation_text(data: Sequence[str | os.PathLike]) -> tuple[list[Path], bytes | None, str]:
-    """(the files, their text, its source for the reports) of the user's ``--data`` paths (directories walked once,
-    so the files read are the ones checked against the outputs); (files [], None, 'held-out prose') without them.
-    Raises ParityInputError (one line)."""
-    try:
-        files = text_files(data)
-        text = read_text_files(files) if files else None
-    except (OSError, ValueError) as err:
-        raise ParityInputError(str(err)) from None
-    source = "your data: " + ", ".join(Path(path).name for path in data) if data else "held-out prose"
-    return files, text, source
+def _worst(comparisons: list[Comparison]) -> Comparison | None:
+    """The most severe failing comparison; on a pass (named too) the judged comparison closest to its limit."""
+    failing = [c for c in comparisons if not c.passed]
+    return max(failing or [c for c in comparisons if c.judged],
+               key=lambda c: (not c.metrics.finite, c.metrics.tolerance_used or 0.0, -c.metrics.top1_agreement),
+               default=None)
 
 
 def validate(
@@ -284,266 +303,55 @@ def validate(
     explicit_providers: bool = False,
     atol: float | None = None,
     rtol: float | None = None,
-    report_dir: str | os.PathLike | None = None,
     seed: int = 0,
-    progress: bool | Callable[[int, int, str], None] = False,
+    progress: Progress | bool | Callable[[int, int, str], None] = False,
     generate_bytes: int = GENERATE_BYTES,
     latency_runs: int = LATENCY_RUNS,
     precision_models: Mapping[str, str | os.PathLike] | None = None,
     data: Sequence[str | os.PathLike] = (),
 ) -> ParityResult:
-    """Check an exported ONNX model against its checkpoint on ONNX Runtime and write the parity reports.
+    """Check an exported ONNX model (or a genai decoder directory: ``validate_decoder``) against its checkpoint on
+    ONNX Runtime; writes no file (reports: ``lora_export.pipeline.validate_and_report``).
 
-    providers: 'cpu' / 'cuda' (or full provider names); CPU always runs; None means CPU plus CUDA when a
-    CUDA session really gets CUDAExecutionProvider. explicit_providers: the user named the providers
-    (``--providers``): one that cannot run raises ProviderUnavailableError instead of a 'not run' line.
-    atol / rtol override the precision's TOLERANCES entry (the precision is the model's
-    ``lora_export.precision`` metadata, fp32 when absent).
-    report_dir defaults to ``<model stem>_parity/`` beside the model. progress: True for a tqdm bar on stderr,
-    or a callback(done, total, label) per case. precision_models: {precision: .onnx path} of builds of the
-    same export (e.g. fp32 / fp16 / int8) for the report's precision table, measured by
-    ``lora_export.precisions.compare_precisions`` with ``latency_runs`` timed runs. data: the user's text files (as
-    ``lora-train --data``; directories of them too) for the real-text cases and the generation prompt instead of
-    the built-in held-out prose; the cases' ``source`` and a note name them.
+    providers: 'cpu' / 'cuda' (or full provider names); CPU always runs; None means CPU plus CUDA when a CUDA
+    session really gets CUDAExecutionProvider. explicit_providers: the user named them (``--providers``): one that
+    cannot run raises ProviderUnavailableError instead of a 'not run' line. atol / rtol override the tolerance of
+    the model's precision (its ``lora_export.precision`` metadata, fp32 when absent). progress: a Progress
+    advanced per case, True for a bar on stderr, or a callback(done, total, label). precision_models: {precision:
+    .onnx path} of builds of the same export for the precision table (``precisions.compare_precisions``,
+    ``latency_runs`` timed runs). data: the user's text files or directories (as ``lora-train --data``) for the
+    real-text cases and the generation prompt instead of the built-in held-out prose (named in the cases' source).
 
     Returns the ParityResult (``status`` 'passed' / 'failed' / 'not run' when no provider could run the model,
-    ``summary``, ``report_files``); raises ParityInputError for inputs that cannot be validated (CLI exit 2).
-    """
-    if generate_bytes < 1 or latency_runs < 1:
-        raise ParityInputError(f"generate_bytes and latency_runs must be >= 1, got {generate_bytes}, {latency_runs}")
+    ``summary``); raises a LoraExportError for inputs that cannot be validated (CLI exit 2)."""
     model_path, checkpoint_path = Path(model_path), Path(checkpoint_path)
     adapter_path = Path(adapter_path) if adapter_path is not None else None
-    _refuse_ort_format(model_path)
+    _check_arguments(model_path, generate_bytes, latency_runs)
     if model_path.is_dir():
         return validate_decoder(model_path, checkpoint_path, adapter_path=adapter_path, providers=providers,
-                                explicit_providers=explicit_providers, atol=atol, rtol=rtol, report_dir=report_dir,
-                                seed=seed, data=data)
-    data_files, text, source = validation_text(data)
-    proto, payload, metadata, notes = _model_and_checkpoint(model_path, checkpoint_path)
+                                explicit_providers=explicit_providers, atol=atol, rtol=rtol, seed=seed, data=data)
+    _, text, source = validation_text(data)
+    subject = read_subject(model_path, model_path, checkpoint_path, adapter_path, atol, rtol)
     if data:
-        notes.append(f"real-text cases and the generation prompt come from {source} ({len(text):,} bytes), "
-                     "not the built-in held-out prose")
-    form = Form(metadata["form"])
-    precision = metadata.get("precision", "fp32")
-    tolerance = resolve_tolerance(precision, atol, rtol)
-    tensors = None
-    if adapter_path is not None:
-        tensors, adapter_notes = load_adapter_for(adapter_path, proto, metadata)
-        notes += adapter_notes
-    requested = normalize_providers(providers)
-    report_dir = _checked_report_dir(report_dir, model_path, [*model_files(model_path), checkpoint_path,
-                                                             *model_files(adapter_path=adapter_path),
-                                                             *data_files])
-
-    sessions, statuses = {}, []
-    for provider in requested:
-        session, status = open_session(model_path, provider)
-        if not status.ran and explicit_providers:
-            raise ProviderUnavailableError(f"{status.name} was requested but cannot run: {status.reason}")
-        statuses.append(status)
-        if session is not None:
-            sessions[status.name] = session
-
-    precisions = None
-    if precision_models:
-        try:
-            precisions = compare_precisions(checkpoint_path, precision_models, adapter_path=adapter_path,
-                                            runs=latency_runs)
-        except EdgeExportError as err:
-            raise ParityInputError(str(err)) from None
-
-    model = build_model(payload, checkpoint_path)
-    lineage_failures = []
-    if tensors is not None:  # the adapter file must hold the checkpoint's trained weights, not just run
-        lineage_failures, lineage_notes = adapter_lineage(adapter_path, tensors, model, checkpoint_path)
-        notes += lineage_notes
-    if form is Form.MERGED:
-        merge_lora(model)
-    variants = _variants(form, adapter_path, tensors)
-    try:
-        cases = parity_cases(model.config, seed, text, source)
-    except ValueError as err:
-        raise ParityInputError(str(err)) from None
-    if not tolerance.elementwise:  # int8 / int4: judged on held-out prose by the export's precision rule
-        cases.append(heldout_case(model.config.max_seq_len))
-    reported_only = replace(tolerance, top1_min=0.0, loss_delta_max=None)  # what is left to judge: NaN / Inf
-    rng = np.random.default_rng(seed + 1)
-    # the prompt leaves room for the generated bytes: learned positions end at max_seq_len, nothing is cropped
-    prompt = generation_prompt(max(1, min(PROMPT_BYTES, model.config.max_seq_len - generate_bytes)), rng, text)
-    latency_seq = min(LATENCY_MAX_SEQ, model.config.max_seq_len)
-    latency_ids = rng.integers(0, VOCAB_SIZE, size=(1, latency_seq), dtype=np.int64)
-    latency_mask = np.ones_like(latency_ids)
-
-    comparisons, generations, latencies = [], [], []
-    histograms = {f"{variant.name} | {name}": np.zeros(len(ERROR_HISTOGRAM_EDGES) - 1, np.int64)
-                  for variant in variants for name in sessions}
-    total = len(variants) * len(sessions) * len(cases)
-    report_progress, close_progress = _progress_callback(progress, total)
-    try:
-        for variant in variants if sessions else []:  # no provider ran: nothing to compare or time
-            if form is Form.ADAPTERS:
-                attach_adapter(model, variant.tensors)
-            references = [_reference(model, case.input_ids, case.attention_mask) for case in cases]
-            step = functools.partial(_reference, model, latency_ids, latency_mask)
-            latencies.append(Latency(variant.name, "PyTorch eager (CPU)", 1, latency_seq, LATENCY_WARMUP,
-                                     latency_runs, *percentiles_ms(step, LATENCY_WARMUP, latency_runs)))
-            for name, session in sessions.items():
-                for case, reference in zip(cases, references, strict=True):
-                    got = _run(session, variant, case.input_ids, case.attention_mask)
-                    metrics, counts = compare_logits(got, reference, case.input_ids, case.attention_mask,
-                                                     tolerance)
-                    judged = tolerance.elementwise or case.name == HELDOUT_CASE
-                    failures = judge(metrics, tolerance if judged else reported_only)
-                    comparisons.append(Comparison(variant.name, name, case.name, OUTPUT_NAMES[0], metrics,
-                                                  not failures, failures, judged))
-                    histograms[f"{variant.name} | {name}"] += counts
-                    report_progress(len(comparisons), f"{variant.name}/{name}/{case.name}")
-                ref_bytes, onnx_bytes = greedy_generation(session, variant, model, prompt, generate_bytes)
-                mismatch = np.flatnonzero(ref_bytes != onnx_bytes)
-                generations.append(Generation(variant.name, name, _show_bytes(prompt[0]), _show_bytes(ref_bytes),
-                                              _show_bytes(onnx_bytes), not mismatch.size,
-                                              int(mismatch[0]) if mismatch.size else None))
-                step = functools.partial(_run, session, variant, latency_ids, latency_mask)
-                latencies.append(Latency(variant.name, f"ORT {name}", 1, latency_seq, LATENCY_WARMUP, latency_runs,
-                                         *percentiles_ms(step, LATENCY_WARMUP, latency_runs)))
-    finally:
-        close_progress()
-
-    failures = [f"case '{c.case}', output '{c.output}' (variant {c.variant}, {c.provider}): {reason}"
-                for c in comparisons for reason in c.failures]
-    failures += [f"greedy generation differs (variant {g.variant}, {g.provider}) from generated byte "
-                 f"{g.first_mismatch}: torch '{g.reference}' vs onnx '{g.onnx}'"
-                 for g in generations if not g.identical and tolerance.exact_bytes]
-    failures += [f"precision {row['precision']} ({row['provider']}): {reason}"
-                 for row in precisions or [] for reason in row["failures"]]
-    failures += lineage_failures
-    failing = [c for c in comparisons if not c.passed]
-    # the worst case is named on a pass too: the judged comparison closest to its limit
-    worst = max(failing or [c for c in comparisons if c.judged],
-                key=lambda c: (not c.metrics.finite, c.metrics.tolerance_used or 0.0, -c.metrics.top1_agreement),
-                default=None)
-    verdict = "not run" if not sessions else "failed" if failures else "passed"
-    result = ParityResult(
-        status=verdict, summary=_summary(verdict, comparisons, worst, failures, statuses, tolerance, precisions),
-        model_path=model_path, checkpoint_path=checkpoint_path, adapter_path=adapter_path, form=form,
-        precision=precision, tolerance=tolerance, pass_rule=pass_rule(tolerance, generate_bytes), seed=seed,
-        model_metadata=metadata, providers=statuses, variants=[v.name for v in variants], cases=cases,
-        comparisons=comparisons, generations=generations, latencies=latencies, failures=failures, worst=worst,
-        notes=notes, error_histograms=histograms,
-        created=datetime.now(timezone.utc).isoformat(timespec="seconds"), precisions=precisions,
-        report_dir=report_dir, environment=machine_record(),
-    )
-    return _with_reports(result, report_dir)
+        subject.notes.append(f"real-text cases and the generation prompt come from {source} ({len(text):,} bytes), "
+                             "not the built-in held-out prose")
+    tensors = _adapter_tensors(subject)
+    sessions, statuses = _open_sessions(model_path, providers, explicit_providers)
+    precisions = None if not precision_models else compare_precisions(
+        checkpoint_path, precision_models, adapter_path=adapter_path, runs=latency_runs)
+    model, lineage_failures = _reference_model(subject, tensors)
+    variants = _variants(subject.form, adapter_path, tensors)
+    inputs = _seeded_inputs(model.config, seed, text, source, subject.tolerance, generate_bytes, latency_runs)
+    measured = _measure(model, subject.form, variants, sessions, inputs, subject.tolerance,
+                        as_progress(progress, "parity", unit="case", leave=False))
+    failures = _failures(measured, precisions, subject.tolerance) + lineage_failures
+    worst = _worst(measured.comparisons)
+    return conclude(
+        subject, statuses, failures,
+        lambda status: scoring_summary(status, measured.comparisons, worst, failures, statuses, subject.tolerance,
+                                       precisions),
+        pass_rule=pass_rule(subject.tolerance, generate_bytes), seed=seed, variants=[v.name for v in variants],
+        cases=inputs.cases, comparisons=measured.comparisons, generations=measured.generations,
+        latencies=measured.latencies, worst=worst, error_histograms=measured.histograms, precisions=precisions)
 
 
-def decode_pass_rule(tolerance: Tolerance) -> str:
-    """The pass rule of decode parity in words, as written in the reports."""
-    against = ("against the PyTorch full forward over the same prefix (the end-of-sequence byte's logit, which genai "
-               "overwrites, left out)")
-    if tolerance.atol is None:
-        return (f"PASS when, for every variant and provider that ran, the argmax of the logits onnxruntime-genai "
-                f"returns at each decoding step is the argmax {against} at >= {tolerance.top1_min:.0%} of the steps, "
-                "with no NaN or Inf; the generated bytes are reported, free to drift from PyTorch's.")
-    basis = tolerance.limit_basis()
-    return (f"PASS when, for every variant and provider that ran, the logits onnxruntime-genai returns at every "
-            f"decoding step satisfy |genai - torch| <= atol + rtol * |torch| ({tolerance.limits('torch')}"
-            f"{f'; {basis}' if basis else ''}) {against}, the argmax agrees at >= {tolerance.top1_min:.0%} of the "
-            "steps, and "
-            + ("the greedy bytes equal PyTorch's greedy generation to the end of the context." if tolerance.exact_bytes
-               else
-               "the generated bytes are reported, free to drift from PyTorch's (reduced precision)."))
-
-
-def validate_decoder(
-    model_dir: Path,
-    checkpoint_path: Path,
-    *,
-    adapter_path: Path | None = None,
-    providers: Sequence[str] | None = None,
-    explicit_providers: bool = False,
-    atol: float | None = None,
-    rtol: float | None = None,
-    report_dir: str | os.PathLike | None = None,
-    seed: int = 0,
-    data: Sequence[str | os.PathLike] = (),
-) -> ParityResult:
-    """validate() for a genai decoder directory (``lora-export --genai``): decode parity through onnxruntime-genai
-    (``lora_export.decode_parity``) on each provider; in the adapter form base, the adapter under test and base
-    again on one loaded model. The adapter under test is ``adapter_path`` when given, else the directory's own
-    model.onnx_adapter; it must hold the checkpoint's trained LoRA (``lineage.adapter_lineage``), and failures name
-    that file. The directory is read as data first (``decoder.read_decoder_dir``). data: as validate()'s, for the
-    decode prompt (recorded with its source in each run). Reports as validate()."""
-    try:
-        read_decoder_dir(model_dir)
-    except ExportError as err:
-        raise ParityInputError(str(err)) from None
-    data_files, text, source = validation_text(data)
-    model_path = model_dir / MODEL_FILE
-    proto, payload, metadata, notes = _model_and_checkpoint(model_path, checkpoint_path)
-    form = Form(metadata["form"])
-    if adapter_path is not None and form is not Form.ADAPTERS:
-        raise ParityInputError(f"--adapter needs an adapter-form decoder; this one was exported {form}")
-    precision = metadata.get("precision", "fp32")
-    tolerance = resolve_tolerance(precision, atol, rtol)
-    own = model_dir / ADAPTER_FILE
-    under_test = adapter_path if adapter_path is not None else own if form is Form.ADAPTERS and own.is_file() else None
-    adapters, lineage_failures = {}, []
-    model = build_model(payload, checkpoint_path)
-    if under_test is not None:
-        tensors, adapter_notes = load_adapter_for(under_test, proto, metadata)
-        adapters["trained" if adapter_path is None else adapter_path.stem] = (under_test, tensors)
-        lineage_failures, lineage_notes = adapter_lineage(under_test, tensors, model, checkpoint_path)
-        notes += adapter_notes + lineage_notes
-    report_dir = _checked_report_dir(report_dir, model_dir, [*model_files(model_path), checkpoint_path,
-                                                            *model_files(adapter_path=adapter_path), *data_files])
-    length = min(model.config.local_attn_window_size + 8, model.config.max_seq_len // 2)
-    if text is not None and len(text) <= length:
-        raise ParityInputError(f"the validation text ({source}) has {len(text)} bytes; the decode prompt needs "
-                               f"more than {length}")
-    if text is not None:
-        notes.append(f"the decode prompt comes from {source} ({len(text):,} bytes), not the built-in held-out prose")
-    prompt = generation_prompt(length, np.random.default_rng(seed + 1), text)[0]
-    statuses, runs = [], []
-    for provider in normalize_providers(providers):
-        try:
-            runs += decode_parity(model_dir, model, form, adapters, prompt, tolerance, provider,
-                                  prompt_source=source)
-            statuses.append(ProviderStatus(provider, PROVIDERS[provider], True, [f"onnxruntime-genai {provider}"]))
-        except Exception as err:  # genai raises RuntimeError / OrtException when a provider cannot load
-            if provider == "cpu" or explicit_providers:
-                raise ProviderUnavailableError(f"{PROVIDERS[provider]} cannot run {model_dir} through "
-                                               f"onnxruntime-genai: {first_line(err)}") from None
-            statuses.append(ProviderStatus(provider, PROVIDERS[provider], False, [], first_line(err)))
-    failures = [f"decode ({run.variant}, genai {run.device}): {reason}" for run in runs for reason in run.failures]
-    failures += lineage_failures
-    result = ParityResult(
-        status="failed" if failures else "passed",
-        summary=_decode_summary(runs, failures, statuses, tolerance, precision), model_path=model_dir,
-        checkpoint_path=checkpoint_path, adapter_path=adapter_path, form=form, precision=precision,
-        tolerance=tolerance, seed=seed, model_metadata=metadata, providers=statuses,
-        pass_rule=decode_pass_rule(tolerance),
-        variants=list(dict.fromkeys(run.variant for run in runs)), cases=[], comparisons=[], generations=[],
-        latencies=[], failures=failures, worst=None, notes=notes, error_histograms={},
-        created=datetime.now(timezone.utc).isoformat(timespec="seconds"), decode=runs, report_dir=report_dir,
-        environment=machine_record(),
-    )
-    return _with_reports(result, report_dir)
-
-
-def _decode_summary(runs: list[DecodeRun], failures: list[str], statuses: list[ProviderStatus],
-                    tolerance: Tolerance, precision: str) -> str:
-    """One line: PASS with the worst step's share of the tolerance (or the worst top-1), or FAIL with the first
-    failure; then the providers that did not run."""
-    if failures:
-        summary = f"FAIL: {failures[0]}; {len(failures)} failing checks"
-    else:
-        used = [run.tolerance_used for run in runs if run.tolerance_used is not None]
-        detail = (f"every step within {tolerance.limit_text('torch')}, worst {max(used):.1%} of the tolerance; greedy "
-                  f"bytes {'identical' if all(run.identical for run in runs) else 'drift'}"
-                  if used else
-                  f"step top-1 agreement {min(run.top1_agreement for run in runs):.1%} at worst "
-                  f"(>= {tolerance.top1_min:.0%})")
-        summary = (f"PASS: {precision} decode parity through onnxruntime-genai, {counted(len(runs), 'run')} "
-                   f"({', '.join(dict.fromkeys(run.variant for run in runs))}), {detail}")
-    not_run = "; ".join(f"{p.name} {p.brief()}" for p in statuses if not p.ran)
-    return f"{summary}; {not_run}" if not_run else summary

@@ -22,8 +22,10 @@ import numpy as np
 
 from ..errors import ReportError
 from ..files import read_json
+from ..layout import REPORT_FILES
 from ..parity.results import decode_labels
-from .render import SCHEMA_PATH, counted
+from ..parity.verdict import counted
+from .render import SCHEMA_PATH
 
 #: How much of a schema violation's message a refusal quotes (the message repeats the offending value).
 MESSAGE_CHARS = 160
@@ -45,7 +47,7 @@ def load_report(path: str | os.PathLike) -> dict[str, Any]:
     Raises ReportError naming the file and the first field at fault."""
     path = Path(path)
     if path.is_dir():
-        path = path / "parity.json"
+        path = path / REPORT_FILES["json"]
     try:
         document = read_json(path)
     except ValueError as err:

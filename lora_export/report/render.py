@@ -28,6 +28,7 @@ from ..files import staged_outputs
 from ..layout import REPORT_FILES
 from ..parity.metrics import ERROR_HISTOGRAM_EDGES
 from ..parity.results import decode_labels
+from ..parity.verdict import precision_verdict
 
 if TYPE_CHECKING:
     from ..parity.results import Comparison, Generation, ParityResult
@@ -106,27 +107,6 @@ def report_json(result: ParityResult) -> dict:
 
 def _sci(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.2e}"
-
-
-def counted(count: int, noun: str) -> str:
-    """'1 run', '3 runs'."""
-    return f"{count:,} {noun}{'' if count == 1 else 's'}"
-
-
-def precision_verdict(row: dict) -> str:
-    """The verdict of one ``compare_precisions`` row in words: 'pass (top-1 97.00%, eval loss +0.60%)',
-    'FAIL: <reasons>' or 'not run: <reason>'."""
-    if row["passed"] is None:
-        return row["status"]
-    measured = f"top-1 {row['top1_agreement']:.2%}" + (
-        "" if row["eval_loss_change_pct"] is None else f", eval loss {row['eval_loss_change_pct']:+.2f}%")
-    return f"pass ({measured})" if row["passed"] else f"FAIL ({measured}): " + "; ".join(row["failures"])
-
-
-def precision_verdicts(rows: list[dict]) -> str:
-    """The edge builds' verdicts for the one-line summary: 'int8 pass (...), fp16 not run: ...' (fp32, the model
-    validated itself, left out); '' when there are none."""
-    return ", ".join(f"{row['precision']} {precision_verdict(row)}" for row in rows if row["precision"] != "fp32")
 
 
 def precision_section(rows: list[dict]) -> Section:
@@ -234,9 +214,8 @@ def _identical(generation: Generation, judged: bool) -> str:
     return f"differ from byte {generation.first_mismatch} (reported, not judged)"
 
 
-def report_sections(result: ParityResult) -> list[Section]:
-    """The report's content, shared by the Markdown and HTML renderings."""
-    tol = result.tolerance
+def _overview_section(result: ParityResult) -> Section:
+    """The verdict, the inputs and the settings, with the worst case's line below."""
     overview = Section("Overview", headers=["Item", "Value"], rows=[
         ["Result", VERDICTS[result.status]],
         ["Summary", result.summary],
@@ -244,21 +223,18 @@ def report_sections(result: ParityResult) -> list[Section]:
         ["Checkpoint", str(result.checkpoint_path)],
         ["Adapter", "none" if result.adapter_path is None else str(result.adapter_path)],
         ["Variants", ", ".join(result.variants)],
-        ["Precision", f"{result.precision}: {tol.describe()}"],
+        ["Precision", f"{result.precision}: {result.tolerance.describe()}"],
         ["Seed", str(result.seed)],
         ["Created", f"{result.created} by lora-export {result.tool_version}"],
     ])
     worst = worst_line(result)
     if worst is not None:
         overview.paragraphs.append(f"{worst[0]}: {worst[1]}.")
-    providers = Section("Providers", headers=["Provider", "Requested as", "Status", "Session providers"], rows=[
-        [p.name, p.requested, p.brief(), ", ".join(p.session_providers) if p.ran else "- (no session on it)"]
-        for p in result.providers
-    ])
-    cases = Section("Cases", headers=["Case", "Batch", "N", "Real tokens", "Source", "What it covers"], rows=[
-        [info["name"], str(info["batch"]), str(info["seq_len"]), str(info["real_tokens"]), info["source"],
-         info["description"]] for info in (case.info() for case in result.cases)
-    ])
+    return overview
+
+
+def _results_section(result: ParityResult) -> Section:
+    """One row of metrics and verdict per comparison."""
     comparisons = Section(
         "Results",
         paragraphs=["Metrics over the real (attention_mask = 1) positions. 'tol. used' is "
@@ -274,6 +250,33 @@ def report_sections(result: ParityResult) -> list[Section]:
         comparisons.rows.append([c.variant, c.provider, c.case, c.output, _sci(m.max_abs), _sci(m.max_rel),
                                  _sci(m.mean_abs), f"{m.cosine:.8f}", _sci(m.tolerance_used), top1, loss,
                                  "yes" if m.finite else "NO", _comparison_verdict(c)])
+    return comparisons
+
+
+def _latency_section(result: ParityResult) -> Section:
+    """Milliseconds per forward pass, with the machine that measured them."""
+    env = result.environment or {}
+    versions = env.get("versions", {})
+    machine = (f" Measured on {env.get('cpu')}, {env.get('cores')} cores, load {env.get('load_average')}, "
+               f"torch {versions.get('torch')} / onnxruntime {versions.get('onnxruntime')}"
+               "; each backend timed in its own warmed block. A shared or loaded machine slows PyTorch more than "
+               "ONNX Runtime: compare ratios within one report, not figures across machines." if env else "")
+    return Section("Latency", paragraphs=["Milliseconds per forward pass after warm-up." + machine],
+                   headers=["Variant", "Backend", "Shape", "p50 ms", "p90 ms", "Runs (warm-up)"],
+                   rows=[[t.variant, t.backend, f"{t.batch} x {t.seq_len}", f"{t.p50_ms:.3f}", f"{t.p90_ms:.3f}",
+                          f"{t.runs} ({t.warmup})"] for t in result.latencies])
+
+
+def report_sections(result: ParityResult) -> list[Section]:
+    """The report's content, shared by the Markdown and HTML renderings."""
+    providers = Section("Providers", headers=["Provider", "Requested as", "Status", "Session providers"], rows=[
+        [p.name, p.requested, p.brief(), ", ".join(p.session_providers) if p.ran else "- (no session on it)"]
+        for p in result.providers
+    ])
+    cases = Section("Cases", headers=["Case", "Batch", "N", "Real tokens", "Source", "What it covers"], rows=[
+        [info["name"], str(info["batch"]), str(info["seq_len"]), str(info["real_tokens"]), info["source"],
+         info["description"]] for info in (case.info() for case in result.cases)
+    ])
     generations = Section(
         "Greedy generation",
         paragraphs=["Bytes generated greedily from a held-out prompt; ONNX Runtime re-runs the graph on the "
@@ -283,18 +286,8 @@ def report_sections(result: ParityResult) -> list[Section]:
         rows=[[g.variant, g.provider, g.prompt, g.reference, g.onnx,
                _identical(g, result.tolerance.elementwise)] for g in result.generations],
     )
-    env = result.environment or {}
-    versions = env.get("versions", {})
-    machine = (f" Measured on {env.get('cpu')}, {env.get('cores')} cores, load {env.get('load_average')}, "
-               f"torch {versions.get('torch')} / onnxruntime {versions.get('onnxruntime')}"
-               "; each backend timed in its own warmed block. A shared or loaded machine slows PyTorch more than "
-               "ONNX Runtime: compare ratios within one report, not figures across machines." if env else "")
-    latency = Section("Latency", paragraphs=["Milliseconds per forward pass after warm-up." + machine],
-                      headers=["Variant", "Backend", "Shape", "p50 ms", "p90 ms", "Runs (warm-up)"],
-                      rows=[[t.variant, t.backend, f"{t.batch} x {t.seq_len}", f"{t.p50_ms:.3f}", f"{t.p90_ms:.3f}",
-                             f"{t.runs} ({t.warmup})"] for t in result.latencies])
-    sections = [overview, Section("Pass rule", paragraphs=[result.pass_rule]), providers, cases, comparisons,
-                generations, latency]
+    sections = [_overview_section(result), Section("Pass rule", paragraphs=[result.pass_rule]), providers, cases,
+                _results_section(result), generations, _latency_section(result)]
     if result.precisions is not None:
         sections.append(precision_section(result.precisions))
     if result.decode:

@@ -31,7 +31,7 @@ from ..files import file_sha256
 from ..model.checkpoint import base_fingerprint, build_model, read_checkpoint
 from ..model.layers import count_parameters, lora_state_dict, mark_only_lora_as_trainable
 from ..model.transformer import LoRATransformerLM, ModelConfig
-from ..progress import progress_bar
+from ..progress import Progress, as_progress
 
 EVAL_WINDOWS = 64
 
@@ -122,14 +122,14 @@ def train_loop(
     weight_decay: float,
     eval_every: int,
     generator: torch.Generator,
-    desc: str,
-    progress: bool,
+    progress: Progress,
 ) -> dict[str, Any]:
     """AdamW on the model's trainable parameters with next-byte cross-entropy, gradient clipping at 1.0.
 
     Matrices (ndim >= 2) get weight decay, biases and norms do not. The held-out loss is measured at
-    step 0, every eval_every steps and after the last step. Returns {'losses': per-step training loss,
-    'eval_losses': [[step, held-out loss], ...]}.
+    step 0, every eval_every steps and after the last step; ``progress`` advances by step, labelled with the
+    running and held-out loss. Returns {'losses': per-step training loss, 'eval_losses': [[step, held-out loss],
+    ...]}.
     """
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
@@ -141,32 +141,48 @@ def train_loop(
     losses, eval_losses = [], [[0, evaluate(model, data.val, seq_len)]]
     running = None
     model.train()
-    bar = progress_bar(range(steps), desc=desc, enabled=progress)
-    for step in bar:
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, steps, lr, warmup)
-        x, y = get_batch(data.train, batch_size, seq_len, generator)
-        logits = model(x)
-        loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
+    try:
+        for step in range(steps):
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, steps, lr, warmup)
+            x, y = get_batch(data.train, batch_size, seq_len, generator)
+            logits = model(x)
+            loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
 
-        losses.append(loss.item())
-        running = losses[-1] if running is None else 0.95 * running + 0.05 * losses[-1]
-        if (step + 1) % eval_every == 0 or step + 1 == steps:
-            eval_losses.append([step + 1, evaluate(model, data.val, seq_len)])
-        bar.set_postfix(loss=f"{running:.3f}", eval=f"{eval_losses[-1][1]:.3f}", refresh=False)
+            losses.append(loss.item())
+            running = losses[-1] if running is None else 0.95 * running + 0.05 * losses[-1]
+            if (step + 1) % eval_every == 0 or step + 1 == steps:
+                eval_losses.append([step + 1, evaluate(model, data.val, seq_len)])
+            progress.advance(step + 1, steps, f"loss={running:.3f}, eval={eval_losses[-1][1]:.3f}")
+    finally:
+        progress.close()
     return {"losses": losses, "eval_losses": eval_losses}
 
 
-def report_parameters(model: LoRATransformerLM, progress: bool) -> dict[str, int]:
-    """count_parameters(model), printed on one line when progress is on."""
+def report_parameters(model: LoRATransformerLM, progress: Progress) -> dict[str, int]:
+    """count_parameters(model), reported to ``progress`` on one line."""
     counts = count_parameters(model)
-    if progress:
-        print(f"parameters: total {counts['total']:,} | trainable {counts['trainable']:,} | lora {counts['lora']:,}")
+    progress.stage(f"parameters: total {counts['total']:,} | trainable {counts['trainable']:,} | "
+                   f"lora {counts['lora']:,}")
     return counts
+
+
+def training_progress(progress: Progress | bool, stage: str) -> Progress:
+    """``progress`` as a Progress: True prints the parameter line on stdout and a bar named after the stage."""
+    return as_progress(progress, stage, prefix="", stdout=True)
+
+
+def _training_record(stage: str, data: TextData, parameters: dict[str, int], history: dict[str, Any],
+                     settings: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's ``training`` metadata: the stage, its ``settings`` (seed, steps, batch_size, seq_len, lr,
+    weight_decay, eval_every, in that order), the data, parameter counts, loss history, the stage's ``extra``
+    fields, and the torch version."""
+    return {"stage": stage, **settings, "data": dict(data.description), "parameters": parameters, **history,
+            **extra, "torch_version": str(torch.__version__)}
 
 
 def pretrain(
@@ -179,11 +195,12 @@ def pretrain(
     seed: int = 0,
     eval_every: int = 100,
     weight_decay: float = 0.1,
-    progress: bool = True,
+    progress: Progress | bool = True,
 ) -> tuple[LoRATransformerLM, dict[str, Any]]:
     """Train the base LM (config.r must be 0; every parameter trains) from scratch.
 
-    data defaults to the stdlib source corpus; seq_len defaults to config.max_seq_len.
+    data defaults to the stdlib source corpus; seq_len defaults to config.max_seq_len. progress: a Progress, or
+    True for the parameter line on stdout and a 'pretrain' bar on stderr, False for nothing.
     Returns the model (eval mode) and the checkpoint's ``training`` metadata (plain Python values).
     """
     if config.r != 0:
@@ -191,28 +208,18 @@ def pretrain(
     data = data if data is not None else load_data(default="stdlib")
     seq_len = config.max_seq_len if seq_len is None else seq_len
     check_settings(config, data, steps, batch_size, seq_len, lr, eval_every)
+    progress = training_progress(progress, "pretrain")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = LoRATransformerLM(config)
         parameters = report_parameters(model, progress)
         generator = torch.Generator().manual_seed(seed)
         history = train_loop(model, data, steps, batch_size, seq_len, lr, weight_decay, eval_every,
-                             generator, "pretrain", progress)
-    training = {
-        "stage": "pretrain",
-        "seed": seed,
-        "steps": steps,
-        "batch_size": batch_size,
-        "seq_len": seq_len,
-        "lr": lr,
-        "weight_decay": weight_decay,
-        "eval_every": eval_every,
-        "data": dict(data.description),
-        "parameters": parameters,
-        **history,
-        "final_eval_loss": history["eval_losses"][-1][1],
-        "torch_version": str(torch.__version__),
-    }
+                             generator, progress)
+    settings = {"seed": seed, "steps": steps, "batch_size": batch_size, "seq_len": seq_len, "lr": lr,
+                "weight_decay": weight_decay, "eval_every": eval_every}
+    training = _training_record("pretrain", data, parameters, history, settings,
+                                {"final_eval_loss": history["eval_losses"][-1][1]})
     return model.eval(), training
 
 
@@ -230,11 +237,12 @@ def adapt(
     lr: float = 2e-3,
     seed: int = 0,
     eval_every: int = 50,
-    progress: bool = True,
+    progress: Progress | bool = True,
 ) -> tuple[LoRATransformerLM, dict[str, Any]]:
     """Add LoRA (rank r on lora_targets) to a base (r = 0) checkpoint and train only lora_A / lora_B.
 
-    data defaults to the prose corpus; seq_len defaults to the base's max_seq_len. The metadata holds
+    data defaults to the prose corpus; seq_len defaults to the base's max_seq_len; progress as ``pretrain``'s (the
+    bar named 'adapt'). The metadata holds
     the held-out loss of the base model (as loaded, no LoRA) and of the adapted model on the same bytes:
     ``base_eval_loss`` and ``adapted_eval_loss``. Raises CheckpointError for an unreadable base.
     """
@@ -252,6 +260,7 @@ def adapt(
     seq_len = config.max_seq_len if seq_len is None else seq_len
     check_settings(config, data, steps, batch_size, seq_len, lr, eval_every)
     base_eval_loss = evaluate(base, data.val, seq_len)
+    progress = training_progress(progress, "adapt")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = LoRATransformerLM(config)
@@ -259,25 +268,14 @@ def adapt(
         mark_only_lora_as_trainable(model)
         parameters = report_parameters(model, progress)
         generator = torch.Generator().manual_seed(seed)
-        history = train_loop(model, data, steps, batch_size, seq_len, lr, 0.0, eval_every,
-                             generator, "adapt", progress)
-    training = {
-        "stage": "adapt",
-        "seed": seed,
-        "steps": steps,
-        "batch_size": batch_size,
-        "seq_len": seq_len,
-        "lr": lr,
-        "weight_decay": 0.0,
-        "eval_every": eval_every,
-        "data": dict(data.description),
-        "parameters": parameters,
-        **history,
+        history = train_loop(model, data, steps, batch_size, seq_len, lr, 0.0, eval_every, generator, progress)
+    settings = {"seed": seed, "steps": steps, "batch_size": batch_size, "seq_len": seq_len, "lr": lr,
+                "weight_decay": 0.0, "eval_every": eval_every}
+    training = _training_record("adapt", data, parameters, history, settings, {
         "base_checkpoint": Path(base_checkpoint_path).name,
         "base_sha256": file_sha256(base_checkpoint_path),
         "base_fingerprint": base_fingerprint(payload["base"]),
         "base_eval_loss": base_eval_loss,
         "adapted_eval_loss": history["eval_losses"][-1][1],
-        "torch_version": str(torch.__version__),
-    }
+    })
     return model.eval(), training

@@ -1,0 +1,114 @@
+"""The steps every export of a checkpoint shares, whatever graph it traces (the scoring graph of
+``export.convert``, the KV-cache decoder of ``genai.decoder``):
+
+1. read the checkpoint, build its model and fingerprint its base weights (``ExportSource.read``);
+2. take its trained adapter, refusing the adapters-as-inputs form of a checkpoint without LoRA layers
+   (``ExportSource.adapter``), before tracing (the merged form folds the LoRA into the model);
+3. after tracing: drop per-node debug information and, in the adapter form, give every LoRA input its rank-0
+   default (``finish_graph``);
+4. the ``lora_export.*`` metadata every export carries (``export_metadata``);
+5. write model (+ external data), companion files and the adapter together or not at all, a failed write raising
+   one ExportError line (``write_export``, ``staged_export``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from .. import __version__
+from ..errors import ExportError, first_line
+from ..files import StagedOutputs, file_sha256, staged_outputs
+from ..layout import Form
+from ..model.checkpoint import base_fingerprint, build_model, read_checkpoint
+from ..model.transformer import LoRATransformerLM
+from .adapters import adapter_tensors, model_version_from_fingerprint, write_adapter
+from .onnx_files import EXTERNAL_DATA_THRESHOLD, attention_kernels, strip_debug_info, write_model_files
+from .tracing import add_rank0_defaults
+
+
+@dataclass
+class ExportSource:
+    """A checkpoint read for export: its path, its dict (``read_checkpoint``), the model built from it and the
+    fingerprint of its base weights (which ties adapters to the base)."""
+
+    path: Path
+    payload: dict[str, Any]
+    model: LoRATransformerLM
+    fingerprint: str
+
+    @classmethod
+    def read(cls, path: Path) -> ExportSource:
+        """Read and build ``path``. Raises CheckpointError (one line)."""
+        payload = read_checkpoint(path)
+        return cls(path, payload, build_model(payload, path), base_fingerprint(payload["base"]))
+
+    def adapter(self, form: Form) -> dict[str, np.ndarray]:
+        """The trained adapter the ``form`` ships (graph layout, ``adapter_tensors``): none when merged. Raises
+        ExportError for the adapter form of a checkpoint without LoRA layers. Call it before tracing."""
+        if form is Form.MERGED:
+            return {}
+        tensors = adapter_tensors(self.model)
+        if not tensors:
+            raise ExportError(f"{self.path}: has no LoRA layers (r = 0): export it merged")
+        return tensors
+
+
+def finish_graph(proto: onnx.ModelProto, form: Form) -> None:
+    """Make a traced graph what lora-export ships: no per-node debug information (``strip_debug_info``) and, in
+    the adapter form, a rank-0 default for every LoRA input (no adapter fed = the base model)."""
+    strip_debug_info(proto)
+    if form is Form.ADAPTERS:
+        add_rank0_defaults(proto)
+
+
+def export_metadata(proto: onnx.ModelProto, source: ExportSource, form: Form, opset: int,
+                    lora_config: Mapping[str, Any], **extra: str) -> dict[str, str]:
+    """The ``lora_export.*`` entries of an exported graph (for ``set_metadata``): version, form, opset, attention
+    kernels, checkpoint sha256, base fingerprint, model config, ``lora_config`` (``merged`` added) and ``extra``."""
+    return {
+        "version": __version__,
+        "form": form.value,
+        "opset": str(opset),
+        "attention": attention_kernels(proto),
+        "checkpoint_sha256": file_sha256(source.path),
+        "base_sha256": source.fingerprint,
+        "model_config": json.dumps(source.payload["config"], sort_keys=True),
+        "lora_config": json.dumps({**lora_config, "merged": form is Form.MERGED}, sort_keys=True),
+        **extra,
+    }
+
+
+@contextlib.contextmanager
+def staged_export(where: Path) -> Iterator[StagedOutputs]:
+    """:func:`files.staged_outputs` for an export's files: an OSError while writing or moving them becomes one
+    ExportError line naming the file (``where`` when the error names none), and nothing lands."""
+    try:
+        with staged_outputs() as stage:
+            yield stage
+    except OSError as err:
+        raise ExportError(f"{err.filename or where}: cannot write: {err.strerror or first_line(err)}") from None
+
+
+def write_export(proto: onnx.ModelProto, model_path: Path, source: ExportSource, *, where: Path,
+                 adapter: tuple[Path, Mapping[str, np.ndarray]] | None = None,
+                 texts: Mapping[Path, str] | None = None,
+                 external_data_threshold: int = EXTERNAL_DATA_THRESHOLD) -> bool:
+    """Write the model (external data above the threshold), the ``texts`` files (UTF-8) and the ``adapter``
+    (path, tensors) with its integrity record: all of them land together or none (missing directories are made,
+    and removed again on failure; see :func:`staged_export`). Returns whether external data was used."""
+    with staged_export(where) as stage:
+        external = write_model_files(proto, model_path, stage, external_data_threshold)
+        for path, text in (texts or {}).items():
+            stage.path(path).write_text(text, encoding="utf-8")
+        if adapter is not None:
+            adapter_path, tensors = adapter
+            write_adapter(adapter_path, tensors, model_version_from_fingerprint(source.fingerprint), stage)
+    return external
