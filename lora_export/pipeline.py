@@ -93,14 +93,10 @@ class ValidationOptions:
     progress: Progress | bool = False  # of the validation: validate()'s progress
     data: Sequence[str | os.PathLike] = ()  # validate()'s data: the user's text for the cases and the prompt
 
-    def check(self, precision: str, fp16_build: bool = False) -> None:
-        """Refuse bad options before the export: the tolerance of ``precision``, the providers, and with an fp16
-        build (``fp16_build``) providers given that leave out CUDA."""
+    def check(self, precision: str) -> None:
+        """Refuse bad options before the export: the tolerance of ``precision`` and the providers."""
         resolve_tolerance(precision, self.atol, self.rtol)
-        wanted = normalize_providers(self.providers)
-        if fp16_build and self.providers is not None and "cuda" not in wanted:
-            raise ParityInputError(f"--fp16 models run on CUDA, but --providers {','.join(self.providers)} "
-                                   "excludes it")
+        normalize_providers(self.providers)
 
     def run(self, model_path: Path, checkpoint: Path, adapter_path: Path | None = None,
             precision_models: dict[str, Path] | None = None) -> ParityResult:
@@ -226,7 +222,7 @@ def export_pipeline(
         return _export_genai(checkpoint, output, form, precision, opset, validation, progress, on_step)
     model_path, adapter_path = export_outputs(checkpoint, output, form=form, adapter_path=adapter_output)
     if validation is not None:
-        validation.check("fp32", fp16_build=fp16)
+        validation.check("fp32")
     builds = [precision for precision, _message, _builder in BUILDERS
               if precision in quantize or (precision == "fp16" and fp16)]
     _check_scoring_outputs(checkpoint, model_path, adapter_path, builds, ort_format, overwrite, validation)

@@ -139,13 +139,21 @@ def test_adapter_write_failure_leaves_no_model_behind(tiny_checkpoint, tmp_path,
     assert list(tmp_path.iterdir()) == []
 
 
+def default_signals() -> None:
+    """In the child: SIGINT and SIGTERM as a shell starts a command (a test runner's worker may ignore SIGINT, and
+    an ignored signal stays ignored across exec)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 @pytest.mark.parametrize(("signum", "code", "line"), [(signal.SIGINT, 130, "error: interrupted"),
                                                      (signal.SIGTERM, 143, "error: terminated")])
 def test_signal_during_export_exits_with_one_line_and_no_files(tiny_checkpoint, tmp_path, signum, code, line):
     """SIGINT (Ctrl-C) or SIGTERM once the export has begun: one line, exit 130 / 143, nothing left behind."""
     exe = Path(sys.executable).with_name("lora-export")
     child = subprocess.Popen([str(exe), str(tiny_checkpoint), "--merge", "-o", str(tmp_path / "m.onnx")],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+                             preexec_fn=default_signals)
     seen = []
     for progress in child.stderr:  # wait until the work has really started
         seen.append(progress)
@@ -154,7 +162,7 @@ def test_signal_during_export_exits_with_one_line_and_no_files(tiny_checkpoint, 
     child.send_signal(signum)
     _, err = child.communicate(timeout=120)
     lines = [text for text in ("".join(seen) + err).splitlines() if text and not text.startswith("[lora-export]")]
-    assert child.returncode == code and lines == [line], err
+    assert child.returncode == code and lines == [line], (child.returncode, err)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -162,11 +170,12 @@ def test_ctrl_c_during_imports_exits_130(tiny_checkpoint, tmp_path):
     """SIGINT while torch and ONNX Runtime are still being imported: one line, exit 130."""
     exe = Path(sys.executable).with_name("lora-export")
     child = subprocess.Popen([str(exe), str(tiny_checkpoint), "--merge", "-o", str(tmp_path / "m.onnx")],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+                             preexec_fn=default_signals)
     maps, deadline = Path(f"/proc/{child.pid}/maps"), time.monotonic() + 60
     while "libtorch" not in maps.read_text() and time.monotonic() < deadline:  # torch is loading: the imports
         time.sleep(0.01)
     child.send_signal(signal.SIGINT)
     _, err = child.communicate(timeout=120)
-    assert child.returncode == 130 and err.strip().splitlines() == ["error: interrupted"], err
+    assert child.returncode == 130 and err.strip().splitlines() == ["error: interrupted"], (child.returncode, err)
     assert list(tmp_path.iterdir()) == []

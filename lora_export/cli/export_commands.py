@@ -86,7 +86,7 @@ def print_verdict(result: ParityResult, seconds: float, json_output: bool) -> No
     else:
         click.echo(result.summary)
         click.echo(f"report: {result.report_files['html']} (validation {seconds:.1f} s)")
-    if result.status == "not run":  # e.g. an fp16 model on a machine without CUDA: nothing was checked
+    if result.status == "not run":  # no provider could run the model: nothing was checked
         click.echo(f"error: no execution provider here can run this {result.precision} model", err=True)
         raise SystemExit(EXIT_BAD_INPUT)
     if not result.passed:
@@ -182,7 +182,7 @@ def export_cli() -> None:
                    f"weight-only int4 MatMulNBits, for the edge) beside {EXAMPLE_MODEL}; repeatable.")
 @click.option("--fp16", is_flag=True,
               help=f"Also write {precision_output_path(EXAMPLE_MODEL, 'fp16')} beside {EXAMPLE_MODEL} (fp16 weights "
-                   f"and compute, fp32 I/O; GPU).")
+                   f"and compute, fp32 I/O; meant for GPUs, validated on every provider that runs it).")
 @click.option("--ort-format", is_flag=True,
               help=f"Also write each model in ORT format with its required-operators config for reduced ORT builds: "
                    f"{EXAMPLE_MODEL} -> {' + '.join(p.name for p in ort_format_outputs(EXAMPLE_MODEL))}, "

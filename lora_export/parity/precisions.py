@@ -3,8 +3,8 @@
 
 ``compare_precisions`` measures file size, ONNX Runtime latency (each build in its own warmed block), next-byte
 top-1 agreement and eval loss on held-out prose, judged by the per-precision ``lora_export.metrics.TOLERANCES``.
-fp16 runs only where a CUDA session really gets CUDAExecutionProvider (ONNX Runtime's CPU provider has few float16
-kernels); elsewhere its row says ``not run: <reason>``.
+fp16 is measured on CUDA where a CUDA session really gets CUDAExecutionProvider, else on ONNX Runtime's CPU provider
+(which runs it, casting where it lacks float16 kernels), judged by the same fp16 rule either way.
 """
 
 from __future__ import annotations
@@ -138,6 +138,16 @@ def _quality_row(precision: str, path: Path, session: ort.InferenceSession | Non
     return row
 
 
+def _precision_session(path: Path, precision: str) -> tuple[ort.InferenceSession | None, ProviderStatus]:
+    """The session a build is measured in: fp16 on CUDA where a CUDA session really runs it, everything else (and
+    fp16 without CUDA) on the CPU provider."""
+    if precision == "fp16":
+        session, status = open_session(path, "cuda")
+        if session is not None:
+            return session, status
+    return open_session(path, "cpu")
+
+
 def compare_precisions(
     checkpoint_path: str | os.PathLike,
     models: Mapping[str, str | os.PathLike],
@@ -155,7 +165,7 @@ def compare_precisions(
     ``windows`` held-out prose windows (the last 10% of pydoc_data.topics, as training splits it) of
     N = min(256, max_seq_len) bytes; latency (warm-up, then p50 / p90 of ``runs``, each model in its own block) at
     each (batch, seq) of ``shapes``, default [(1, N)], on random bytes. fp32 and int8 run on ONNX Runtime's CPU
-    provider with its default threads, fp16 on CUDA only.
+    provider with its default threads, fp16 on CUDA where it really runs and on the CPU provider elsewhere.
 
     One dict per model, in the given order: precision, model (path), file_size (bytes, external data included),
     provider, status ('ran' or 'not run: <reason>'), tolerance (the precision's TOLERANCES, in words),
@@ -177,7 +187,7 @@ def compare_precisions(
     run_options, _adapters = activate_adapters(adapter_path) if adapter_path is not None else (None, [])
     rows, sessions = {}, {}
     for precision, (path, _, _) in checked.items():
-        session, status = open_session(path, "cuda" if precision == "fp16" else "cpu")
+        session, status = _precision_session(path, precision)
         rows[precision] = _quality_row(precision, path, session, status, case, reference, run_options)
         if session is not None:
             sessions[precision] = session
