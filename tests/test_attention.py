@@ -1,4 +1,4 @@
-"""Tests of ``lora_export.attention.LoRASelfAttention`` vs a brute-force reference."""
+"""Tests of ``lora_export.model.attention.LoRASelfAttention`` vs a brute-force reference."""
 
 from __future__ import annotations
 

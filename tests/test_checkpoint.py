@@ -1,4 +1,4 @@
-"""Tests of ``lora_export.checkpoint``: round trip, atomic writes, refusal of pickled code, clear errors."""
+"""Tests of ``lora_export.model.checkpoint``: round trip, atomic writes, refusal of pickled code, clear errors."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Decode judging without onnxruntime-genai: a scripted stand-in for genai's generator returns logits we choose, so
-the per-step judgement of ``lora_export.parity.decode.run_variant`` (the pass boundary of ``parity.metrics``, its
+the per-step judgement of ``lora_export.parity.decode.run_variant`` (the pass boundary of ``Tolerance.deviation``, its
 inclusive edge, NaN / Inf, the top-1 rule, exact bytes for fp32 and reported bytes for fp16 / int8) is checked on
 numbers known in advance."""
 
@@ -17,7 +17,7 @@ from conftest import TINY_CONFIG, make_lora_model
 
 from lora_export.genai.decoder import EOS_BYTE
 from lora_export.parity.decode import run_variant
-from lora_export.parity.metrics import FP16_EPS, TOLERANCES, Tolerance, pass_boundary
+from lora_export.parity.metrics import FP16_EPS, TOLERANCES, Tolerance
 from lora_export.parity.results import DecodeRun
 
 PROMPT = np.frombuffer(b"Hello, world", np.uint8).astype(np.int64)  # 12 bytes
@@ -124,17 +124,18 @@ def flip_top1(steps: set[int]) -> Edit:
 # --------------------------------------------------------------------------- the boundary
 
 
-def test_pass_boundary_is_atol_plus_rtol_times_the_reference():
+def test_the_boundary_is_atol_plus_rtol_times_the_reference():
     reference = np.array([[0.0, -2.0, 10.3], [1.1, 0.5, -0.25]], np.float32)
     exact = np.abs(reference.astype(np.float64))  # float32 logits, a float64 boundary
-    np.testing.assert_allclose(pass_boundary(TOLERANCES["fp32"], reference), 1e-4 + 1e-3 * exact, rtol=1e-15)
+    limit = TOLERANCES["fp32"].deviation(reference, reference).limit
+    np.testing.assert_allclose(limit, 1e-4 + 1e-3 * exact, rtol=1e-15)
 
 
 def test_fp16s_boundary_grows_with_the_largest_logit_at_its_position():
     reference = np.array([[0.0, -8.0, 2.0], [1.0, 0.5, -0.25]])
     fp16 = TOLERANCES["fp16"]
     expected = fp16.atol_scale * np.array([[8.0], [1.0]]) + FP16_EPS * np.abs(reference)
-    np.testing.assert_allclose(pass_boundary(fp16, reference), expected, rtol=1e-15)
+    np.testing.assert_allclose(fp16.deviation(reference, reference).limit, expected, rtol=1e-15)
     assert fp16.atol_scale == 16 * FP16_EPS  # 16 epsilons of the position's largest logit
 
 

@@ -290,3 +290,24 @@ def test_adapter_whose_tensor_changed_but_not_its_record_is_refused(adapter_expo
     adapter_record_path(tmp_path / "a.onnx_adapter").write_bytes(original_record.read_bytes())
     with pytest.raises(AdapterError, match=re.escape(f"tensor {name} does not match its recorded sha256")):
         read_adapter(tmp_path / "a.onnx_adapter")
+
+
+def test_load_onnx_names_what_a_non_file_is(tmp_path):
+    from lora_export.export.onnx_files import load_onnx
+
+    (tmp_path / "dir.onnx").mkdir()
+    os.mkfifo(tmp_path / "fifo.onnx")
+    with pytest.raises(ExportError, match=r"dir\.onnx: is a directory"):
+        load_onnx(tmp_path / "dir.onnx")
+    with pytest.raises(ExportError, match=r"fifo\.onnx: is a FIFO"):
+        load_onnx(tmp_path / "fifo.onnx")
+    with pytest.raises(ExportError, match=r"missing\.onnx: no such ONNX model"):
+        load_onnx(tmp_path / "missing.onnx")
+
+
+def test_adapter_of_a_checkpoint_without_lora_is_refused_with_the_shared_message(adapter_export, tiny_checkpoint,
+                                                                                tmp_path):
+    save_checkpoint(tmp_path / "r0.pt", same_base_other_rank(tiny_checkpoint, r=0, seed=1))
+    with pytest.raises(ExportError, match=r"r0\.pt: has no LoRA layers \(r = 0\)"):
+        export_adapter(tmp_path / "r0.pt", adapter_export.model_path, tmp_path / "x.onnx_adapter")
+    assert not (tmp_path / "x.onnx_adapter").exists()

@@ -281,3 +281,22 @@ def test_decoder_directory_whose_adapter_is_not_the_checkpoints_fails_naming_the
     result = validate_and_report(broken, tiny_checkpoint, providers=["cpu"], report_dir=tmp_path / "r")
     assert result.status == "failed"
     assert any("is not tiny.pt's trained LoRA: layer blocks.0.attn.to_v" in f for f in result.failures), result.failures
+
+
+@pytest.mark.parametrize("opset", [5, 24])
+def test_decoder_refuses_an_unsupported_opset_before_any_work(tiny_checkpoint, tmp_path, opset):
+    with pytest.raises(ExportError, match=f"opset {opset} is not supported: choose 18..23"):
+        export_decoder(tiny_checkpoint, tmp_path / "g", opset=opset)
+    assert list(tmp_path.iterdir()) == []
+    # the rule comes before the output check: a bad opset is named even when the directory is refused too
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("x")
+    with pytest.raises(ExportError, match="opset"):
+        export_decoder(tiny_checkpoint, tmp_path / "full", opset=opset)
+
+
+def test_genai_cli_refuses_an_unsupported_opset_in_one_line(tiny_checkpoint, tmp_path):
+    result = run_cli(tiny_checkpoint, "--genai", "--opset", 5, "-o", tmp_path / "g", "--no-validate")
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert "opset" in result.stderr and "18" in result.stderr and "23" in result.stderr
+    assert list(tmp_path.iterdir()) == []

@@ -1,4 +1,4 @@
-"""Tests of ``lora_export.layers``: LoRALinear, LoRAEmbedding and the model-level helpers.
+"""Tests of ``lora_export.model.layers``: LoRALinear, LoRAEmbedding and the model-level helpers.
 
 References are written independently of the implementation: explicit float64 formulas
 ``W0 + (alpha / r) * B @ A`` (linear) and ``E0 + (B @ A).T * alpha / r`` (embedding).

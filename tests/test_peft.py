@@ -145,3 +145,25 @@ def test_cli_round_trip(base, peft_dir, tmp_path):
     assert result.exit_code == 0, result.output
     again = runner.invoke(export_cli, ["to-peft", str(tmp_path / "m.safetensors"), "-o", str(tmp_path / "p")])
     assert again.exit_code == 2 and "not an empty directory" in again.stderr
+
+
+def test_from_peft_refuses_to_replace_its_inputs_before_any_work(base, peft_dir, tmp_path):
+    """The library checks its output like the CLI: not an input, a checkpoint suffix, no silent replace."""
+    from lora_export.errors import OutputError
+    from lora_export.files import file_sha256
+
+    copy_of_base = tmp_path / "base.pt"
+    shutil.copy(base[0], copy_of_base)
+    digest = file_sha256(copy_of_base)
+    with pytest.raises(OutputError, match="would overwrite the input"):
+        from_peft(peft_dir[0], copy_of_base, copy_of_base)
+    assert file_sha256(copy_of_base) == digest
+    with pytest.raises(OutputError, match="would overwrite the input"):
+        from_peft(peft_dir[0], copy_of_base, peft_dir[0] / WEIGHTS_FILE)
+    with pytest.raises(OutputError, match=r"must end in \.pt or \.safetensors"):
+        from_peft(peft_dir[0], copy_of_base, tmp_path / "out.onnx")
+    (tmp_path / "taken.pt").write_bytes(b"keep")
+    with pytest.raises(OutputError, match="exists"):
+        from_peft(peft_dir[0], copy_of_base, tmp_path / "taken.pt", overwrite=False)
+    assert (tmp_path / "taken.pt").read_bytes() == b"keep"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base.pt", "taken.pt"]

@@ -464,3 +464,22 @@ def test_validation_on_the_users_own_text(merged_export: ExportResult, tiny_chec
     with pytest.raises(ParityInputError, match="needs more than max_seq_len"):
         validate_and_report(merged_export.model_path, tiny_checkpoint, data=[tmp_path / "short.txt"],
                             report_dir=tmp_path / "s")
+
+
+def test_data_too_short_is_refused_before_any_session_or_edge_build_runs(merged_export: ExportResult,
+                                                                         tiny_checkpoint: Path, tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """A --data text too short for the cases is a bad input, refused before ORT sessions open and before the
+    precision table builds and times every edge build."""
+    import lora_export.parity.validate as validate_module
+
+    def must_not_run(*args, **kwargs):
+        pytest.fail("ran before the too-short --data text was refused")
+
+    monkeypatch.setattr(validate_module, "compare_precisions", must_not_run)
+    monkeypatch.setattr(validate_module, "open_session", must_not_run)
+    monkeypatch.setattr(validate_module, "build_model", must_not_run)
+    (tmp_path / "short.txt").write_bytes(b"too short")
+    with pytest.raises(ParityInputError, match="needs more than max_seq_len"):
+        validate(merged_export.model_path, tiny_checkpoint, data=[tmp_path / "short.txt"], providers=["cpu"],
+                 precision_models={"fp32": merged_export.model_path}, **FAST)

@@ -3,13 +3,12 @@
     python tools/mutation_test.py [--modules parity.metrics,parity.lineage] [--functions 'judge,parity.lineage.*']
         [--lines parity.metrics:150-160] [--tests tests/test_validate.py ...] [--max-children 2] [--list] [--keep]
 
-Runs mutmut (the version installed beside this Python) over lora_export's verdict code, by default the modules
-parity.metrics, parity.sessions, parity.lineage, parity.validate, export.adapters, export.convert,
-model.checkpoint and files (dotted paths below ``lora_export``). A mutant is one small change to one
-function (a flipped comparison, a dropped ``not``, a changed constant or string, an argument set to None, ...).
-mutmut first runs the selected tests once to learn which tests execute which function, runs them once unmutated,
-then, per mutant, runs the tests that execute its function (pytest ``-p no:randomly -q -x``, one thread per
-process, ``--max-children`` mutants at a time). A test that fails kills the mutant; a mutant every test passes
+Runs mutmut (the version installed beside this Python) over lora_export's verdict code, by default the modules of
+``DEFAULT_MODULES`` below (dotted paths below ``lora_export``; ``--help`` lists them). A mutant is one small change
+to one function (a flipped comparison, a dropped ``not``, a changed constant or string, an argument set to None,
+...). mutmut first runs the selected tests once to learn which tests execute which function, runs them once
+unmutated, then, per mutant, runs the tests that execute its function (pytest ``-p no:randomly -q -x``, one thread
+per process, ``--max-children`` mutants at a time). A test that fails kills the mutant; a mutant every test passes
 survived: no test notices that change.
 
 Nothing lands in the checkout: the repository's tracked and untracked-not-ignored files (``git ls-files -co
@@ -22,9 +21,9 @@ Choosing what runs: ``--modules`` picks the files to mutate, by dotted module na
 lines of the checkout's file) each add the mutants they match; with neither, every mutant of the modules runs.
 ``--tests`` picks the tests (default: the whole suite). ``--list`` prints the selected mutants and stops.
 
-How long: every mutant of the default modules is about 3,100 mutants, days on a small machine. Each mutant is a
-fresh pytest session, so one whose tests need the conftest's tiny exports first spends ~20 s of CPU building them;
-killed mutants stop at the first failing test, survivors run all of their tests. Measured on a 2-core machine with
+How long: each mutant is a fresh pytest session, so one whose tests need the conftest's tiny exports first
+spends ~20 s of CPU building them; killed mutants stop at the first failing test, survivors run all of their
+tests. Measured on a 2-core machine with
 ``--max-children 2`` and test_validate, test_report, test_files, test_cli_export and test_export: ~6 min before the
 first mutant (generating the mutants, one full run of the tests to learn which tests execute which function, one
 unmutated run of them), then ~25 s of wall time per mutant, i.e. ~140 mutants an hour. Restrict with

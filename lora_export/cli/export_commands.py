@@ -12,6 +12,7 @@ import click
 from .. import __version__
 from ..errors import EXIT_BAD_INPUT, EXIT_PARITY_FAILED
 from ..export.convert import check_adapter_file, export_adapter
+from ..export.core import MAX_OPSET, MIN_OPSET
 from ..export.onnx_files import EXTERNAL_DATA_THRESHOLD
 from ..export.peft import from_peft, to_peft
 from ..export.tracing import DEFAULT_OPSET
@@ -36,7 +37,6 @@ from .options import (
     FORCE_HELP,
     HELP_OPTIONS,
     CommandT,
-    check_training_output,
     data_option,
     exit_on_error,
 )
@@ -172,7 +172,8 @@ def export_cli() -> None:
 @click.option("--adapter-output", type=click.Path(path_type=Path), default=None,
               help=f"Adapter file to write [default: beside the ONNX output, {EXAMPLE_ADAPTERS_MODEL} -> "
                    f"{default_adapter_path(EXAMPLE_ADAPTERS_MODEL)}].")
-@click.option("--opset", type=int, default=DEFAULT_OPSET, show_default=True, help="ONNX opset (18..23).")
+@click.option("--opset", type=click.IntRange(MIN_OPSET, MAX_OPSET), default=DEFAULT_OPSET, show_default=True,
+              help=f"ONNX opset ({MIN_OPSET}..{MAX_OPSET}).")
 @click.option("--no-simplify", is_flag=True, help="Skip onnxslim.")
 @click.option("--external-data-threshold", type=int, default=EXTERNAL_DATA_THRESHOLD, show_default=True,
               help=f"Above this many bytes the fp32 model's weights go to {data_path_of(EXAMPLE_MODEL)}.")
@@ -246,8 +247,7 @@ def adapter_command(checkpoint: Path, model_path: Path, output: Path | None, for
 def from_peft_command(adapter_dir: Path, base_checkpoint: Path, output: Path, force: bool) -> None:
     """Import a PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors) trained on a
     lora-export base into a lora-export checkpoint, which every other command then takes."""
-    check_training_output(output, [base_checkpoint, adapter_dir / CONFIG_FILE, adapter_dir / WEIGHTS_FILE], force)
-    from_peft(adapter_dir, base_checkpoint, output)
+    from_peft(adapter_dir, base_checkpoint, output, overwrite=force)
     click.echo(f"wrote {output}")
 
 

@@ -1,5 +1,5 @@
 """What the commands of ``lora-train`` and ``lora-export`` share: error handling (``exit_on_error``), the
-``--data PATH...`` option, ``--force``, ``-h``, and the check of a checkpoint output."""
+``--data PATH...`` option, ``--force`` and ``-h``."""
 
 from __future__ import annotations
 
@@ -11,8 +11,6 @@ from typing import Any, TypeVar
 import click
 
 from ..errors import EXIT_BAD_INPUT, INTERRUPTED_EXIT, TERMINATED_EXIT, Terminated, first_line
-from ..files import check_outputs
-from ..model.checkpoint import CHECKPOINT_SUFFIXES
 
 CommandT = TypeVar("CommandT", bound=Callable[..., Any])
 
@@ -46,14 +44,6 @@ def exit_on_error(command: CommandT) -> CommandT:
             raise SystemExit(EXIT_BAD_INPUT) from None
 
     return wrapper  # type: ignore[return-value]
-
-
-def check_training_output(output: Path, inputs: list[Path], force: bool) -> None:
-    """Fail before training, not after, when the output cannot be written, would replace an input, or exists
-    without ``--force``."""
-    if output.suffix not in CHECKPOINT_SUFFIXES:
-        raise ValueError(f"{output}: the checkpoint output must end in .pt or .safetensors")
-    check_outputs([output], inputs, overwrite=force)
 
 
 FORCE_HELP = "Replace outputs that exist already (without it, an existing output is an error)."

@@ -8,10 +8,10 @@ from pathlib import Path
 import click
 
 from ..corpus import load_data
-from ..model.checkpoint import save_checkpoint
+from ..model.checkpoint import check_checkpoint_output, save_checkpoint
 from ..model.transformer import ModelConfig
 from ..train.loop import adapt, check_hyperparameters, pretrain
-from .options import FORCE_HELP, HELP_OPTIONS, CommandT, check_training_output, data_option, exit_on_error
+from .options import FORCE_HELP, HELP_OPTIONS, CommandT, data_option, exit_on_error
 
 
 def training_options(steps: int, lr: float, eval_every: int) -> Callable[[CommandT], CommandT]:
@@ -68,7 +68,7 @@ def pretrain_command(output: Path, steps: int, batch_size: int, seq_len: int | N
 
     Default data: the Python standard library's source (first 4 MB, sorted paths).
     """
-    check_training_output(output, list(data), force)
+    check_checkpoint_output(output, list(data), overwrite=force)
     check_hyperparameters(steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr, eval_every=eval_every)
     config = ModelConfig(dim=dim, depth=depth, heads=heads, dim_head=dim_head, n_local_attn_heads=local_heads,
                          local_attn_window_size=window, global_attn=global_attn, blindspot_size=blindspot,
@@ -97,7 +97,7 @@ def adapt_command(base: Path, output: Path, steps: int, batch_size: int, seq_len
 
     Default data: English prose (pydoc topics). Prints the held-out loss of the base and the adapted model.
     """
-    check_training_output(output, [base, *data], force)
+    check_checkpoint_output(output, [base, *data], overwrite=force)
     check_hyperparameters(steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr, eval_every=eval_every, r=r,
                           lora_alpha=alpha, lora_dropout=lora_dropout)
     lora_targets = [t.strip() for t in targets.split(",") if t.strip()]

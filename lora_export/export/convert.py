@@ -31,17 +31,15 @@ import onnx
 from ..errors import ExportError
 from ..files import check_outputs
 from ..layout import Form, adapter_record_path, default_adapter_path, default_output_path, model_files
-from ..model.checkpoint import base_fingerprint, build_model, read_checkpoint
 from ..progress import SILENT, Progress
 from .adapters import (
-    adapter_tensors,
     check_adapter,
     model_version_from_fingerprint,
     read_adapter,
     run_adapter,
     write_adapter,
 )
-from .core import ExportSource, export_metadata, finish_graph, staged_export, write_export
+from .core import ExportSource, check_opset, export_metadata, finish_graph, staged_export, write_export
 from .onnx_files import (
     EXTERNAL_DATA_THRESHOLD,
     check_suffix,
@@ -140,11 +138,10 @@ def export_onnx(
     ExportError / OutputError with one line.
     """
     say = progress.stage
+    check_opset(opset)
     checkpoint_path, form = Path(checkpoint_path), Form.of(merge)
     output, adapter_out = export_outputs(checkpoint_path, output_path, form=form, adapter_path=adapter_path)
     check_outputs(model_files(output, adapter_out), [checkpoint_path], overwrite=overwrite)
-    if not 18 <= opset <= 23:
-        raise ExportError(f"opset {opset} is not supported: choose 18..23 (the dynamo exporter needs >= 18)")
     clock = _StageClock()
     say("loading checkpoint")
     source = ExportSource.read(checkpoint_path)
@@ -231,17 +228,14 @@ def export_adapter(checkpoint_path: str | os.PathLike, model_path: str | os.Path
     metadata = read_metadata(model)
     if metadata.get("form") != Form.ADAPTERS:
         raise ExportError(f"{model_path}: not an adapters-as-inputs model (exported with --merge?)")
-    payload = read_checkpoint(checkpoint_path)
-    fingerprint = base_fingerprint(payload["base"])
-    if fingerprint != metadata.get("base_sha256"):
+    source = ExportSource.read(Path(checkpoint_path))
+    if source.fingerprint != metadata.get("base_sha256"):
         raise ExportError(f"{checkpoint_path}: its base weights differ from the base of {model_path} "
-                          f"(fingerprint {fingerprint[:12]} != {metadata.get('base_sha256', '?')[:12]})")
-    tensors = adapter_tensors(build_model(payload, checkpoint_path))
-    if not tensors:
-        raise ExportError(f"{checkpoint_path}: has no LoRA weights (r = 0)")
+                          f"(fingerprint {source.fingerprint[:12]} != {metadata.get('base_sha256', '?')[:12]})")
+    tensors = source.adapter(Form.ADAPTERS)
     errors, _ = check_adapter(model, tensors)
     if errors:
         raise ExportError(f"{checkpoint_path}: adapter does not fit {model_path}: " + "; ".join(errors))
     with staged_export(output) as stage:
-        write_adapter(output, tensors, model_version_from_fingerprint(fingerprint), stage)
+        write_adapter(output, tensors, model_version_from_fingerprint(source.fingerprint), stage)
     return output

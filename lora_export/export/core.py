@@ -1,6 +1,7 @@
 """The steps every export of a checkpoint shares, whatever graph it traces (the scoring graph of
 ``export.convert``, the KV-cache decoder of ``genai.decoder``):
 
+0. refuse an opset the exporter cannot write (``check_opset``), before anything else;
 1. read the checkpoint, build its model and fingerprint its base weights (``ExportSource.read``);
 2. take its trained adapter, refusing the adapters-as-inputs form of a checkpoint without LoRA layers
    (``ExportSource.adapter``), before tracing (the merged form folds the LoRA into the model);
@@ -32,6 +33,17 @@ from ..model.transformer import LoRATransformerLM
 from .adapters import adapter_tensors, model_version_from_fingerprint, write_adapter
 from .onnx_files import EXTERNAL_DATA_THRESHOLD, attention_kernels, strip_debug_info, write_model_files
 from .tracing import add_rank0_defaults
+
+#: The ONNX opsets an export may target: the dynamo exporter needs 18 or newer; 23 is the newest it writes.
+MIN_OPSET, MAX_OPSET = 18, 23
+
+
+def check_opset(opset: int) -> None:
+    """Refuse (ExportError, one line) an opset outside MIN_OPSET..MAX_OPSET; every export calls it before any
+    work, output checks included."""
+    if not MIN_OPSET <= opset <= MAX_OPSET:
+        raise ExportError(f"opset {opset} is not supported: choose {MIN_OPSET}..{MAX_OPSET} "
+                          f"(the dynamo exporter needs >= {MIN_OPSET})")
 
 
 @dataclass

@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 
 from ..errors import ExportError, first_line
-from ..files import StagedOutputs, staged_outputs
+from ..files import StagedOutputs, check_input_file, staged_outputs
 from ..layout import data_path_of
 
 EXTERNAL_DATA_THRESHOLD = 2 * 1024**3  # protobuf's hard limit for one file
@@ -29,10 +29,13 @@ WEIGHT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorPro
 
 
 def load_onnx(path: str | os.PathLike) -> onnx.ModelProto:
-    """Load an ONNX model's graph (not its external weights). Raises ExportError with one line."""
+    """Load an ONNX model's graph (not its external weights). Raises ExportError with one line: a missing path,
+    a directory, FIFO, socket or device (``files.check_input_file``) or a file that is no ONNX model."""
     path = Path(path)
-    if not path.is_file():
-        raise ExportError(f"{path}: no such ONNX model")
+    try:
+        check_input_file(path, what="ONNX model")
+    except ValueError as err:
+        raise ExportError(str(err)) from None
     try:
         model = onnx.load(path, load_external_data=False)
     except Exception as err:  # protobuf's DecodeError and friends

@@ -29,7 +29,13 @@ import torch
 from ..errors import PeftError, first_line, short_repr
 from ..files import check_empty_output_dir, check_input_file, file_sha256, read_json, staged_outputs
 from ..layout import CONFIG_FILE, WEIGHTS_FILE
-from ..model.checkpoint import base_fingerprint, build_model, read_checkpoint, save_checkpoint
+from ..model.checkpoint import (
+    base_fingerprint,
+    build_model,
+    check_checkpoint_output,
+    read_checkpoint,
+    save_checkpoint,
+)
 from ..model.layers import lora_layers
 from ..model.transformer import LoRATransformerLM, ModelConfig
 
@@ -186,10 +192,14 @@ def _read_layers(adapter_dir: Path, modules: dict[str, Any], base_name: str) -> 
 
 
 def from_peft(adapter_dir: str | os.PathLike, base_checkpoint: str | os.PathLike,
-              output: str | os.PathLike) -> Path:
+              output: str | os.PathLike, *, overwrite: bool = True) -> Path:
     """Write a lora-export checkpoint (``output``, .pt or .safetensors) holding ``base_checkpoint``'s base weights
-    and the PEFT adapter of ``adapter_dir``. Raises PeftError or CheckpointError (one line)."""
+    and the PEFT adapter of ``adapter_dir``. The output is checked before any work
+    (``model.checkpoint.check_checkpoint_output``): it must not replace the base or the adapter's files; one that
+    exists is replaced only with ``overwrite``. Raises PeftError, CheckpointError or OutputError (one line)."""
     adapter_dir, output = Path(adapter_dir), Path(output)
+    check_checkpoint_output(output, [base_checkpoint, adapter_dir / CONFIG_FILE, adapter_dir / WEIGHTS_FILE],
+                            overwrite=overwrite)
     config, settings = _read_config(adapter_dir)
     payload = read_checkpoint(base_checkpoint)
     base_model = build_model(payload, base_checkpoint)

@@ -5,7 +5,7 @@ Graph interface (genai's decoder-only defaults): ``input_ids`` int64 [batch, seq
 [batch, total] (past + current; every position must be real: the decoder has no padding), ``position_ids``
 int64 [batch, seq], and per cache slot ``past_key_values.<s>.key|value`` float32 [batch, heads, past, head_size]
 -> ``logits`` [batch, seq, 256] and ``present.<s>.key|value``. In the adapter form the LoRA inputs of
-``lora_export.adapters`` follow, unchanged (``.onnx_adapter`` files work as for the scoring graph).
+``lora_export.export.adapters`` follow, unchanged (``.onnx_adapter`` files work as for the scoring graph).
 
 Cache slots: per block, one slot for the global softmax heads (full history, present = past + new) and one for
 the local heads, whose present keeps only the last ``window + cache_slack`` positions: genai's ``sliding_window``
@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from ..errors import ExportError, first_line, short_repr
-from ..export.core import ExportSource, export_metadata, finish_graph, write_export
+from ..export.core import ExportSource, check_opset, export_metadata, finish_graph, write_export
 from ..export.onnx_files import count_parameters_onnx, load_onnx, read_metadata, set_metadata
 from ..export.quantize import convert_model_fp16, quantize_model_int4, quantize_model_int8
 from ..export.tracing import DEFAULT_OPSET, trace_forms
@@ -274,10 +274,12 @@ def export_decoder(checkpoint_path: str | os.PathLike, output_dir: str | os.Path
     precision, so one ``.onnx_adapter`` serves them all.
 
     The directory must be new or empty (``files.check_empty_output_dir``: staging left by a killed earlier write
-    does not count); its files land together or not at all. Raises CheckpointError, ExportError, OutputError or,
-    for a failed int8 / int4 / fp16 conversion, EdgeExportError (one line).
+    does not count); it and ``opset`` (``check_opset``) are checked before any work; its files land together or
+    not at all. Raises CheckpointError, ExportError, OutputError or, for a failed int8 / int4 / fp16 conversion,
+    EdgeExportError (one line).
     """
     say = progress.stage
+    check_opset(opset)
     checkpoint_path, output_dir, form = Path(checkpoint_path), Path(output_dir), Form.of(merge)
     if precision not in DECODER_PRECISIONS:
         raise ExportError(f"precision {precision!r} is not supported for the decoder: "

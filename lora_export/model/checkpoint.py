@@ -26,8 +26,8 @@ from typing import Any
 
 import torch
 
-from ..errors import CheckpointError, first_line, short_repr
-from ..files import atomic_write, check_input_file, parse_json
+from ..errors import CheckpointError, OutputError, first_line, short_repr
+from ..files import atomic_write, check_input_file, check_outputs, parse_json
 from .layers import base_state_dict, lora_state_dict
 from .transformer import LoRATransformerLM, ModelConfig
 
@@ -63,6 +63,15 @@ CHECKPOINT_SUFFIXES = (".pt", SAFETENSORS_SUFFIX)
 #: (one key: safetensors writes its metadata map in no fixed order, and the file must be byte-stable).
 SAFETENSORS_METADATA = ("format", "format_version", "config", "training", "tensor_sha256")
 SAFETENSORS_KEY = "lora_export"
+
+
+def check_checkpoint_output(output: str | os.PathLike, inputs: list[str | os.PathLike], *, overwrite: bool) -> None:
+    """Refuse (OutputError, one line), before any work, a checkpoint output that does not end in .pt or
+    .safetensors, cannot be written, would replace one of ``inputs`` or exists without ``overwrite``
+    (``files.check_outputs``)."""
+    if Path(output).suffix not in CHECKPOINT_SUFFIXES:
+        raise OutputError(f"{output}: the checkpoint output must end in .pt or .safetensors")
+    check_outputs([output], inputs, overwrite=overwrite)
 
 
 def _safetensors_save(payload: dict[str, Any], path: str) -> None:

@@ -8,7 +8,7 @@ same prefix (teacher-forced on genai's bytes), and the bytes with PyTorch's own 
 end-of-sequence byte's logit is left out of the comparison: genai overwrites it with the lowest float to keep
 generation from stopping (``min_length``). Greedy bytes must be identical where the tolerance asks every argmax to agree
 (``Tolerance.exact_bytes``: fp32 only): an fp16 decoder is held
-to its elementwise tolerance (``metrics.pass_boundary``, scaled by each step's logits) and top-1 at every
+to its elementwise tolerance (``Tolerance.deviation``, scaled by each step's logits) and top-1 at every
 (teacher-forced) step, an int8 decoder by step top-1 agreement (its
 tolerance has no elementwise limit); their bytes are reported but free to drift onto a near-tie's other branch.
 Per-byte latency is recorded against position.
@@ -26,6 +26,7 @@ import torch
 from ..export.adapters import attach_adapter
 from ..genai.decoder import EOS_BYTE
 from ..layout import Form
+from ..model.layers import merge_lora
 from ..model.transformer import LoRATransformerLM
 from ..tolerance import Deviation
 from .cases import show_bytes
@@ -102,32 +103,42 @@ def run_variant(og_model: object, adapters: object, name: str | None, model: LoR
                      measured.used if tolerance.elementwise else None, top1, step_ms, failures)
 
 
-def decode_parity(model_dir: Path, model: LoRATransformerLM, form: Form, adapters: Mapping[str, tuple[Path, dict]],
-                  prompt: np.ndarray, tolerance: Tolerance, device: str = "cpu",
-                  prompt_source: str = "held-out prose") -> list[DecodeRun]:
-    """Every variant of a genai decoder directory against ``model`` (the unmerged checkpoint model).
-
-    merged form: one run. adapters form: base, then each of ``adapters`` ({name: (path, graph-layout tensors)}),
-    then base again, on one loaded model. The run goes to the end of the context. ``prompt_source`` names where
-    ``prompt`` comes from, for the record.
-    """
+def load_decoder(model_dir: Path, form: Form, adapters: Mapping[str, tuple[Path, dict]], device: str = "cpu"
+                 ) -> tuple[object, object | None]:
+    """(og.Model, og.Adapters holding each of ``adapters`` by name; None in the merged form) of a genai decoder
+    directory on ``device``: everything ``decode_parity`` asks of onnxruntime-genai before it runs. Raises what
+    onnxruntime-genai raises (RuntimeError / OrtException) when the provider cannot load the decoder."""
     import onnxruntime_genai as og
-
-    from ..model.layers import merge_lora
 
     config = og.Config(str(model_dir))
     config.clear_providers()
     if device == "cuda":
         config.append_provider("cuda")
     og_model = og.Model(config)
+    if form is Form.MERGED:
+        return og_model, None
+    loaded = og.Adapters(og_model)
+    for name, (path, _) in adapters.items():
+        loaded.load(str(path), name)
+    return og_model, loaded
+
+
+def decode_parity(decoder: tuple[object, object | None], model: LoRATransformerLM, form: Form,
+                  adapters: Mapping[str, tuple[Path, dict]], prompt: np.ndarray, tolerance: Tolerance,
+                  device: str = "cpu", prompt_source: str = "held-out prose") -> list[DecodeRun]:
+    """Every variant of a genai decoder (``decoder``: ``load_decoder``'s, on ``device``) against ``model`` (the
+    unmerged checkpoint model).
+
+    merged form: one run. adapters form: base, then each of ``adapters`` ({name: (path, graph-layout tensors)}),
+    then base again, on one loaded model. The run goes to the end of the context. ``prompt_source`` names where
+    ``prompt`` comes from, for the record.
+    """
+    og_model, loaded = decoder
     new_bytes = model.config.max_seq_len - len(prompt)
     if form is Form.MERGED:
         merge_lora(model)
         return [run_variant(og_model, None, None, model, prompt, new_bytes, tolerance, Form.MERGED.value, device,
                             prompt_source)]
-    loaded = og.Adapters(og_model)
-    for name, (path, _) in adapters.items():
-        loaded.load(str(path), name)
     runs = []
     for name in [None, *adapters, None]:
         attach_adapter(model, None if name is None else adapters[name][1])

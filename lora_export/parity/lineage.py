@@ -108,7 +108,7 @@ def check_model_matches(proto: onnx.ModelProto, metadata: dict[str, str], payloa
     Checks the lora_export metadata (form, model_config, base weights fingerprint) against the checkpoint,
     then the graph interface: input_ids / attention_mask int64 [batch, seq] with a dynamic seq axis, logits
     [batch, seq, 256], LoRA inputs present exactly in the adapter form, no other required input.
-    ``metadata``: the model's lora_export.* metadata_props (``export.read_metadata``).
+    ``metadata``: the model's lora_export.* metadata_props (``export.onnx_files.read_metadata``).
     """
     form = _check_metadata(metadata, payload, model_path, checkpoint_path)
     _check_interface(proto, form, metadata.get("graph") == "decoder", model_path)

@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from ..errors import ParityInputError
-from ..tolerance import Deviation, boundary, deviation
+from ..tolerance import Deviation, deviation
 
 LATENCY_WARMUP = 3
 LATENCY_RUNS = 20
@@ -37,7 +37,7 @@ class Tolerance:
     atol / rtol: every logit at a real position must satisfy |onnx - torch| <= atol + rtol * |torch|
     (numpy allclose); None switches the elementwise check off (int8 is judged by top-1 and eval loss).
     atol_scale: when set, atol grows by atol_scale * the largest |torch| logit at the same position (fp16: its
-    rounding error scales with the logits' size, see FP16_ATOL_EPS); ``pass_boundary`` is the limit.
+    rounding error scales with the logits' size, see FP16_ATOL_EPS); ``Tolerance.deviation`` holds to the limit.
     top1_min: least share of real positions whose next-byte argmax agrees. loss_delta_max: largest allowed
     |eval loss(onnx) - eval loss(torch)| in nats per byte, None for not judged.
     """
@@ -51,7 +51,7 @@ class Tolerance:
     @property
     def elementwise(self) -> bool:
         """Judged at every logit (fp32, fp16). False (int8, int4): judged only by top-1 agreement and eval loss on
-        held-out prose (``lora_export.precisions.heldout_case``), wherever the model is judged; every other
+        held-out prose (``lora_export.parity.precisions.heldout_case``), wherever the model is judged; every other
         measurement is reported, not judged."""
         return self.atol is not None
 
@@ -84,9 +84,10 @@ class Tolerance:
                 f"{self.atol_scale / FP16_EPS:g} epsilons of that logit's magnitude")
 
     def deviation(self, got: np.ndarray, reference: np.ndarray) -> Deviation:
-        """``got`` against ``reference`` (both [..., V]) under ``pass_boundary``: the one elementwise judgement of
-        logits, decode steps and ``.ort`` models. A tolerance without an elementwise limit (int8, int4) measures
-        against fp32's boundary, for scale: its verdict does not use it."""
+        """``got`` against ``reference`` (both [..., V]) under this tolerance's elementwise limit, atol + atol_scale
+        * max |reference| at the position + rtol * |reference| (``lora_export.tolerance``; ``.limit`` holds each
+        element's): the one elementwise judgement of logits, decode steps and ``.ort`` models. A tolerance without
+        an elementwise limit (int8, int4) measures against fp32's boundary, for scale: its verdict does not use it."""
         limits = self if self.elementwise else TOLERANCES["fp32"]
         return deviation(got, reference, limits.atol, limits.rtol, limits.atol_scale)
 
@@ -125,6 +126,7 @@ TOLERANCES: dict[str, Tolerance] = {
     "int4": Tolerance(atol=None, rtol=None, top1_min=0.9, loss_delta_max=0.1),
 }
 
+
 @dataclass
 class Metrics:
     """ONNX output vs reference at the real positions of one case; None where a metric does not apply."""
@@ -133,8 +135,8 @@ class Metrics:
     max_rel: float
     mean_abs: float
     cosine: float
-    tolerance_used: float | None  # max |a-b| / pass_boundary; <= 1 passes the elementwise check
-    outside: int  # elements outside pass_boundary (0 when the elementwise check is off)
+    tolerance_used: float | None  # max |a-b| / Tolerance.deviation's limit; <= 1 passes the elementwise check
+    outside: int  # elements outside Tolerance.deviation's limit (0 when the elementwise check is off)
     elements: int  # elements compared
     worst_index: list[int]  # [batch row, position, byte] of the largest |a - b|
     finite: bool  # no NaN / Inf in the ONNX output and the reference
@@ -161,12 +163,6 @@ def resolve_tolerance(precision: str, atol: float | None, rtol: float | None) ->
     return replace(tolerance, atol=atol if atol is not None else tolerance.atol,
                    rtol=rtol if rtol is not None else tolerance.rtol,
                    atol_scale=None if atol is not None else tolerance.atol_scale)
-
-
-def pass_boundary(tolerance: Tolerance, reference: np.ndarray) -> np.ndarray:
-    """Each logit's elementwise limit for reference logits [..., V] (V, the last axis, is one position's logits):
-    atol + atol_scale * max |reference| at its position + rtol * |reference|. The tolerance must be elementwise."""
-    return boundary(reference, tolerance.atol, tolerance.rtol, tolerance.atol_scale)
 
 
 # --------------------------------------------------------------------------- metrics

@@ -2,7 +2,7 @@
 ``.ort`` model against the ``.onnx`` it came from.
 
 ``compare_precisions`` measures file size, ONNX Runtime latency (each build in its own warmed block), next-byte
-top-1 agreement and eval loss on held-out prose, judged by the per-precision ``lora_export.metrics.TOLERANCES``.
+top-1 agreement and eval loss on held-out prose, judged by the per-precision ``lora_export.parity.metrics.TOLERANCES``.
 fp16 is measured on CUDA where a CUDA session really gets CUDAExecutionProvider, else on ONNX Runtime's CPU provider
 (which runs it, casting where it lacks float16 kernels), judged by the same fp16 rule either way.
 """

@@ -20,7 +20,7 @@ from ..layout import ADAPTER_FILE, MODEL_FILE, Form
 from ..model.checkpoint import build_model
 from ..model.transformer import LoRATransformerLM, ModelConfig
 from .cases import generation_prompt
-from .decode import decode_parity
+from .decode import decode_parity, load_decoder
 from .lineage import adapter_lineage, load_adapter_for
 from .results import DecodeRun, ParityResult
 from .sessions import PROVIDERS, ProviderStatus, normalize_providers
@@ -58,19 +58,22 @@ def _decode_prompt(config: ModelConfig, seed: int, text: bytes | None, source: s
 def _decode_runs(subject: Subject, model: LoRATransformerLM, adapters: dict[str, tuple[Path, dict]],
                  prompt: np.ndarray, source: str, providers: Sequence[str] | None, explicit: bool
                  ) -> tuple[list[DecodeRun], list[ProviderStatus]]:
-    """(decode parity runs, provider statuses) on each provider; CPU must run, and so must one asked for
-    explicitly (ProviderUnavailableError), any other that cannot is 'not run'."""
+    """(decode parity runs, provider statuses) on each provider; CPU must load the decoder, and so must one asked
+    for explicitly (ProviderUnavailableError), any other that cannot is 'not run'. Only loading it through
+    onnxruntime-genai is the provider's to fail: an error past that (the PyTorch reference, judging) propagates."""
     runs, statuses = [], []
     for provider in normalize_providers(providers):
         try:
-            runs += decode_parity(subject.model_path, model, subject.form, adapters, prompt, subject.tolerance,
-                                  provider, prompt_source=source)
-            statuses.append(ProviderStatus(provider, PROVIDERS[provider], True, [f"onnxruntime-genai {provider}"]))
+            decoder = load_decoder(subject.model_path, subject.form, adapters, provider)
         except Exception as err:  # genai raises RuntimeError / OrtException when a provider cannot load
             if provider == "cpu" or explicit:
                 raise ProviderUnavailableError(f"{PROVIDERS[provider]} cannot run {subject.model_path} through "
                                                f"onnxruntime-genai: {first_line(err)}") from None
             statuses.append(ProviderStatus(provider, PROVIDERS[provider], False, [], first_line(err)))
+            continue
+        runs += decode_parity(decoder, model, subject.form, adapters, prompt, subject.tolerance, provider,
+                              prompt_source=source)
+        statuses.append(ProviderStatus(provider, PROVIDERS[provider], True, [f"onnxruntime-genai {provider}"]))
     return runs, statuses
 
 

@@ -1,7 +1,7 @@
 """Compare two parity reports (``parity.json``): what changed in verdict, errors and latency between two runs.
 
-Every report is first held against ``lora_export/parity_schema.json``: one that does not match is refused with one
-line naming the first field at fault. Rows are matched by (variant, provider, case, output) for errors and by
+Every report is first held against ``lora_export/report/parity_schema.json``: one that does not match is refused
+with one line naming the first field at fault. Rows are matched by (variant, provider, case, output) for errors and by
 (variant, backend, shape) for latency; a genai decoder's decode runs by (run, device), as errors (step logits) and
 as latency (median ms per byte). Rows present in only one report are listed as added or removed. Reports of other
 inputs (checkpoint, adapter, or a model exported from another checkpoint) are compared but warned about, naming

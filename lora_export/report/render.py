@@ -110,7 +110,7 @@ def _sci(value: float | None) -> str:
 
 
 def precision_section(rows: list[dict]) -> Section:
-    """The table across precisions from ``lora_export.precisions.compare_precisions`` rows."""
+    """The table across precisions from ``lora_export.parity.precisions.compare_precisions`` rows."""
     shapes = list(dict.fromkeys((t["batch"], t["seq_len"]) for row in rows for t in row["latency"]))
     fp32_size = next((row["file_size"] for row in rows if row["precision"] == "fp32"), None)
     section = Section(
