@@ -155,10 +155,10 @@ def export_onnx(
     source = ExportSource.read(checkpoint_path)
     adapter = source.adapter(form)
     clock.done("load")
-    proto, layer_names, nodes_exported = _traced_graph(source, form, opset, say, clock)
-    on_file = too_big_for_memory(proto, external_data_threshold)
-    too_big = f"model above {size_text(min(external_data_threshold, PROTOBUF_LIMIT))}" if on_file else ""
-    proto, simplified, note = _checked_and_simplified(proto, source, simplify_graph, too_big, say, clock)
+    proto, layer_names, nodes_exported, too_big = _traced_graph(source, form, opset, external_data_threshold, say,
+                                                                clock)
+    on_file = bool(too_big)
+    proto, simplified, note = _simplified(proto, source, simplify_graph, too_big, say, clock)
     finish_graph(proto, form)
     config = source.model.config
     set_metadata(proto, export_metadata(proto, source, form, opset, {
@@ -179,32 +179,34 @@ def export_onnx(
     )
 
 
-def _traced_graph(source: ExportSource, form: Form, opset: int, say: Callable[[str], None], clock: _StageClock
-                  ) -> tuple[onnx.ModelProto, list[str], int]:
-    """The scoring graph of ``source`` in ``form``, unchecked: (proto, its LoRA layer names, its node count as
-    exported)."""
+def _traced_graph(source: ExportSource, form: Form, opset: int, external_data_threshold: int,
+                  say: Callable[[str], None], clock: _StageClock) -> tuple[onnx.ModelProto, list[str], int, str]:
+    """The scoring graph of ``source`` in ``form``: (proto, its LoRA layer names, its node count as exported, why it
+    is too big for memory or ''). One that fits is checked here (strict shape inference, full onnx.checker); one
+    too big is checked as a file once written (``onnx_files.check_model_file``)."""
     say(f"exporting ({form}, opset {opset}) with torch.onnx dynamo")
     proto, layer_names = trace_to_onnx(source.model, form, opset)
+    nodes_exported = len(proto.graph.node)
     clock.done("export")
-    return proto, layer_names, len(proto.graph.node)
-
-
-def _checked_and_simplified(proto: onnx.ModelProto, source: ExportSource, simplify_graph: bool, too_big: str,
-                            say: Callable[[str], None], clock: _StageClock) -> tuple[onnx.ModelProto, bool, str]:
-    """(model to ship, simplified?, note). A model that fits in memory (``too_big`` == ''): strict shape inference
-    and the full onnx.checker, then onnxslim when asked for (``export.simplify``). A model ``too_big`` (the reason)
-    is left as traced: it is checked as a file when written, and onnxslim and its ORT comparison would hold whole
-    copies of it."""
-    if too_big:
+    if too_big_for_memory(proto, external_data_threshold):
+        too_big = f"model above {size_text(min(external_data_threshold, PROTOBUF_LIMIT))}"
         say(f"{too_big}: checked as a file once written")
-        return proto, False, ("simplification skipped (--no-simplify)" if not simplify_graph
-                              else f"simplification skipped: {too_big}")
+        return proto, layer_names, nodes_exported, too_big
     say("checking (onnx.checker, shape inference)")
     proto = onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True)
     onnx.checker.check_model(proto, full_check=True)
     clock.done("check")
+    return proto, layer_names, nodes_exported, ""
+
+
+def _simplified(proto: onnx.ModelProto, source: ExportSource, simplify_graph: bool, too_big: str,
+                say: Callable[[str], None], clock: _StageClock) -> tuple[onnx.ModelProto, bool, str]:
+    """(model to ship, simplified?, note): onnxslim when asked for (``export.simplify``), unless the model is
+    ``too_big`` (the reason; '' when it fits): onnxslim and its ORT comparison would hold whole copies of it."""
     if not simplify_graph:
         return proto, False, "simplification skipped (--no-simplify)"
+    if too_big:
+        return proto, False, f"simplification skipped: {too_big}"
     say("simplifying with onnxslim")
     shipped = simplify(proto, source.model.config)
     clock.done("simplify")

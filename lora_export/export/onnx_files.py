@@ -111,8 +111,12 @@ def read_metadata(model: onnx.ModelProto) -> dict[str, str]:
 
 def too_big_for_memory(model: onnx.ModelProto, external_data_threshold: int) -> bool:
     """Whether ``model`` goes the file way: above the external-data threshold or protobuf's 2 GB, where it is never
-    serialized whole in memory (no in-memory checker, shape inference, onnxslim or ORT session from bytes)."""
-    return model.ByteSize() > min(external_data_threshold, PROTOBUF_LIMIT)
+    serialized whole in memory (no in-memory checker, shape inference, onnxslim or ORT session from bytes).
+
+    Measured on the initializers (the weights: nearly all of a model's bytes) one at a time: ``ByteSize()`` of
+    the whole model would serialize it, a second copy of the weights."""
+    weights = sum(tensor.ByteSize() for tensor in model.graph.initializer)
+    return weights > min(external_data_threshold, PROTOBUF_LIMIT)
 
 
 def size_text(size: int) -> str:
