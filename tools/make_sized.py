@@ -9,8 +9,8 @@ The architecture is lora-export's own (``LoRATransformerLM``): LoRA r 16 on q, k
 ``--params``. Weights are random: the base as the model initializes it, the LoRA B matrices (zeros at
 initialization) drawn too, so that the merged and adapter forms differ from the base. No training.
 
-Memory: the model once (``--params`` x 4 bytes, fp32) plus one tensor at a time for the .pt format;
-safetensors' writer adds one copy of the weights (it builds each tensor's bytes before writing).
+Memory: the model once (``--params`` x 4 bytes, fp32); ``save_checkpoint`` copies no weights. Measured at 105M
+(0.41 GB): 0.73 GB peak RSS for .pt and .safetensors alike, the interpreter and torch being 0.31 GB of it.
 """
 
 from __future__ import annotations
