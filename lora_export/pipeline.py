@@ -142,7 +142,7 @@ def _validated(run: ExportRun, validation: ValidationOptions | None, model_path:
 
 
 def _export_genai(checkpoint: Path, output: str | os.PathLike | None, form: Form, precision: str, opset: int,
-                  validation: ValidationOptions | None, progress: Progress,
+                  external_data_threshold: int, validation: ValidationOptions | None, progress: Progress,
                   on_step: Callable[[str, ExportRun], None]) -> ExportRun:
     """The genai branch of ``export_pipeline``: one decoder directory, then its decode parity."""
     directory = Path(output) if output is not None else default_genai_dir(checkpoint, precision, form)
@@ -150,7 +150,8 @@ def _export_genai(checkpoint: Path, output: str | os.PathLike | None, form: Form
         validation.check(precision)
         check_report_dir(validation.report_dir, directory, [checkpoint])
     run = ExportRun(genai_dir=export_decoder(checkpoint, directory, merge=form is Form.MERGED, precision=precision,
-                                             opset=opset, progress=progress))
+                                             opset=opset, external_data_threshold=external_data_threshold,
+                                             progress=progress))
     on_step(EXPORTED, run)
     return _validated(run, validation, directory, checkpoint)
 
@@ -219,7 +220,8 @@ def export_pipeline(
         if problem:
             raise ExportError(problem)
         precision = "fp16" if fp16 else quantize[0] if quantize else "fp32"
-        return _export_genai(checkpoint, output, form, precision, opset, validation, progress, on_step)
+        return _export_genai(checkpoint, output, form, precision, opset, external_data_threshold, validation,
+                             progress, on_step)
     model_path, adapter_path = export_outputs(checkpoint, output, form=form, adapter_path=adapter_output)
     if validation is not None:
         validation.check("fp32")

@@ -5,8 +5,10 @@ Pipeline (both forms): load checkpoint -> build the export module -> torch.onnx.
 dynamic batch and sequence axes -> onnx.checker + shape inference -> onnxslim (``export.simplify``: kept only if it
 shrinks the graph, keeps its interface, checks and gives the same outputs on ONNX Runtime) -> metadata_props ->
 atomic save (external data above a threshold) -> in the adapter form, the trained adapter as an ``.onnx_adapter``
-file. The steps it shares with the genai decoder export live in ``export.core``, the file I/O in
-``export.onnx_files``.
+file. A model above the threshold (or protobuf's 2 GB) is never serialized whole in memory: no onnxslim (the
+summary says why), its weights written to external data first, then shape inference and the checker run on the
+file (``onnx_files.check_model_file``). The steps it shares with the genai decoder export live in
+``export.core``, the file I/O in ``export.onnx_files``.
 
 Graph interface: ``input_ids`` int64 [batch, seq], ``attention_mask`` int64 [batch, seq] (1 = real
 token) -> ``logits`` float32 [batch, seq, 256]. The adapter form adds the LoRA inputs described in
@@ -42,12 +44,15 @@ from .adapters import (
 from .core import ExportSource, check_opset, export_metadata, finish_graph, staged_export, write_export
 from .onnx_files import (
     EXTERNAL_DATA_THRESHOLD,
+    PROTOBUF_LIMIT,
     check_suffix,
     count_parameters_onnx,
     load_onnx,
     model_file_size,
     read_metadata,
     set_metadata,
+    size_text,
+    too_big_for_memory,
 )
 from .simplify import simplify
 from .tracing import DEFAULT_OPSET, trace_to_onnx
@@ -147,21 +152,21 @@ def export_onnx(
     source = ExportSource.read(checkpoint_path)
     adapter = source.adapter(form)
     clock.done("load")
-    proto, layer_names, nodes_exported = _traced_graph(source, form, opset, say, clock)
-    simplified, note = False, "simplification skipped (--no-simplify)"
-    if simplify_graph:
-        say("simplifying with onnxslim")
-        proto, simplified, note = simplify(proto, source.model.config)
-        clock.done("simplify")
+    proto, layer_names, nodes_exported, too_big = _traced_graph(source, form, opset, external_data_threshold, say,
+                                                                clock)
+    on_file = bool(too_big)
+    proto, simplified, note = _simplified(proto, source, simplify_graph, too_big, say, clock)
     finish_graph(proto, form)
     config = source.model.config
     set_metadata(proto, export_metadata(proto, source, form, opset, {
         "r": config.r, "lora_alpha": config.lora_alpha, "lora_targets": config.lora_targets,
         "use_rslora": config.use_rslora, "lora_layers": layer_names}))
-    onnx.checker.check_model(proto, full_check=True)
-    say(f"writing {output}" + (f" and {adapter_out}" if adapter_out is not None else ""))
+    if not on_file:
+        onnx.checker.check_model(proto, full_check=True)
+    say(f"writing {output}" + (f" and {adapter_out}" if adapter_out is not None else "")
+        + (" (external data), then checking it (onnx.checker, shape inference)" if on_file else ""))
     external = write_export(proto, output, source, where=output, external_data_threshold=external_data_threshold,
-                            adapter=None if adapter_out is None else (adapter_out, adapter))
+                            adapter=None if adapter_out is None else (adapter_out, adapter), on_file=on_file)
     clock.done("save")
     return ExportResult(
         model_path=output, adapter_path=adapter_out, form=form, opset=opset, nodes_exported=nodes_exported,
@@ -171,19 +176,38 @@ def export_onnx(
     )
 
 
-def _traced_graph(source: ExportSource, form: Form, opset: int, say: Callable[[str], None], clock: _StageClock
-                  ) -> tuple[onnx.ModelProto, list[str], int]:
-    """The scoring graph of ``source`` in ``form``, checked (strict shape inference, full onnx.checker): (proto,
-    its LoRA layer names, its node count as exported)."""
+def _traced_graph(source: ExportSource, form: Form, opset: int, external_data_threshold: int,
+                  say: Callable[[str], None], clock: _StageClock) -> tuple[onnx.ModelProto, list[str], int, str]:
+    """The scoring graph of ``source`` in ``form``: (proto, its LoRA layer names, its node count as exported, why it
+    is too big for memory or ''). One that fits is checked here (strict shape inference, full onnx.checker); one
+    too big is checked as a file once written (``onnx_files.check_model_file``)."""
     say(f"exporting ({form}, opset {opset}) with torch.onnx dynamo")
     proto, layer_names = trace_to_onnx(source.model, form, opset)
     nodes_exported = len(proto.graph.node)
     clock.done("export")
+    if too_big_for_memory(proto, external_data_threshold):
+        too_big = f"model above {size_text(min(external_data_threshold, PROTOBUF_LIMIT))}"
+        say(f"{too_big}: checked as a file once written")
+        return proto, layer_names, nodes_exported, too_big
     say("checking (onnx.checker, shape inference)")
     proto = onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True)
     onnx.checker.check_model(proto, full_check=True)
     clock.done("check")
-    return proto, layer_names, nodes_exported
+    return proto, layer_names, nodes_exported, ""
+
+
+def _simplified(proto: onnx.ModelProto, source: ExportSource, simplify_graph: bool, too_big: str,
+                say: Callable[[str], None], clock: _StageClock) -> tuple[onnx.ModelProto, bool, str]:
+    """(model to ship, simplified?, note): onnxslim when asked for (``export.simplify``), unless the model is
+    ``too_big`` (the reason; '' when it fits): onnxslim and its ORT comparison would hold whole copies of it."""
+    if not simplify_graph:
+        return proto, False, "simplification skipped (--no-simplify)"
+    if too_big:
+        return proto, False, f"simplification skipped: {too_big}"
+    say("simplifying with onnxslim")
+    shipped = simplify(proto, source.model.config)
+    clock.done("simplify")
+    return shipped
 
 
 def check_adapter_file(model_path: str | os.PathLike, adapter_path: str | os.PathLike) -> tuple[list[str], list[str]]:

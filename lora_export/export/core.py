@@ -9,7 +9,8 @@
    default (``finish_graph``);
 4. the ``lora_export.*`` metadata every export carries (``export_metadata``);
 5. write model (+ external data), companion files and the adapter together or not at all, a failed write raising
-   one ExportError line (``write_export``, ``staged_export``).
+   one ExportError line (``write_export``, ``staged_export``); a model ``too_big_for_memory`` is checked there, as
+   a file, instead of in memory after tracing.
 """
 
 from __future__ import annotations
@@ -112,12 +113,14 @@ def staged_export(where: Path) -> Iterator[StagedOutputs]:
 def write_export(proto: onnx.ModelProto, model_path: Path, source: ExportSource, *, where: Path,
                  adapter: tuple[Path, Mapping[str, np.ndarray]] | None = None,
                  texts: Mapping[Path, str] | None = None,
-                 external_data_threshold: int = EXTERNAL_DATA_THRESHOLD) -> bool:
+                 external_data_threshold: int = EXTERNAL_DATA_THRESHOLD, on_file: bool = False) -> bool:
     """Write the model (external data above the threshold), the ``texts`` files (UTF-8) and the ``adapter``
     (path, tensors) with its integrity record: all of them land together or none (missing directories are made,
-    and removed again on failure; see :func:`staged_export`). Returns whether external data was used."""
+    and removed again on failure; see :func:`staged_export`). ``on_file``: the model is too big for memory,
+    written to external data and checked as a file (``write_model_files``). Returns whether external data was
+    used."""
     with staged_export(where) as stage:
-        external = write_model_files(proto, model_path, stage, external_data_threshold)
+        external = write_model_files(proto, model_path, stage, external_data_threshold, on_file=on_file)
         for path, text in (texts or {}).items():
             stage.path(path).write_text(text, encoding="utf-8")
         if adapter is not None:

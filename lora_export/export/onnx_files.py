@@ -4,6 +4,10 @@ external data above a threshold, sizes and weight counts.
 Every model lora-export writes carries ``lora_export.*`` metadata_props (sorted, so that one checkpoint always
 gives the same bytes) and no per-node debug information; above ``EXTERNAL_DATA_THRESHOLD`` bytes its weights go to
 ``<name>.data`` beside it, written and moved into place together with the model.
+
+A model too big to serialize in memory (``too_big_for_memory``: above the threshold or protobuf's 2 GB) is
+written with its weights to external data first (which frees them from the proto) and then checked as a file
+(``check_model_file``: shape inference and the checker on the path).
 """
 
 from __future__ import annotations
@@ -18,7 +22,8 @@ from ..errors import ExportError, first_line
 from ..files import StagedOutputs, check_input_file, staged_outputs
 from ..layout import data_path_of
 
-EXTERNAL_DATA_THRESHOLD = 2 * 1024**3  # protobuf's hard limit for one file
+PROTOBUF_LIMIT = 2 * 1024**3  # protobuf's hard limit for one serialized message
+EXTERNAL_DATA_THRESHOLD = PROTOBUF_LIMIT
 #: The prefix of lora-export's keys in a model's metadata_props.
 METADATA_PREFIX = "lora_export."
 #: Inputs that carry quantization scales and zero points (and MatMulNBits' g_idx), not weights, by op type.
@@ -107,18 +112,52 @@ def read_metadata(model: onnx.ModelProto) -> dict[str, str]:
     return {p.key[len(METADATA_PREFIX):]: p.value for p in model.metadata_props if p.key.startswith(METADATA_PREFIX)}
 
 
-def write_model_files(model: onnx.ModelProto, path: Path, stage: StagedOutputs, external_data_threshold: int) -> bool:
+def too_big_for_memory(model: onnx.ModelProto, external_data_threshold: int) -> bool:
+    """Whether ``model`` goes the file way: above the external-data threshold or protobuf's 2 GB, where it is never
+    serialized whole in memory (no in-memory checker, shape inference, onnxslim or ORT session from bytes).
+
+    Measured on the initializers (the weights: nearly all of a model's bytes) one at a time: ``ByteSize()`` of
+    the whole model would serialize it, a second copy of the weights."""
+    weights = sum(tensor.ByteSize() for tensor in model.graph.initializer)
+    return weights > min(external_data_threshold, PROTOBUF_LIMIT)
+
+
+def size_text(size: int) -> str:
+    """A byte count for a person: '2.15 GB', '0.5 MB' or '1000 bytes'."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6)):
+        if size >= scale / 10:
+            return f"{size / scale:.3g} {unit}"
+    return f"{size} byte{'s' if size != 1 else ''}"
+
+
+def check_model_file(path: Path, name: Path) -> None:
+    """Strict shape inference (written back into the file) and the full onnx.checker on the model FILE ``path``,
+    its external data beside it: nothing serializes the model in memory. ``name`` names it in the one-line
+    ExportError."""
+    try:
+        onnx.shape_inference.infer_shapes_path(str(path), check_type=True, strict_mode=True)
+        onnx.checker.check_model(str(path), full_check=True)
+    except Exception as err:  # onnx raises ValidationError, InferenceError, ...
+        raise ExportError(f"{name}: fails onnx.checker or shape inference: {first_line(err)}") from None
+
+
+def write_model_files(model: onnx.ModelProto, path: Path, stage: StagedOutputs, external_data_threshold: int,
+                      *, on_file: bool = False) -> bool:
     """Save ``model`` into ``stage`` (moved to ``path`` with the stage); weights go to ``<name>.data`` beside it
     when the model exceeds the threshold, and a previous export's ``.data`` is removed otherwise.
 
-    Returns whether external data was used.
+    ``on_file`` (a model ``too_big_for_memory``): external data whatever the size, written first (saving moves the
+    weights out of ``model``), then the file checked (``check_model_file``). Returns whether external data was
+    used.
     """
-    external = model.ByteSize() > external_data_threshold
+    external = on_file or model.ByteSize() > external_data_threshold
     data_path = data_path_of(path)
     if external:
         stage.path(data_path)
         onnx.save_model(model, stage.path(path), save_as_external_data=True, all_tensors_to_one_file=True,
                         location=data_path.name, size_threshold=1024)
+        if on_file:
+            check_model_file(stage.path(path), path)
     else:
         onnx.save_model(model, stage.path(path))
         stage.remove(data_path)

@@ -14,12 +14,12 @@ import onnxruntime as ort
 CPU = "CPUExecutionProvider"
 
 
-def quiet_session(model: str | os.PathLike | bytes, providers: Sequence[str] = (CPU,)) -> ort.InferenceSession:
-    """An InferenceSession of a model file (or serialized bytes) with ORT's log at errors only.
+def quiet_session(model: str | os.PathLike, providers: Sequence[str] = (CPU,)) -> ort.InferenceSession:
+    """An InferenceSession of a model file (its external data beside it) with ORT's log at errors only.
 
-    ORT's own exceptions pass through: callers turn them into one line naming the file.
+    From a path, never serialized bytes: bytes would be a second whole copy of the model, and cannot hold one above
+    protobuf's 2 GB. ORT's own exceptions pass through: callers turn them into one line naming the file.
     """
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    source = model if isinstance(model, bytes) else str(model)
-    return ort.InferenceSession(source, options, providers=list(providers))
+    return ort.InferenceSession(str(model), options, providers=list(providers))

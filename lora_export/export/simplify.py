@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import contextlib
 import io
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -30,8 +32,12 @@ def probe_feeds(model: onnx.ModelProto, config: ModelConfig, seed: int = 0) -> d
 
 
 def run_ort(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> np.ndarray:
-    """logits from an in-memory model on ONNX Runtime CPU."""
-    session = quiet_session(model.SerializeToString())
+    """logits from an in-memory model on ONNX Runtime CPU (a session opened from a temporary file: sessions open
+    from paths). Only for models that fit in memory: ``export_onnx`` never simplifies a bigger one."""
+    with tempfile.TemporaryDirectory() as directory:
+        path = Path(directory) / "model.onnx"
+        onnx.save_model(model, path)
+        session = quiet_session(path)
     return session.run(["logits"], feeds)[0]
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +30,16 @@ from torch import nn
 
 from ..errors import ExportError, first_line, short_repr
 from ..export.core import ExportSource, check_opset, export_metadata, finish_graph, write_export
-from ..export.onnx_files import count_parameters_onnx, load_onnx, read_metadata, set_metadata
+from ..export.onnx_files import (
+    EXTERNAL_DATA_THRESHOLD,
+    PROTOBUF_LIMIT,
+    count_parameters_onnx,
+    load_onnx,
+    read_metadata,
+    set_metadata,
+    size_text,
+    too_big_for_memory,
+)
 from ..export.quantize import convert_model_fp16, quantize_model_int4, quantize_model_int8
 from ..export.tracing import DEFAULT_OPSET, trace_forms
 from ..files import check_empty_output_dir, parse_json, read_json
@@ -264,7 +274,7 @@ def read_decoder_dir(model_dir: str | os.PathLike) -> DecoderDirectory:
 
 def export_decoder(checkpoint_path: str | os.PathLike, output_dir: str | os.PathLike, *, merge: bool = True,
                    precision: str = "fp32", opset: int = DEFAULT_OPSET,
-                   progress: Progress = SILENT) -> Path:
+                   external_data_threshold: int = EXTERNAL_DATA_THRESHOLD, progress: Progress = SILENT) -> Path:
     """Write an onnxruntime-genai model directory for a checkpoint: model.onnx (KV-cache decoder, merged or with
     the adapters as inputs), genai_config.json, and in the adapter form the trained model.onnx_adapter.
 
@@ -272,6 +282,10 @@ def export_decoder(checkpoint_path: str | os.PathLike, output_dir: str | os.Path
     weight-only int4 (``MatMulNBits``) of the constant MatMul weights; ``fp16``, float16 weights,
     compute and cache (past/present), float32 logits. LoRA inputs and the adapter file stay float32 in every
     precision, so one ``.onnx_adapter`` serves them all.
+
+    Above ``external_data_threshold`` bytes the weights go to ``model.onnx.data``; above it (or protobuf's 2 GB)
+    the traced graph is never serialized whole in memory: it is checked as a file once written
+    (``onnx_files.check_model_file``). The int8 / int4 / fp16 conversions still work in memory.
 
     The directory must be new or empty (``files.check_empty_output_dir``: staging left by a killed earlier write
     does not count); it and ``opset`` (``check_opset``) are checked before any work; its files land together or
@@ -291,12 +305,7 @@ def export_decoder(checkpoint_path: str | os.PathLike, output_dir: str | os.Path
     if problem:
         raise ExportError(f"{checkpoint_path}: cannot be a genai decoder: {problem}")
     adapter = source.adapter(form)
-    say(f"exporting the KV-cache decoder ({form}, opset {opset}) with torch.onnx dynamo")
-    try:
-        proto, layer_names = trace_decoder(source.model, form, opset)
-        onnx.checker.check_model(proto, full_check=True)
-    except Exception as err:  # the exporter raises many exception types
-        raise ExportError(f"{checkpoint_path}: decoder export failed: {first_line(err)[:200]}") from None
+    proto, layer_names, on_file = _traced_decoder(source, form, opset, external_data_threshold, say)
     finish_graph(proto, form)
     slots = cache_slots(source.model.config)
     proto = _in_precision(proto, precision, str(output_dir / MODEL_FILE), slots, progress)
@@ -306,11 +315,29 @@ def export_decoder(checkpoint_path: str | os.PathLike, output_dir: str | os.Path
     config_text = json.dumps(genai_config(source.model.config, slots), indent=2) + "\n"
     say(f"writing {output_dir}/")
     write_export(proto, output_dir / MODEL_FILE, source, where=output_dir,
-                 texts={output_dir / GENAI_CONFIG: config_text},
-                 adapter=None if form is Form.MERGED else (output_dir / ADAPTER_FILE, adapter))
+                 texts={output_dir / GENAI_CONFIG: config_text}, external_data_threshold=external_data_threshold,
+                 adapter=None if form is Form.MERGED else (output_dir / ADAPTER_FILE, adapter), on_file=on_file)
     say(f"decoder: {len(proto.graph.node)} nodes, {count_parameters_onnx(proto):,} parameters, "
         f"{len(slots)} cache slots")
     return output_dir
+
+
+def _traced_decoder(source: ExportSource, form: Form, opset: int, external_data_threshold: int,
+                    say: Callable[[str], None]) -> tuple[onnx.ModelProto, list[str], bool]:
+    """The decoder graph of ``source`` in ``form``: (proto, its LoRA layer names, whether it is too big for memory
+    and so checked as a file once written). One that fits is checked here (full onnx.checker). Raises
+    ExportError."""
+    say(f"exporting the KV-cache decoder ({form}, opset {opset}) with torch.onnx dynamo")
+    try:
+        proto, layer_names = trace_decoder(source.model, form, opset)
+        on_file = too_big_for_memory(proto, external_data_threshold)
+        if not on_file:
+            onnx.checker.check_model(proto, full_check=True)
+    except Exception as err:  # the exporter raises many exception types
+        raise ExportError(f"{source.path}: decoder export failed: {first_line(err)[:200]}") from None
+    if on_file:
+        say(f"model above {size_text(min(external_data_threshold, PROTOBUF_LIMIT))}: checked as a file once written")
+    return proto, layer_names, on_file
 
 
 def _in_precision(proto: onnx.ModelProto, precision: str, name: str, slots: list[CacheSlot],

@@ -126,8 +126,9 @@ def save_checkpoint(path: str | os.PathLike, model: LoRATransformerLM, training:
     merged = any(getattr(m, "merged", False) for m in model.modules())
     if merged:
         raise ValueError("save_checkpoint needs an unmerged model: call unmerge_lora(model) first")
-    base = {k: v.detach().cpu().clone() for k, v in base_state_dict(model).items()}
-    lora = {k: v.detach().cpu().clone() for k, v in lora_state_dict(model).items()}
+    # no clone: the tensors are written before this returns, and a copy would double the memory of a big model
+    base = {k: v.detach().cpu() for k, v in base_state_dict(model).items()}
+    lora = {k: v.detach().cpu() for k, v in lora_state_dict(model).items()}
     for name, tensor in {**base, **lora}.items():
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise ValueError(f"save_checkpoint refused: {name} holds NaN or Inf")
