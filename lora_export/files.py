@@ -327,20 +327,22 @@ def _input_problem(status: os.stat_result, max_bytes: int | None) -> str | None:
     return None
 
 
-def check_input_file(path: str | os.PathLike, max_bytes: int | None = None, what: str = "file") -> int:
-    """Refuse (ValueError, one line naming ``path``) an input that is missing, cannot be read, is not a regular
-    file (a directory, FIFO, socket or device: reading one can block forever or never end) or is larger than
-    ``max_bytes``; returns its size. Symlinks are followed. The one rule for every input file lora-export reads;
-    ``what`` names it in the message for a missing file ("no such <what>")."""
+def check_input_file(path: str | os.PathLike, max_bytes: int | None = None, what: str = "file",
+                     error: type[ValueError] = ValueError) -> int:
+    """Refuse (``error``, a ValueError class, one line naming ``path``) an input that is missing, cannot be read,
+    is not a regular file (a directory, FIFO, socket or device: reading one can block forever or never end) or is
+    larger than ``max_bytes``; returns its size. Symlinks are followed. The one rule for every input file
+    lora-export reads; ``what`` names it in the message for a missing file ("no such <what>"), ``error`` is the
+    reading stage's own class (CheckpointError, AdapterError, ...)."""
     try:
         status = os.stat(path)
     except FileNotFoundError:
-        raise ValueError(f"{path}: no such {what}") from None
+        raise error(f"{path}: no such {what}") from None
     except OSError as err:
-        raise ValueError(f"{path}: cannot be read: {err.strerror or err}") from None
+        raise error(f"{path}: cannot be read: {err.strerror or err}") from None
     problem = _input_problem(status, max_bytes)
     if problem:
-        raise ValueError(f"{path}: {problem}")
+        raise error(f"{path}: {problem}")
     return status.st_size
 
 

@@ -134,10 +134,7 @@ def read_adapter(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], int]:
     """(tensors by name, model version) of an ``.onnx_adapter`` file, verified against its integrity record
     when there is one. Raises AdapterError."""
     path = Path(path)
-    try:
-        check_input_file(path, what="adapter file")
-    except ValueError as err:
-        raise AdapterError(str(err)) from None
+    check_input_file(path, what="adapter file", error=AdapterError)
     try:
         adapter = ort.AdapterFormat.read_adapter(str(path))
         params = adapter.get_parameters()

@@ -37,10 +37,7 @@ def load_onnx(path: str | os.PathLike) -> onnx.ModelProto:
     """Load an ONNX model's graph (not its external weights). Raises ExportError with one line: a missing path,
     a directory, FIFO, socket or device (``files.check_input_file``) or a file that is no ONNX model."""
     path = Path(path)
-    try:
-        check_input_file(path, what="ONNX model")
-    except ValueError as err:
-        raise ExportError(str(err)) from None
+    check_input_file(path, what="ONNX model", error=ExportError)
     try:
         model = onnx.load(path, load_external_data=False)
     except Exception as err:  # protobuf's DecodeError and friends

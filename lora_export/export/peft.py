@@ -168,10 +168,7 @@ def _read_layers(adapter_dir: Path, modules: dict[str, Any], base_name: str) -> 
     path = adapter_dir / WEIGHTS_FILE
     if not (path.exists() or path.is_symlink()):
         raise PeftError(f"{path}: no such file (adapter_model.bin pickles are not read: save with safetensors)")
-    try:
-        check_input_file(path)
-    except ValueError as err:
-        raise PeftError(str(err)) from None
+    check_input_file(path, error=PeftError)
     try:
         with safe_open(path, framework="pt") as f:
             parts = {name: _layer_part(name, path) for name in f.keys()}

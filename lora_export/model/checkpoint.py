@@ -291,10 +291,7 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     tensor is hashed, and for .safetensors before any is read (its header can declare any size).
     """
     path = Path(path)
-    try:
-        check_input_file(path)
-    except ValueError as err:
-        raise CheckpointError(str(err)) from None
+    check_input_file(path, error=CheckpointError)
     if path.suffix == SAFETENSORS_SUFFIX:
         try:
             payload = _safetensors_load(path)
