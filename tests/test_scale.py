@@ -92,6 +92,36 @@ def test_genai_file_way_gives_the_inline_outputs(merge, genai_merged, genai_adap
         np.testing.assert_array_equal(got, expected)
 
 
+@pytest.mark.parametrize("genai", [False, True], ids=["scoring", "genai"])
+def test_file_way_never_serializes_the_whole_model(genai, tiny_checkpoint, tmp_path, monkeypatch):
+    """Above the threshold the weights go from the torch tensors to the data file: the exporter's whole-model proto
+    (a second copy of every weight) is never built, and the traced base shares the checkpoint model's tensors."""
+    from torch.onnx._internal.exporter._onnx_program import ONNXProgram
+
+    from lora_export.export import tracing
+
+    def refuse(_program):
+        raise AssertionError("the whole model was serialized in memory")
+
+    monkeypatch.setattr(ONNXProgram, "model_proto", property(refuse))
+    shared = []
+    real_base_model_of = tracing.base_model_of
+
+    def spy(model, state):
+        base = real_base_model_of(model, state)
+        shared.append(all(base.state_dict()[name].data_ptr() == tensor.data_ptr() for name, tensor in state.items()))
+        return base
+
+    monkeypatch.setattr(tracing, "base_model_of", spy)
+    if genai:
+        export_decoder(tiny_checkpoint, tmp_path / "genai", external_data_threshold=TINY_THRESHOLD)
+    else:
+        export_onnx(tiny_checkpoint, tmp_path / "big.onnx", merge=False, external_data_threshold=TINY_THRESHOLD)
+    assert shared == [True]
+    with pytest.raises(AssertionError, match="serialized in memory"):  # the inline way does build it
+        export_onnx(tiny_checkpoint, tmp_path / "small.onnx")
+
+
 def test_too_big_for_memory_is_the_threshold_or_protobufs_limit(merged_export):
     proto = onnx.load(merged_export.model_path)
     assert too_big_for_memory(proto, TINY_THRESHOLD)

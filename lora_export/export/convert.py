@@ -31,7 +31,7 @@ from pathlib import Path
 import onnx
 
 from ..errors import ExportError
-from ..files import check_outputs
+from ..files import StagedOutputs, check_outputs
 from ..layout import Form, adapter_record_path, default_adapter_path, default_output_path, model_files
 from ..progress import SILENT, Progress
 from .adapters import (
@@ -41,18 +41,23 @@ from .adapters import (
     run_adapter,
     write_adapter,
 )
-from .core import ExportSource, check_opset, export_metadata, finish_graph, staged_export, write_export
+from .core import (
+    ExportSource,
+    check_opset,
+    export_metadata,
+    finish_graph,
+    serialize_traced,
+    staged_export,
+    write_export,
+)
 from .onnx_files import (
     EXTERNAL_DATA_THRESHOLD,
-    PROTOBUF_LIMIT,
     check_suffix,
     count_parameters_onnx,
     load_onnx,
     model_file_size,
     read_metadata,
     set_metadata,
-    size_text,
-    too_big_for_memory,
 )
 from .simplify import simplify
 from .tracing import DEFAULT_OPSET, trace_to_onnx
@@ -152,21 +157,21 @@ def export_onnx(
     source = ExportSource.read(checkpoint_path)
     adapter = source.adapter(form)
     clock.done("load")
-    proto, layer_names, nodes_exported, too_big = _traced_graph(source, form, opset, external_data_threshold, say,
-                                                                clock)
-    on_file = bool(too_big)
-    proto, simplified, note = _simplified(proto, source, simplify_graph, too_big, say, clock)
-    finish_graph(proto, form)
-    config = source.model.config
-    set_metadata(proto, export_metadata(proto, source, form, opset, {
-        "r": config.r, "lora_alpha": config.lora_alpha, "lora_targets": config.lora_targets,
-        "use_rslora": config.use_rslora, "lora_layers": layer_names}))
-    if not on_file:
-        onnx.checker.check_model(proto, full_check=True)
-    say(f"writing {output}" + (f" and {adapter_out}" if adapter_out is not None else "")
-        + (" (external data), then checking it (onnx.checker, shape inference)" if on_file else ""))
-    external = write_export(proto, output, source, where=output, external_data_threshold=external_data_threshold,
-                            adapter=None if adapter_out is None else (adapter_out, adapter), on_file=on_file)
+    with staged_export(output) as stage:
+        proto, layer_names, nodes_exported, too_big = _traced_graph(source, form, opset, output, stage,
+                                                                    external_data_threshold, progress, clock)
+        proto, simplified, note = _simplified(proto, source, simplify_graph, too_big, say, clock)
+        finish_graph(proto, form)
+        config = source.model.config
+        set_metadata(proto, export_metadata(proto, source, form, opset, {
+            "r": config.r, "lora_alpha": config.lora_alpha, "lora_targets": config.lora_targets,
+            "use_rslora": config.use_rslora, "lora_layers": layer_names}))
+        if not too_big:
+            onnx.checker.check_model(proto, full_check=True)
+        say(f"writing {output}" + (f" and {adapter_out}" if adapter_out is not None else "")
+            + (", then checking it (onnx.checker, shape inference)" if too_big else ""))
+        external = write_export(proto, output, source, stage, external_data_threshold=external_data_threshold,
+                                adapter=None if adapter_out is None else (adapter_out, adapter), on_file=bool(too_big))
     clock.done("save")
     return ExportResult(
         model_path=output, adapter_path=adapter_out, form=form, opset=opset, nodes_exported=nodes_exported,
@@ -176,20 +181,23 @@ def export_onnx(
     )
 
 
-def _traced_graph(source: ExportSource, form: Form, opset: int, external_data_threshold: int,
-                  say: Callable[[str], None], clock: _StageClock) -> tuple[onnx.ModelProto, list[str], int, str]:
+def _traced_graph(source: ExportSource, form: Form, opset: int, output: Path, stage: StagedOutputs,
+                  external_data_threshold: int, progress: Progress, clock: _StageClock
+                  ) -> tuple[onnx.ModelProto, list[str], int, str]:
     """The scoring graph of ``source`` in ``form``: (proto, its LoRA layer names, its node count as exported, why it
     is too big for memory or ''). One that fits is checked here (strict shape inference, full onnx.checker); one
-    too big is checked as a file once written (``onnx_files.check_model_file``)."""
-    say(f"exporting ({form}, opset {opset}) with torch.onnx dynamo")
-    proto, layer_names = trace_to_onnx(source.model, form, opset)
-    nodes_exported = len(proto.graph.node)
+    too big has its weights written into ``stage`` already (``core.serialize_traced``) and is checked as a file
+    once written (``onnx_files.check_model_file``)."""
+    progress.stage(f"exporting ({form}, opset {opset}) with torch.onnx dynamo")
+    traced = trace_to_onnx(source.model, form, opset)
     clock.done("export")
-    if too_big_for_memory(proto, external_data_threshold):
-        too_big = f"model above {size_text(min(external_data_threshold, PROTOBUF_LIMIT))}"
-        say(f"{too_big}: checked as a file once written")
+    proto, too_big = serialize_traced(traced, output, stage, external_data_threshold, progress)
+    layer_names, nodes_exported = traced.layer_names, len(proto.graph.node)
+    del traced  # the exporter's graph and its own copies of folded constants, before anything else is built
+    if too_big:
+        clock.done("write weights")
         return proto, layer_names, nodes_exported, too_big
-    say("checking (onnx.checker, shape inference)")
+    progress.stage("checking (onnx.checker, shape inference)")
     proto = onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True)
     onnx.checker.check_model(proto, full_check=True)
     clock.done("check")

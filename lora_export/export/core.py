@@ -8,9 +8,12 @@
 3. after tracing: drop per-node debug information and, in the adapter form, give every LoRA input its rank-0
    default (``finish_graph``);
 4. the ``lora_export.*`` metadata every export carries (``export_metadata``);
-5. write model (+ external data), companion files and the adapter together or not at all, a failed write raising
-   one ExportError line (``write_export``, ``staged_export``); a model ``too_big_for_memory`` is checked there, as
-   a file, instead of in memory after tracing.
+5. serialize the traced graph (``serialize_traced``): in memory when it fits, or, for a model too big for memory,
+   its weights written straight from the torch tensors to external data in the stage, the graph read back
+   without them;
+6. write model (+ external data), companion files and the adapter together or not at all, a failed write raising
+   one ExportError line (``write_export`` inside ``staged_export``); a model too big for memory is checked there,
+   as a file, instead of in memory after tracing.
 """
 
 from __future__ import annotations
@@ -28,12 +31,21 @@ import onnx
 from .. import __version__
 from ..errors import ExportError, first_line
 from ..files import StagedOutputs, file_sha256, staged_outputs
-from ..layout import Form
+from ..layout import Form, data_path_of
 from ..model.checkpoint import base_fingerprint, build_model, read_checkpoint
 from ..model.transformer import LoRATransformerLM
+from ..progress import Progress
 from .adapters import adapter_tensors, model_version_from_fingerprint, write_adapter
-from .onnx_files import EXTERNAL_DATA_THRESHOLD, attention_kernels, strip_debug_info, write_model_files
-from .tracing import add_rank0_defaults
+from .onnx_files import (
+    EXTERNAL_DATA_THRESHOLD,
+    PROTOBUF_LIMIT,
+    attention_kernels,
+    size_text,
+    strip_debug_info,
+    weights_too_big_for_memory,
+    write_model_files,
+)
+from .tracing import TracedGraph, add_rank0_defaults
 
 #: The ONNX opsets an export may target: the dynamo exporter needs 18 or newer; 23 is the newest it writes.
 MIN_OPSET, MAX_OPSET = 18, 23
@@ -110,20 +122,33 @@ def staged_export(where: Path) -> Iterator[StagedOutputs]:
         raise ExportError(f"{err.filename or where}: cannot write: {err.strerror or first_line(err)}") from None
 
 
-def write_export(proto: onnx.ModelProto, model_path: Path, source: ExportSource, *, where: Path,
+def serialize_traced(traced: TracedGraph, model_path: Path, stage: StagedOutputs, external_data_threshold: int,
+                     progress: Progress) -> tuple[onnx.ModelProto, str]:
+    """(the traced graph as a proto, why it is too big for memory or ''). One that fits: the whole model in memory.
+    One too big (``weights_too_big_for_memory``): its weights written to ``<model>.data`` in ``stage`` straight
+    from the torch tensors, and the graph without them (``TracedGraph.save_with_weights``); ``write_export``
+    then saves that graph beside them and checks the file."""
+    if not weights_too_big_for_memory(traced.weight_bytes, external_data_threshold):
+        return traced.to_proto(), ""
+    too_big = f"model above {size_text(min(external_data_threshold, PROTOBUF_LIMIT))}"
+    data_path = data_path_of(model_path)
+    progress.stage(f"{too_big}: writing its {size_text(traced.weight_bytes)} of weights to {data_path.name}")
+    stage.path(data_path)
+    return traced.save_with_weights(stage.path(model_path), progress), too_big
+
+
+def write_export(proto: onnx.ModelProto, model_path: Path, source: ExportSource, stage: StagedOutputs, *,
                  adapter: tuple[Path, Mapping[str, np.ndarray]] | None = None,
                  texts: Mapping[Path, str] | None = None,
                  external_data_threshold: int = EXTERNAL_DATA_THRESHOLD, on_file: bool = False) -> bool:
-    """Write the model (external data above the threshold), the ``texts`` files (UTF-8) and the ``adapter``
-    (path, tensors) with its integrity record: all of them land together or none (missing directories are made,
-    and removed again on failure; see :func:`staged_export`). ``on_file``: the model is too big for memory,
-    written to external data and checked as a file (``write_model_files``). Returns whether external data was
-    used."""
-    with staged_export(where) as stage:
-        external = write_model_files(proto, model_path, stage, external_data_threshold, on_file=on_file)
-        for path, text in (texts or {}).items():
-            stage.path(path).write_text(text, encoding="utf-8")
-        if adapter is not None:
-            adapter_path, tensors = adapter
-            write_adapter(adapter_path, tensors, model_version_from_fingerprint(source.fingerprint), stage)
+    """Write into ``stage`` (opened with :func:`staged_export`: all land together or none) the model (external
+    data above the threshold), the ``texts`` files (UTF-8) and the ``adapter`` (path, tensors) with its integrity
+    record. ``on_file``: the model is too big for memory, its weights in external data (``serialize_traced``),
+    the file checked as a file (``write_model_files``). Returns whether external data was used."""
+    external = write_model_files(proto, model_path, stage, external_data_threshold, on_file=on_file)
+    for path, text in (texts or {}).items():
+        stage.path(path).write_text(text, encoding="utf-8")
+    if adapter is not None:
+        adapter_path, tensors = adapter
+        write_adapter(adapter_path, tensors, model_version_from_fingerprint(source.fingerprint), stage)
     return external

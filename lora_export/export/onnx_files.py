@@ -110,13 +110,17 @@ def read_metadata(model: onnx.ModelProto) -> dict[str, str]:
 
 
 def too_big_for_memory(model: onnx.ModelProto, external_data_threshold: int) -> bool:
-    """Whether ``model`` goes the file way: above the external-data threshold or protobuf's 2 GB, where it is never
-    serialized whole in memory (no in-memory checker, shape inference, onnxslim or ORT session from bytes).
+    """``weights_too_big_for_memory`` of a proto's initializers, measured one at a time: ``ByteSize()`` of the
+    whole model would serialize it, a second copy of the weights."""
+    return weights_too_big_for_memory(sum(tensor.ByteSize() for tensor in model.graph.initializer),
+                                      external_data_threshold)
 
-    Measured on the initializers (the weights: nearly all of a model's bytes) one at a time: ``ByteSize()`` of
-    the whole model would serialize it, a second copy of the weights."""
-    weights = sum(tensor.ByteSize() for tensor in model.graph.initializer)
-    return weights > min(external_data_threshold, PROTOBUF_LIMIT)
+
+def weights_too_big_for_memory(weight_bytes: int, external_data_threshold: int) -> bool:
+    """Whether a model with ``weight_bytes`` of weights goes the file way: above the external-data threshold or
+    protobuf's 2 GB, where it is never serialized whole in memory (no in-memory checker, shape inference,
+    onnxslim or ORT session from bytes)."""
+    return weight_bytes > min(external_data_threshold, PROTOBUF_LIMIT)
 
 
 def size_text(size: int) -> str:
@@ -143,9 +147,9 @@ def write_model_files(model: onnx.ModelProto, path: Path, stage: StagedOutputs, 
     """Save ``model`` into ``stage`` (moved to ``path`` with the stage); weights go to ``<name>.data`` beside it
     when the model exceeds the threshold, and a previous export's ``.data`` is removed otherwise.
 
-    ``on_file`` (a model ``too_big_for_memory``): external data whatever the size, written first (saving moves the
-    weights out of ``model``), then the file checked (``check_model_file``). Returns whether external data was
-    used.
+    ``on_file`` (a model ``too_big_for_memory``): external data whatever the size (weights already there, as
+    ``TracedGraph.save_with_weights`` leaves them in the stage, stay as they are), then the file checked
+    (``check_model_file``). Returns whether external data was used.
     """
     external = on_file or model.ByteSize() > external_data_threshold
     data_path = data_path_of(path)

@@ -16,16 +16,20 @@ import io
 import logging
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx_ir
 import torch
 from torch import nn
 
-from ..layout import Form
+from ..layout import Form, data_path_of
 from ..model.attention import decomposed_attention
 from ..model.layers import LoRALayer, lora_layers, merge_lora
 from ..model.transformer import LoRATransformerLM, ModelConfig
+from ..progress import SILENT, Progress
 from .adapters import lora_input_specs, rank_axis
 
 DEFAULT_OPSET = 23
@@ -63,11 +67,55 @@ class AdaptersAsInputs(nn.Module):
 
 
 def base_model_of(model: LoRATransformerLM, state: dict[str, torch.Tensor]) -> LoRATransformerLM:
-    """A plain (r = 0) model of the same architecture holding ``state`` (base weights)."""
+    """A plain (r = 0) model of the same architecture holding ``state`` (base weights): the tensors themselves,
+    not copies (built on the meta device, then assigned), so the export holds the weights once."""
     config = ModelConfig.from_dict({**model.config.to_dict(), "r": 0, "rank_pattern": {}, "alpha_pattern": {}})
-    base = LoRATransformerLM(config)
-    base.load_state_dict(state)
+    with torch.device("meta"):
+        base = LoRATransformerLM(config)
+    base.load_state_dict(state, assign=True)
     return base.eval()
+
+
+#: Tensors above this many bytes go to the external-data file (onnx's own default is 1024 as well).
+EXTERNAL_TENSOR_BYTES = 1024
+
+
+@dataclass
+class TracedGraph:
+    """A traced graph not yet serialized: the exporter's ONNX IR model, whose weights are still the torch model's
+    tensors (no copy), and its LoRA layer names (empty when merged)."""
+
+    program: torch.onnx.ONNXProgram
+    layer_names: list[str]
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of the graph's initializers (nearly all of a model's bytes), without serializing anything."""
+        values = self.program.model.graph.initializers.values()
+        return sum(value.const_value.nbytes for value in values if value.const_value is not None)
+
+    def to_proto(self) -> onnx.ModelProto:
+        """The whole model as one in-memory proto (a copy of the weights: for models that fit in memory)."""
+        proto = self.program.model_proto
+        name_rank_axes(proto, self.layer_names)
+        return proto
+
+    def save_with_weights(self, path: Path, progress: Progress = SILENT) -> onnx.ModelProto:
+        """Write the model to ``path`` and its weights to ``<name>.data`` beside it straight from the torch tensors
+        (one tensor at a time: no proto of the weights is ever built), then return the graph read back without its
+        weights (its initializers point into the data file). ``progress`` advances per tensor written."""
+        written = 0
+
+        def advance(_tensor: object, info: onnx_ir.external_data.CallbackInfo) -> None:
+            nonlocal written
+            written += 1
+            progress.advance(written, info.total, "weights written")
+
+        onnx_ir.save(self.program.model, path, external_data=data_path_of(path).name,
+                     size_threshold_bytes=EXTERNAL_TENSOR_BYTES, callback=advance)
+        proto = onnx.load(path, load_external_data=False)
+        name_rank_axes(proto, self.layer_names)
+        return proto
 
 
 def _example_inputs(config: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
@@ -78,7 +126,7 @@ def _example_inputs(config: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _torch_export(module: nn.Module, args: tuple, input_names: list[str], dynamic_shapes: tuple,
-                  opset: int, output_names: list[str] = OUTPUT_NAMES) -> onnx.ModelProto:
+                  opset: int, output_names: list[str] = OUTPUT_NAMES) -> torch.onnx.ONNXProgram:
     """torch.onnx.export with the dynamo exporter, its console chatter and warnings silenced."""
     torch_onnx_log = logging.getLogger("torch.onnx")
     level = torch_onnx_log.level
@@ -93,11 +141,11 @@ def _torch_export(module: nn.Module, args: tuple, input_names: list[str], dynami
             )
     finally:
         torch_onnx_log.setLevel(level)
-    return program.model_proto
+    return program
 
 
-def trace_to_onnx(model: LoRATransformerLM, form: Form, opset: int) -> tuple[onnx.ModelProto, list[str]]:
-    """Export ``model`` (unmerged checkpoint model) in ``form``; returns the proto and its LoRA layer names."""
+def trace_to_onnx(model: LoRATransformerLM, form: Form, opset: int) -> TracedGraph:
+    """Export ``model`` (unmerged checkpoint model) in ``form`` (``trace_forms``)."""
     ids, mask = _example_inputs(model.config)
     batch = torch.export.Dim("batch", min=1, max=4096)
     seq = torch.export.Dim("seq", min=1, max=model.config.max_seq_len)
@@ -117,20 +165,22 @@ def _dynamic_shapes(module: nn.Module, shapes: list[dict]) -> tuple:
 
 def trace_forms(model: LoRATransformerLM, form: Form, opset: int, build: Callable[[LoRATransformerLM], nn.Module],
                 args: tuple, input_names: list[str], shapes: list[dict], output_names: list[str],
-                fold_lora: bool = False) -> tuple[onnx.ModelProto, list[str]]:
-    """Export ``build(base)`` in ``form`` with the dynamo exporter; returns the proto and its LoRA layer names.
+                fold_lora: bool = False) -> TracedGraph:
+    """Export ``build(base)`` in ``form`` with the dynamo exporter, not yet serialized (``TracedGraph``).
 
     merged: the LoRA folded into the base first. adapters: every LoRA layer's A_t / B_t become graph inputs after
     ``input_names`` (a rank of its own per layer). ``build`` turns the plain base model into the module to export
     (the model itself, or a decoder over it) whose forward takes ``args`` (dynamic shapes ``shapes``).
     ``fold_lora``: the adapter form's linear layers merge their LoRA inputs into the weight at run time.
+    ``model`` is changed in place (merged) and shares its base tensors with the traced graph: no copy.
     """
     if form is Form.MERGED:
         merge_lora(model, safe_merge=True)
     base = base_model_of(model, {k: v for k, v in model.state_dict().items() if "lora_" not in k})
     if form is Form.MERGED:
         module = build(base)
-        return _torch_export(module, args, input_names, _dynamic_shapes(module, shapes), opset, output_names), []
+        return TracedGraph(_torch_export(module, args, input_names, _dynamic_shapes(module, shapes), opset,
+                                         output_names), [])
     names, lora_args, lora_names, lora_shapes = [], [], [], []
     example_rank = 3  # any rank > 1: torch.export specialises 0 and 1
     for index, (name, layer) in enumerate(lora_layers(model)):
@@ -140,10 +190,9 @@ def trace_forms(model: LoRATransformerLM, form: Form, opset: int, build: Callabl
         lora_names += [f"{name}.lora_A", f"{name}.lora_B"]
         lora_shapes += [{1: rank}, {0: rank}]
     module = AdaptersAsInputs(build(base), base, names, len(args), fold_lora)
-    proto = _torch_export(module, (*args, *lora_args), input_names + lora_names,
-                          _dynamic_shapes(module, shapes + lora_shapes), opset, output_names)
-    name_rank_axes(proto, names)
-    return proto, names
+    program = _torch_export(module, (*args, *lora_args), input_names + lora_names,
+                            _dynamic_shapes(module, shapes + lora_shapes), opset, output_names)
+    return TracedGraph(program, names)
 
 
 def name_rank_axes(model: onnx.ModelProto, layer_names: list[str]) -> None:

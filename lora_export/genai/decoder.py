@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,20 +28,25 @@ import torch
 from torch import nn
 
 from ..errors import ExportError, first_line, short_repr
-from ..export.core import ExportSource, check_opset, export_metadata, finish_graph, write_export
+from ..export.core import (
+    ExportSource,
+    check_opset,
+    export_metadata,
+    finish_graph,
+    serialize_traced,
+    staged_export,
+    write_export,
+)
 from ..export.onnx_files import (
     EXTERNAL_DATA_THRESHOLD,
-    PROTOBUF_LIMIT,
     count_parameters_onnx,
     load_onnx,
     read_metadata,
     set_metadata,
-    size_text,
-    too_big_for_memory,
 )
 from ..export.quantize import convert_model_fp16, quantize_model_int4, quantize_model_int8
-from ..export.tracing import DEFAULT_OPSET, trace_forms
-from ..files import check_empty_output_dir, parse_json, read_json
+from ..export.tracing import DEFAULT_OPSET, TracedGraph, trace_forms
+from ..files import StagedOutputs, check_empty_output_dir, parse_json, read_json
 from ..layout import ADAPTER_FILE, GENAI_CONFIG, MODEL_FILE, Form, decoder_outputs
 from ..model.attention import fused_attention
 from ..model.transformer import VOCAB_SIZE, LoRATransformerLM, ModelConfig
@@ -157,8 +161,8 @@ def graph_names(slots: list[CacheSlot]) -> tuple[list[str], list[str]]:
     return inputs, outputs
 
 
-def trace_decoder(model: LoRATransformerLM, form: Form, opset: int) -> tuple[onnx.ModelProto, list[str]]:
-    """Export the decoder of an unmerged checkpoint model in ``form``; returns the proto and its LoRA layers."""
+def trace_decoder(model: LoRATransformerLM, form: Form, opset: int) -> TracedGraph:
+    """Export the decoder of an unmerged checkpoint model in ``form``, not yet serialized."""
     config = model.config
     slots = cache_slots(config)
     batch, n, past_len, past_local = 2, 3, 5, 4  # example sizes > 1: torch.export specialises 0 and 1
@@ -305,39 +309,47 @@ def export_decoder(checkpoint_path: str | os.PathLike, output_dir: str | os.Path
     if problem:
         raise ExportError(f"{checkpoint_path}: cannot be a genai decoder: {problem}")
     adapter = source.adapter(form)
-    proto, layer_names, on_file = _traced_decoder(source, form, opset, external_data_threshold, say)
-    finish_graph(proto, form)
     slots = cache_slots(source.model.config)
-    proto = _in_precision(proto, precision, str(output_dir / MODEL_FILE), slots, progress)
-    set_metadata(proto, export_metadata(proto, source, form, opset, {"lora_layers": layer_names}, graph="decoder",
-                                        cache_slots=json.dumps([slot.__dict__ for slot in slots]),
-                                        cache_slack=str(CACHE_SLACK), precision=precision))
-    config_text = json.dumps(genai_config(source.model.config, slots), indent=2) + "\n"
-    say(f"writing {output_dir}/")
-    write_export(proto, output_dir / MODEL_FILE, source, where=output_dir,
-                 texts={output_dir / GENAI_CONFIG: config_text}, external_data_threshold=external_data_threshold,
-                 adapter=None if form is Form.MERGED else (output_dir / ADAPTER_FILE, adapter), on_file=on_file)
+    with staged_export(output_dir) as stage:
+        proto, layer_names, too_big = _traced_decoder(source, form, opset, output_dir / MODEL_FILE, stage,
+                                                      external_data_threshold, progress)
+        finish_graph(proto, form)
+        if too_big and precision != "fp32":
+            raise ExportError(f"{checkpoint_path}: a {precision} genai decoder of a model {too_big} is not "
+                              "supported yet: export it in fp32")
+        proto = _in_precision(proto, precision, str(output_dir / MODEL_FILE), slots, progress)
+        set_metadata(proto, export_metadata(proto, source, form, opset, {"lora_layers": layer_names},
+                                            graph="decoder", cache_slots=json.dumps([slot.__dict__ for slot in slots]),
+                                            cache_slack=str(CACHE_SLACK), precision=precision))
+        config_text = json.dumps(genai_config(source.model.config, slots), indent=2) + "\n"
+        say(f"writing {output_dir}/")
+        write_export(proto, output_dir / MODEL_FILE, source, stage, texts={output_dir / GENAI_CONFIG: config_text},
+                     external_data_threshold=external_data_threshold, on_file=bool(too_big),
+                     adapter=None if form is Form.MERGED else (output_dir / ADAPTER_FILE, adapter))
     say(f"decoder: {len(proto.graph.node)} nodes, {count_parameters_onnx(proto):,} parameters, "
         f"{len(slots)} cache slots")
     return output_dir
 
 
-def _traced_decoder(source: ExportSource, form: Form, opset: int, external_data_threshold: int,
-                    say: Callable[[str], None]) -> tuple[onnx.ModelProto, list[str], bool]:
-    """The decoder graph of ``source`` in ``form``: (proto, its LoRA layer names, whether it is too big for memory
-    and so checked as a file once written). One that fits is checked here (full onnx.checker). Raises
-    ExportError."""
-    say(f"exporting the KV-cache decoder ({form}, opset {opset}) with torch.onnx dynamo")
+def _traced_decoder(source: ExportSource, form: Form, opset: int, model_path: Path, stage: StagedOutputs,
+                    external_data_threshold: int, progress: Progress) -> tuple[onnx.ModelProto, list[str], str]:
+    """The decoder graph of ``source`` in ``form``: (proto, its LoRA layer names, why it is too big for memory or
+    ''). One that fits is checked here (full onnx.checker); one too big has its weights in ``stage`` already
+    (``core.serialize_traced``) and is checked as a file once written. Raises ExportError."""
+    progress.stage(f"exporting the KV-cache decoder ({form}, opset {opset}) with torch.onnx dynamo")
     try:
-        proto, layer_names = trace_decoder(source.model, form, opset)
-        on_file = too_big_for_memory(proto, external_data_threshold)
-        if not on_file:
-            onnx.checker.check_model(proto, full_check=True)
+        traced = trace_decoder(source.model, form, opset)
     except Exception as err:  # the exporter raises many exception types
         raise ExportError(f"{source.path}: decoder export failed: {first_line(err)[:200]}") from None
-    if on_file:
-        say(f"model above {size_text(min(external_data_threshold, PROTOBUF_LIMIT))}: checked as a file once written")
-    return proto, layer_names, on_file
+    proto, too_big = serialize_traced(traced, model_path, stage, external_data_threshold, progress)
+    layer_names = traced.layer_names
+    del traced  # the exporter's graph and its own copies of folded constants
+    if not too_big:
+        try:
+            onnx.checker.check_model(proto, full_check=True)
+        except Exception as err:  # onnx raises ValidationError and friends
+            raise ExportError(f"{source.path}: decoder export failed: {first_line(err)[:200]}") from None
+    return proto, layer_names, too_big
 
 
 def _in_precision(proto: onnx.ModelProto, precision: str, name: str, slots: list[CacheSlot],
