@@ -76,5 +76,10 @@ class ReportError(LoraExportError):
     """A parity.json that cannot be read or compared; one line."""
 
 
+class MemoryLimitError(LoraExportError):
+    """A command whose estimated peak memory is above what this process may use, refused before any work: one line
+    naming both figures, the cheaper options that would fit and the option to go ahead anyway."""
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM, raised where the program is so that every cleanup runs."""

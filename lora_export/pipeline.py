@@ -19,6 +19,7 @@ from typing import Any
 
 from .errors import ExportError, ParityInputError
 from .export.convert import ExportResult, export_onnx, export_outputs
+from .export.memory import Plan, check_memory
 from .export.onnx_files import EXTERNAL_DATA_THRESHOLD
 from .export.quantize import convert_fp16, convert_ort_format, quantize_int4, quantize_int8
 from .export.tracing import DEFAULT_OPSET
@@ -143,12 +144,15 @@ def _validated(run: ExportRun, validation: ValidationOptions | None, model_path:
 
 def _export_genai(checkpoint: Path, output: str | os.PathLike | None, form: Form, precision: str, opset: int,
                   external_data_threshold: int, validation: ValidationOptions | None, progress: Progress,
-                  on_step: Callable[[str, ExportRun], None]) -> ExportRun:
+                  on_step: Callable[[str, ExportRun], None], memory_check: bool) -> ExportRun:
     """The genai branch of ``export_pipeline``: one decoder directory, then its decode parity."""
     directory = Path(output) if output is not None else default_genai_dir(checkpoint, precision, form)
     if validation is not None:
         validation.check(precision)
         check_report_dir(validation.report_dir, directory, [checkpoint])
+    if memory_check:
+        check_memory(checkpoint, Plan(form, genai=True, builds=() if precision == "fp32" else (precision,),
+                                      validate=validation is not None))
     run = ExportRun(genai_dir=export_decoder(checkpoint, directory, merge=form is Form.MERGED, precision=precision,
                                              opset=opset, external_data_threshold=external_data_threshold,
                                              progress=progress))
@@ -170,13 +174,14 @@ def _check_scoring_outputs(checkpoint: Path, model_path: Path, adapter_path: Pat
         check_report_dir(validation.report_dir, model_path, [checkpoint, *exported, *built])
 
 
-def _build(run: ExportRun, builds: list[str], ort_format: bool, progress: Progress) -> None:
-    """The reduced-precision builds of the exported model, then (``ort_format``) each model in ORT format, checked
-    against its .onnx on ONNX Runtime CPU."""
+def _build(run: ExportRun, builds: list[str], ort_format: bool, external_data_threshold: int,
+           progress: Progress) -> None:
+    """The reduced-precision builds of the exported model (the file way above ``external_data_threshold``, as the
+    export), then (``ort_format``) each model in ORT format, checked against its .onnx on ONNX Runtime CPU."""
     for precision, message, builder in BUILDERS:
         if precision in builds:
             progress.stage(message)
-            run.models[precision] = builder(run.export.model_path)
+            run.models[precision] = builder(run.export.model_path, external_data_threshold=external_data_threshold)
     for precision, path in list(run.models.items()) if ort_format else []:
         progress.stage(f"converting {path.name} to ORT format")
         ort_path, _config = convert_ort_format(path)
@@ -200,6 +205,7 @@ def export_pipeline(
     overwrite: bool = False,
     progress: Progress = SILENT,
     on_step: Callable[[str, ExportRun], None] | None = None,
+    memory_check: bool = True,
 ) -> ExportRun:
     """Export CHECKPOINT and validate it, as ``lora-export CHECKPOINT`` does.
 
@@ -213,6 +219,8 @@ def export_pipeline(
     ``progress`` gets the stage lines; ``on_step(step, run)`` is called when files have landed, before the
     validation: ``EXPORTED`` after the export, ``BUILT`` after the builds (scoring graph only). Returns the
     ExportRun; raises a LoraExportError (one line) for bad input, before any work where it can be known then.
+    With ``memory_check`` (the default) a run whose estimated peak memory is above what this process may use is
+    refused before any work (``memory.check_memory``: MemoryLimitError); False goes ahead anyway.
     """
     checkpoint, on_step = Path(checkpoint), on_step or (lambda _step, _run: None)
     if genai:
@@ -221,18 +229,21 @@ def export_pipeline(
             raise ExportError(problem)
         precision = "fp16" if fp16 else quantize[0] if quantize else "fp32"
         return _export_genai(checkpoint, output, form, precision, opset, external_data_threshold, validation,
-                             progress, on_step)
+                             progress, on_step, memory_check)
     model_path, adapter_path = export_outputs(checkpoint, output, form=form, adapter_path=adapter_output)
     if validation is not None:
         validation.check("fp32")
     builds = [precision for precision, _message, _builder in BUILDERS
               if precision in quantize or (precision == "fp16" and fp16)]
     _check_scoring_outputs(checkpoint, model_path, adapter_path, builds, ort_format, overwrite, validation)
+    if memory_check:
+        check_memory(checkpoint, Plan(form, simplify=simplify_graph, builds=tuple(builds), ort_format=ort_format,
+                                      validate=validation is not None), external_data_threshold=external_data_threshold)
     result = export_onnx(checkpoint, model_path, merge=form is Form.MERGED, adapter_path=adapter_path, opset=opset,
                          simplify_graph=simplify_graph, external_data_threshold=external_data_threshold,
                          progress=progress, overwrite=overwrite)
     run = ExportRun(export=result, models={"fp32": result.model_path})
     on_step(EXPORTED, run)
-    _build(run, builds, ort_format, progress)
+    _build(run, builds, ort_format, external_data_threshold, progress)
     on_step(BUILT, run)
     return _validated(run, validation, result.model_path, checkpoint, result.adapter_path)

@@ -40,7 +40,8 @@ def decoder_feeds(path: Path, adapter: dict[str, np.ndarray], seed: int = 5) -> 
     for value in session(path).get_inputs():
         if value.name not in feeds:
             shape = [DECODER_AXES[d] if isinstance(d, str) else d for d in value.shape]
-            feeds[value.name] = rng.normal(0, 1, shape).astype(np.float32)
+            dtype = np.float16 if value.type == "tensor(float16)" else np.float32
+            feeds[value.name] = rng.normal(0, 1, shape).astype(dtype)
     return feeds
 
 
@@ -86,6 +87,22 @@ def test_genai_file_way_gives_the_inline_outputs(merge, genai_merged, genai_adap
     directory = export_decoder(tiny_checkpoint, tmp_path / "genai", merge=merge,
                                external_data_threshold=TINY_THRESHOLD)
     assert (directory / f"{MODEL_FILE}.data").is_file() and not (inline / f"{MODEL_FILE}.data").exists()
+    adapter = {} if merge else read_adapter(directory / ADAPTER_FILE)[0]
+    feeds = decoder_feeds(inline / MODEL_FILE, adapter)
+    for got, expected in zip(outputs(directory / MODEL_FILE, feeds), outputs(inline / MODEL_FILE, feeds), strict=True):
+        np.testing.assert_array_equal(got, expected)
+
+
+@pytest.mark.parametrize(("precision", "merge"), [("int8", True), ("int4", False), ("fp16", True)])
+def test_genai_builds_the_file_way_as_in_memory(precision, merge, tiny_checkpoint, tmp_path):
+    """A decoder too big for memory in int8 / int4 / fp16: fp32 weights written from the torch tensors to a scratch
+    file, built from it: the same outputs as the decoder built in memory, and no scratch file left behind."""
+    inline = export_decoder(tiny_checkpoint, tmp_path / "inline", merge=merge, precision=precision)
+    directory = export_decoder(tiny_checkpoint, tmp_path / "file", merge=merge, precision=precision,
+                               external_data_threshold=TINY_THRESHOLD)
+    assert (directory / f"{MODEL_FILE}.data").is_file() and not (inline / f"{MODEL_FILE}.data").exists()
+    assert sorted(p.name for p in directory.iterdir()) == sorted([p.name for p in inline.iterdir()]
+                                                                 + [f"{MODEL_FILE}.data"])
     adapter = {} if merge else read_adapter(directory / ADAPTER_FILE)[0]
     feeds = decoder_feeds(inline / MODEL_FILE, adapter)
     for got, expected in zip(outputs(directory / MODEL_FILE, feeds), outputs(inline / MODEL_FILE, feeds), strict=True):

@@ -2,15 +2,19 @@
 
     python tools/make_sized.py --params 105M -o /tmp/sized-105M.pt
     python tools/make_sized.py --params 1.23B -o /tmp/sized-1.23B.safetensors
+    python tools/make_sized.py --params 405M --dtype bf16 -o /tmp/sized-405M-bf16.safetensors
 
 The architecture is lora-export's own (``LoRATransformerLM``): LoRA r 16 on q, k, v, o and ff, a local window of
 128, max_seq_len 1024, half the heads local, softmax global heads, head size 64. The width comes from the size
 (``WIDTHS``) and the depth is the one whose parameter count (base + LoRA, counted on the meta device) is nearest to
 ``--params``. Weights are random: the base as the model initializes it, the LoRA B matrices (zeros at
-initialization) drawn too, so that the merged and adapter forms differ from the base. No training.
+initialization) drawn too, so that the merged and adapter forms differ from the base. No training. ``--dtype``
+(fp32, bf16 or fp16; default fp32) is the dtype the weights are stored in: drawn in fp32, rounded when saved, as a
+real model's checkpoint in half precision.
 
-Memory: the model once (``--params`` x 4 bytes, fp32); ``save_checkpoint`` copies no weights. Measured at 105M
-(0.41 GB): 0.73 GB peak RSS for .pt and .safetensors alike, the interpreter and torch being 0.31 GB of it.
+Memory: the model once (``--params`` x 4 bytes, fp32); ``save_checkpoint`` copies no weights, but for bf16 or fp16
+holds their cast copy too (+ half the fp32 size). Measured at 105M (0.41 GB), fp32: 0.73 GB peak RSS for .pt and
+.safetensors alike, the interpreter and torch being 0.31 GB of it.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from lora_export.model.checkpoint import CHECKPOINT_SUFFIXES, save_checkpoint
+from lora_export.model.checkpoint import CHECKPOINT_SUFFIXES, DTYPE_NAMES, save_checkpoint
 from lora_export.model.transformer import LoRATransformerLM, ModelConfig
 
 #: (largest parameter count, dim, heads): the width of a model of that size, as in common LMs of the size.
@@ -31,6 +35,8 @@ DIM_HEAD = 64
 SUFFIXES = {"K": 1e3, "M": 1e6, "B": 1e9, "G": 1e9}
 #: Standard deviation of the drawn LoRA B entries: small enough that the adapted model stays near its base.
 LORA_B_STD = 0.02
+#: The dtypes ``--dtype`` names.
+DTYPES = {name: dtype for dtype, name in DTYPE_NAMES.items() if name in ("fp32", "bf16", "fp16")}
 
 
 def parse_count(text: str) -> int:
@@ -83,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--params", required=True, help="parameter count: 27M, 105M, 405M, 1.23B, ...")
     parser.add_argument("-o", "--output", required=True, type=Path, help="checkpoint to write (.pt or .safetensors)")
+    parser.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="dtype the weights are stored in")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--force", action="store_true", help="replace an existing output")
     args = parser.parse_args(argv)
@@ -96,11 +103,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.exit(2, f"make_sized: {args.output}: exists (--force replaces it)\n")
     config = config_for(params)
     count = count_parameters(config)
+    dtype = DTYPES[args.dtype]
     print(f"dim {config.dim}, depth {config.depth}, heads {config.heads}: {count:,} parameters "
-          f"({count * 4 / 1e9:.2f} GB fp32)", flush=True)
+          f"({count * dtype.itemsize / 1e9:.2f} GB {args.dtype})", flush=True)
     start = time.perf_counter()
     model = random_model(config, args.seed)
-    save_checkpoint(args.output, model, {"made_by": "tools/make_sized.py", "seed": args.seed, "parameters": count})
+    save_checkpoint(args.output, model, {"made_by": "tools/make_sized.py", "seed": args.seed, "parameters": count},
+                    dtype=dtype)
     print(f"wrote {args.output} ({args.output.stat().st_size / 1e9:.2f} GB) in {time.perf_counter() - start:.0f} s")
     return 0
 

@@ -13,7 +13,8 @@ from .. import __version__
 from ..errors import EXIT_BAD_INPUT, EXIT_PARITY_FAILED
 from ..export.convert import check_adapter_file, export_adapter
 from ..export.core import MAX_OPSET, MIN_OPSET
-from ..export.onnx_files import EXTERNAL_DATA_THRESHOLD
+from ..export.memory import Plan, check_memory
+from ..export.onnx_files import EXTERNAL_DATA_THRESHOLD, model_file_size, size_text
 from ..export.peft import from_peft, to_peft
 from ..export.tracing import DEFAULT_OPSET
 from ..genai.generate import DEVICES, Sampling, check_generation, generate_bytes
@@ -39,6 +40,7 @@ from .options import (
     CommandT,
     data_option,
     exit_on_error,
+    memory_check_option,
 )
 
 
@@ -104,7 +106,7 @@ def show_step(step: str, run: ExportRun, *, validation_follows: bool, json_outpu
     else:
         for precision, path in run.models.items():
             if precision != "fp32":
-                click.echo(f"{precision + ':':<13}{path} ({path.stat().st_size / 1e6:.2f} MB)", err=json_output)
+                click.echo(f"{precision + ':':<13}{path} ({size_text(model_file_size(path))})", err=json_output)
         for precision, (ort_path, diff) in run.ort_models.items():
             click.echo(f"{'ORT format:':<13}{ort_path} ({ort_path.stat().st_size / 1e6:.2f} MB), matches its "
                        f"{precision} .onnx on ONNX Runtime CPU (max |diff| {diff:.1e})", err=json_output)
@@ -198,12 +200,13 @@ def export_cli() -> None:
 @click.option("--force", is_flag=True, help=FORCE_HELP)
 @validation_options
 @click.option("--quiet", is_flag=True, help="Only the summary.")
+@memory_check_option
 @exit_on_error
 def export_command(checkpoint: Path, merge: bool, adapters_as_inputs: bool, output: Path | None,
                    adapter_output: Path | None, opset: int, no_simplify: bool, external_data_threshold: int,
                    quantize: tuple[str, ...], fp16: bool, ort_format: bool, genai: bool, no_validate: bool, force: bool,
                    providers: str | None, atol: float | None, rtol: float | None, json_output: bool,
-                   report: Path | None, quiet: bool) -> None:
+                   report: Path | None, quiet: bool, no_memory_check: bool) -> None:
     """Export CHECKPOINT (.pt or .safetensors) to ONNX, merged (default) or with the adapters as inputs, then
     validate it."""
     if merge and adapters_as_inputs:
@@ -216,7 +219,7 @@ def export_command(checkpoint: Path, merge: bool, adapters_as_inputs: bool, outp
         checkpoint, output, form=Form.of(not adapters_as_inputs), adapter_output=adapter_output, opset=opset,
         simplify_graph=not no_simplify, external_data_threshold=external_data_threshold, quantize=quantize,
         fp16=fp16, ort_format=ort_format, genai=genai, validation=validation, overwrite=force,
-        progress=progress_printer(quiet),
+        progress=progress_printer(quiet), memory_check=not no_memory_check,
         on_step=lambda step, run: show_step(step, run, validation_follows=not no_validate, json_output=json_output))
     if run.parity is not None:
         print_verdict(run.parity, run.validation_seconds, json_output)
@@ -305,11 +308,14 @@ def check_command(model_path: Path, adapter: Path) -> None:
              "built-in held-out prose: several after one --data (--data a.txt corpus/), or --data repeated.")
 @validation_options
 @click.option("--quiet", is_flag=True, help="No progress bar.")
+@memory_check_option
 @exit_on_error
 def validate_command(model_path: Path, checkpoint: Path, adapter: Path | None, data: tuple[Path, ...],
                      providers: str | None, atol: float | None, rtol: float | None, json_output: bool,
-                     report: Path | None, quiet: bool) -> None:
+                     report: Path | None, quiet: bool, no_memory_check: bool) -> None:
     """Compare MODEL (.onnx) on ONNX Runtime with its PyTorch CHECKPOINT; exit 0 pass, 1 fail, 2 bad input."""
+    if not no_memory_check:  # the model's form is known once it is read: the costlier one is assumed
+        check_memory(checkpoint, Plan(Form.ADAPTERS, genai=model_path.is_dir(), export=False))
     started = time.perf_counter()
     result = validation_from(providers, atol, rtol, report, quiet, json_output, data).run(model_path, checkpoint,
                                                                                          adapter)

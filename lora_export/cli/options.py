@@ -72,6 +72,14 @@ class PathsOption(click.Option):
         entry.process = take_all
 
 
+def memory_check_option(command: CommandT) -> CommandT:
+    """``--no-memory-check``: go ahead even when the estimated peak memory is above what this process may use."""
+    return click.option("--no-memory-check", is_flag=True,
+                        help="Go ahead even when the estimated peak memory is above what this process may use "
+                             "(cgroup limit or MemAvailable); without it such a run is refused before any work, "
+                             "naming both figures and the options that would fit.")(command)
+
+
 def data_option(help_text: str) -> Callable[[CommandT], CommandT]:
     """``--data PATH...``: text files or directories, several after one flag or the flag repeated."""
     return click.option("--data", cls=PathsOption, help=help_text)

@@ -48,7 +48,7 @@ from .core import (
     finish_graph,
     serialize_traced,
     staged_export,
-    write_export,
+    write_companions,
 )
 from .onnx_files import (
     EXTERNAL_DATA_THRESHOLD,
@@ -58,6 +58,7 @@ from .onnx_files import (
     model_file_size,
     read_metadata,
     set_metadata,
+    write_model_files,
 )
 from .simplify import simplify
 from .tracing import DEFAULT_OPSET, trace_to_onnx
@@ -170,8 +171,8 @@ def export_onnx(
             onnx.checker.check_model(proto, full_check=True)
         say(f"writing {output}" + (f" and {adapter_out}" if adapter_out is not None else "")
             + (", then checking it (onnx.checker, shape inference)" if too_big else ""))
-        external = write_export(proto, output, source, stage, external_data_threshold=external_data_threshold,
-                                adapter=None if adapter_out is None else (adapter_out, adapter), on_file=bool(too_big))
+        external = write_model_files(proto, output, stage, external_data_threshold, on_file=bool(too_big))
+        write_companions(stage, source, adapter=None if adapter_out is None else (adapter_out, adapter))
     clock.done("save")
     return ExportResult(
         model_path=output, adapter_path=adapter_out, form=form, opset=opset, nodes_exported=nodes_exported,

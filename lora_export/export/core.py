@@ -32,18 +32,16 @@ from .. import __version__
 from ..errors import ExportError, first_line
 from ..files import StagedOutputs, file_sha256, staged_outputs
 from ..layout import Form, data_path_of
-from ..model.checkpoint import base_fingerprint, build_model, read_checkpoint
+from ..model.checkpoint import base_fingerprint, build_model, checkpoint_dtype, read_checkpoint
 from ..model.transformer import LoRATransformerLM
 from ..progress import Progress
 from .adapters import adapter_tensors, model_version_from_fingerprint, write_adapter
 from .onnx_files import (
-    EXTERNAL_DATA_THRESHOLD,
     PROTOBUF_LIMIT,
     attention_kernels,
     size_text,
     strip_debug_info,
     weights_too_big_for_memory,
-    write_model_files,
 )
 from .tracing import TracedGraph, add_rank0_defaults
 
@@ -61,19 +59,23 @@ def check_opset(opset: int) -> None:
 
 @dataclass
 class ExportSource:
-    """A checkpoint read for export: its path, its dict (``read_checkpoint``), the model built from it and the
-    fingerprint of its base weights (which ties adapters to the base)."""
+    """A checkpoint read for export: its path, its model config (a dict), the model built from it (fp32 whatever
+    the checkpoint stores), the fingerprint of its base weights (which ties adapters to the base) and the dtype its
+    weights are stored in (``checkpoint_dtype``: 'fp32', 'bf16', ...)."""
 
     path: Path
-    payload: dict[str, Any]
+    config: dict[str, Any]
     model: LoRATransformerLM
     fingerprint: str
+    dtype: str
 
     @classmethod
     def read(cls, path: Path) -> ExportSource:
-        """Read and build ``path``. Raises CheckpointError (one line)."""
+        """Read and build ``path``; the checkpoint dict itself is not kept (its tensors are the model's, or for a
+        bf16 / fp16 checkpoint the stored ones, freed once cast). Raises CheckpointError (one line)."""
         payload = read_checkpoint(path)
-        return cls(path, payload, build_model(payload, path), base_fingerprint(payload["base"]))
+        fingerprint, dtype = base_fingerprint(payload["base"]), checkpoint_dtype(payload)
+        return cls(path, payload["config"], build_model(payload, path), fingerprint, dtype)
 
     def adapter(self, form: Form) -> dict[str, np.ndarray]:
         """The trained adapter the ``form`` ships (graph layout, ``adapter_tensors``): none when merged. Raises
@@ -97,7 +99,8 @@ def finish_graph(proto: onnx.ModelProto, form: Form) -> None:
 def export_metadata(proto: onnx.ModelProto, source: ExportSource, form: Form, opset: int,
                     lora_config: Mapping[str, Any], **extra: str) -> dict[str, str]:
     """The ``lora_export.*`` entries of an exported graph (for ``set_metadata``): version, form, opset, attention
-    kernels, checkpoint sha256, base fingerprint, model config, ``lora_config`` (``merged`` added) and ``extra``."""
+    kernels, checkpoint sha256, base fingerprint, model config, the checkpoint's stored dtype, ``lora_config``
+    (``merged`` added) and ``extra``."""
     return {
         "version": __version__,
         "form": form.value,
@@ -105,7 +108,8 @@ def export_metadata(proto: onnx.ModelProto, source: ExportSource, form: Form, op
         "attention": attention_kernels(proto),
         "checkpoint_sha256": file_sha256(source.path),
         "base_sha256": source.fingerprint,
-        "model_config": json.dumps(source.payload["config"], sort_keys=True),
+        "model_config": json.dumps(source.config, sort_keys=True),
+        "checkpoint_dtype": source.dtype,
         "lora_config": json.dumps({**lora_config, "merged": form is Form.MERGED}, sort_keys=True),
         **extra,
     }
@@ -126,8 +130,8 @@ def serialize_traced(traced: TracedGraph, model_path: Path, stage: StagedOutputs
                      progress: Progress) -> tuple[onnx.ModelProto, str]:
     """(the traced graph as a proto, why it is too big for memory or ''). One that fits: the whole model in memory.
     One too big (``weights_too_big_for_memory``): its weights written to ``<model>.data`` in ``stage`` straight
-    from the torch tensors, and the graph without them (``TracedGraph.save_with_weights``); ``write_export``
-    then saves that graph beside them and checks the file."""
+    from the torch tensors, and the graph without them (``TracedGraph.save_with_weights``);
+    ``onnx_files.write_model_files(on_file=True)`` then saves that graph beside them and checks the file."""
     if not weights_too_big_for_memory(traced.weight_bytes, external_data_threshold):
         return traced.to_proto(), ""
     too_big = f"model above {size_text(min(external_data_threshold, PROTOBUF_LIMIT))}"
@@ -137,18 +141,14 @@ def serialize_traced(traced: TracedGraph, model_path: Path, stage: StagedOutputs
     return traced.save_with_weights(stage.path(model_path), progress), too_big
 
 
-def write_export(proto: onnx.ModelProto, model_path: Path, source: ExportSource, stage: StagedOutputs, *,
-                 adapter: tuple[Path, Mapping[str, np.ndarray]] | None = None,
-                 texts: Mapping[Path, str] | None = None,
-                 external_data_threshold: int = EXTERNAL_DATA_THRESHOLD, on_file: bool = False) -> bool:
-    """Write into ``stage`` (opened with :func:`staged_export`: all land together or none) the model (external
-    data above the threshold), the ``texts`` files (UTF-8) and the ``adapter`` (path, tensors) with its integrity
-    record. ``on_file``: the model is too big for memory, its weights in external data (``serialize_traced``),
-    the file checked as a file (``write_model_files``). Returns whether external data was used."""
-    external = write_model_files(proto, model_path, stage, external_data_threshold, on_file=on_file)
+def write_companions(stage: StagedOutputs, source: ExportSource, *,
+                     adapter: tuple[Path, Mapping[str, np.ndarray]] | None = None,
+                     texts: Mapping[Path, str] | None = None) -> None:
+    """Write into ``stage`` (opened with :func:`staged_export`: all land together or none) what goes beside the
+    model (``onnx_files.write_model_files``): the ``texts`` files (UTF-8) and the ``adapter`` (path, tensors)
+    with its integrity record."""
     for path, text in (texts or {}).items():
         stage.path(path).write_text(text, encoding="utf-8")
     if adapter is not None:
         adapter_path, tensors = adapter
         write_adapter(adapter_path, tensors, model_version_from_fingerprint(source.fingerprint), stage)
-    return external

@@ -7,6 +7,7 @@ Every build reads an fp32 export written by ``lora_export.export`` (either form)
   activations quantized to uint8 at run time. In the adapters form the LoRA MatMuls take graph inputs, so only
   nodes reading a constant initializer are quantized (an initializer that is also a graph input is not constant):
   the base is int8, the adapters stay float32 inputs with their rank-0 defaults and still swap per run.
+* ``quantize_int4``: ``model.int4.onnx``, block-wise weight-only int4 (``MatMulNBits``).
 * ``convert_fp16``: ``model.fp16.onnx``. float16 weights and compute (ONNX Runtime's copy of the
   onnxconverter-common converter) with the graph boundary kept as it was: int64 ids and mask in, float32 logits
   out, float32 LoRA inputs and rank-0 defaults. It is meant for the CUDA provider.
@@ -14,11 +15,20 @@ Every build reads an fp32 export written by ``lora_export.export`` (either form)
   ``convert_onnx_models_to_ort`` gives them), made by that tool with its ``Fixed`` optimization style. The config
   lists the operators (``domain;opset;Op,Op``) to pass to ``build.sh --minimal_build --include_ops_by_config``.
 
-The ONNX outputs carry ``lora_export.precision`` (``fp32`` / ``fp16`` / ``int8``; absent means fp32) next to the
-source's other ``lora_export.*`` metadata; the ``.ort`` file keeps its source's metadata. Every write is atomic (a
-temporary file or folder beside the output, then a rename): a failed build or write raises ``EdgeExportError`` with
-one line and leaves no output behind; an unreadable model is ``load_onnx``'s ExportError, an output that cannot be
-written ``check_outputs``' OutputError, both raised before any work.
+Two ways to build (int8, int4, fp16), chosen per source (``_goes_on_file``): in memory (the ``*_model_*``
+functions on the proto, checked, saved by ``save_model``) for a model stored whole in its ``.onnx``, or on file
+(``build_precision`` / ``write_precision``) for one with external data or ``too_big_for_memory``: nothing serializes
+a model whole in memory, the output has external data and is checked as a file (``check_model_file``). int4 and
+fp16 hold the fp32 weights once (loaded into the proto the converter edits in place; fp16 infers shapes by path).
+int8 hands ``quantize_dynamic`` a path (``use_external_data_format``); ONNX Runtime then holds the weights three
+times (its load, and in ``ONNXQuantizer`` a deep copy saved to ``/tmp`` and reloaded while both are alive).
+
+The ONNX outputs carry ``lora_export.precision`` (``fp32`` / ``fp16`` / ``int8`` / ``int4``; absent means fp32)
+next to the source's other ``lora_export.*`` metadata; the ``.ort`` file keeps its source's metadata. Every write is
+atomic (staged beside the output, then moved into place): a failed conversion or write raises
+``EdgeExportError`` with one line and leaves no output behind; an unreadable model is ``load_onnx``'s
+ExportError, an output that cannot be written ``check_outputs``' OutputError, both raised before any work; an on-file
+output that fails the checker is ``check_model_file``'s ExportError.
 
 ``parity.precisions`` measures what each build costs against the PyTorch fp32 checkpoint.
 """
@@ -29,21 +39,34 @@ import contextlib
 import io
 import logging
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import onnx
 import onnxruntime as ort
-from onnx.external_data_helper import load_external_data_for_model
+from onnx.external_data_helper import ExternalDataInfo, load_external_data_for_model, uses_external_data
 
 from ..errors import EdgeExportError, first_line
-from ..files import check_outputs, staged_outputs
-from ..layout import model_files, ort_format_outputs, precision_output_path
+from ..files import StagedOutputs, check_outputs, staged_outputs
+from ..layout import data_path_of, model_files, ort_format_outputs, precision_output_path
 from .adapters import lora_input_specs
-from .onnx_files import EXTERNAL_DATA_THRESHOLD, check_suffix, load_onnx, read_metadata, save_model, set_metadata
+from .onnx_files import (
+    EXTERNAL_DATA_THRESHOLD,
+    check_model_file,
+    check_suffix,
+    load_onnx,
+    read_metadata,
+    save_model,
+    set_metadata,
+    too_big_for_memory,
+    write_model_files,
+)
 
 PRECISIONS = ("fp32", "fp16", "int8", "int4")
+#: The precisions a build converts an fp32 model to.
+BUILT_PRECISIONS = ("int8", "int4", "fp16")
 #: int4 blocks: 32 weights share a scale and a zero point (onnxruntime-genai's model builder's default block size).
 INT4_BLOCK_SIZE = 32
 #: MatMulNBits ``accuracy_level`` 4: activations quantized to int8 for the int4 x int8 CPU kernels.
@@ -75,18 +98,38 @@ def _quiet_onnxruntime() -> Iterator[None]:
             logger.setLevel(level)
 
 
-def _read_fp32_source(model_path: str | os.PathLike) -> onnx.ModelProto:
-    """The model with its weights (external data too); refuses one that is not fp32 already. Raises ExportError
-    (``load_onnx``) or EdgeExportError."""
-    model_path = Path(model_path)
+def _read_fp32_graph(model_path: Path) -> onnx.ModelProto:
+    """``load_onnx`` (external data not read); refuses a model not fp32. Raises ExportError or EdgeExportError."""
     model = load_onnx(model_path)
-    try:
-        load_external_data_for_model(model, str(model_path.parent))
-    except OSError as err:
-        raise EdgeExportError(f"{model_path}: cannot read its external data: {err.strerror or err}") from None
     precision = read_metadata(model).get("precision", "fp32")
     if precision != "fp32":
         raise EdgeExportError(f"{model_path}: is already {precision}; convert the fp32 export instead")
+    return model
+
+
+def _goes_on_file(model: onnx.ModelProto, external_data_threshold: int) -> bool:
+    """Whether ``model`` (as ``load_onnx`` gives it) is built on file: its weights are in external data (it was
+    too big for memory when exported) or it is ``too_big_for_memory`` for ``external_data_threshold``."""
+    external = any(uses_external_data(tensor) for tensor in model.graph.initializer)
+    return external or too_big_for_memory(model, external_data_threshold)
+
+
+def _graph_of(model_path: Path) -> onnx.ModelProto:
+    """The graph of a model file without weights (names, types, shapes, external-data entries: what a build is
+    checked against); external data is not read, inline weights are dropped. Raises ExportError (``load_onnx``)."""
+    model = load_onnx(model_path)
+    for tensor in model.graph.initializer:
+        tensor.ClearField("raw_data")
+    # A fresh message: protobuf (upb) frees cleared fields only with their whole message, here with ``model``
+    return onnx.load_from_string(model.SerializeToString())
+
+
+def _load_weights(model: onnx.ModelProto, model_path: Path) -> onnx.ModelProto:
+    """``model`` (read from ``model_path``) with its external data read in; returns it. Raises EdgeExportError."""
+    try:
+        load_external_data_for_model(model, str(model_path.parent))
+    except Exception as err:  # OSError, onnx's ValidationError (missing or bad file), ValueError (bad bounds)
+        raise EdgeExportError(f"{model_path}: cannot read its external data: {first_line(err)}") from None
     return model
 
 
@@ -127,6 +170,101 @@ def _save(model: onnx.ModelProto, source: onnx.ModelProto, output: Path, precisi
     return output
 
 
+def _build(model_path: str | os.PathLike, output_path: str | os.PathLike | None, precision: str,
+           external_data_threshold: int, per_channel: bool = True) -> Path:
+    """The ``precision`` build of the fp32 export at ``model_path``, in memory or on file (``_goes_on_file``)."""
+    model_path = Path(model_path)
+    output = _output_path(model_path, output_path, precision)
+    source = _read_fp32_graph(model_path)
+    if _goes_on_file(source, external_data_threshold):
+        del source  # its inline weights: build_precision reads the file again, never two copies at once
+        return build_precision(model_path, output, precision, per_channel=per_channel)
+    name = str(model_path)
+    if precision == "int8":
+        built = quantize_model_int8(source, name, per_channel=per_channel)
+    else:
+        built = quantize_model_int4(source, name) if precision == "int4" else convert_model_fp16(source, name)
+    return _save(built, source, output, precision)
+
+
+# --------------------------------------------------------------------------- on file
+
+
+def build_precision(source_path: str | os.PathLike, output_path: str | os.PathLike, precision: str, *,
+                    float16_io: Sequence[str] = (), per_channel: bool = True) -> Path:
+    """``write_precision`` to ``output_path`` in a stage of its own (atomic); returns the path. The output must end
+    in .onnx and not replace the source or its data (checked before any work: ExportError / OutputError)."""
+    source_path = Path(source_path)
+    output = _output_path(source_path, output_path, precision)
+    with staged_outputs() as stage:
+        write_precision(source_path, output, precision, stage, float16_io=float16_io, per_channel=per_channel)
+    return output
+
+
+def write_precision(source_path: str | os.PathLike, output: str | os.PathLike, precision: str,
+                    stage: StagedOutputs, *, float16_io: Sequence[str] = (), per_channel: bool = True,
+                    name: str | None = None, scratch_source: bool = False) -> onnx.ModelProto:
+    """Write the ``precision`` (int8 / int4 / fp16) build of the fp32 model FILE ``source_path`` (external data
+    beside it, or inline) into ``stage`` as ``output`` + ``<output>.data``, the file way (module docstring);
+    returns the written graph without its weights (for node and parameter counts).
+
+    ``float16_io`` (fp16) and ``per_channel`` (int8) as in ``convert_model_fp16`` / ``quantize_int8``. Metadata:
+    the source's ``lora_export.*`` with ``precision`` set (the source's own precision is not checked). Checked as
+    the in-memory builds are, then as a file. ``name`` names the model in errors (default ``source_path``);
+    scratch files go into a folder in the stage. ``scratch_source``: the source lies in the caller's own scratch
+    folder, so int8 reads it in place instead of from a copy (``_scratch_copy``). Raises ExportError (an
+    unreadable source, an output failing the checker) or EdgeExportError (a failed conversion or write, an unknown
+    precision).
+    """
+    source_path, output = Path(source_path), Path(output)
+    name = name or str(source_path)
+    if precision not in BUILT_PRECISIONS:
+        raise EdgeExportError(f"{name}: cannot build {precision!r}, expected one of {', '.join(BUILT_PRECISIONS)}")
+    source = _graph_of(source_path)
+    metadata = {**read_metadata(source), "precision": precision}
+    staged = stage.path(output)
+    stage.path(data_path_of(output))
+    try:
+        with tempfile.TemporaryDirectory(prefix=".scratch.", dir=staged.parent) as scratch:
+            if precision == "int8":
+                copy = source_path if scratch_source else _scratch_copy(source_path, source, Path(scratch))
+                built = _quantize_dynamic(copy, source, staged, per_channel, name, external=True)
+                set_metadata(built, metadata)
+                onnx.save_model(built, staged)  # the graph only: its weights stay in the data file ORT wrote
+                check_model_file(staged, output)
+                return built
+            if precision == "int4":
+                built = _int4_in_place(_load_weights(load_onnx(source_path), source_path), source, name)
+            else:
+                built = _fp16_on_file(source_path, source, Path(scratch), name, float16_io)
+        set_metadata(built, metadata)
+        write_model_files(built, output, stage, EXTERNAL_DATA_THRESHOLD, on_file=True)
+    except OSError as err:
+        raise EdgeExportError(f"{output}: cannot write: {err.strerror or err}") from None
+    # The written graph read again: ``built`` holds the weights' memory until it goes, though saving cleared them
+    return onnx.load(staged, load_external_data=False)
+
+
+def _scratch_copy(model_path: Path, graph: onnx.ModelProto, directory: Path) -> Path:
+    """``model_path`` and the external-data files its initializers name (``graph``: its graph) copied into
+    ``directory`` (``shutil.copyfile``: in the kernel, no weights in this process); returns the model's copy.
+
+    ``quantize_dynamic`` given a path writes its shape-inferred copy beside the model (``<stem>-inferred.onnx``,
+    then deleted) and reads the weights from there, so it gets a copy and nothing is written beside the user's
+    model. A copy, not a link: onnx refuses external data behind a symbolic link or with several hard links.
+    Raises EdgeExportError for an external-data location outside the model's folder, OSError for a failed copy.
+    """
+    locations = {ExternalDataInfo(tensor).location for tensor in graph.graph.initializer
+                 if uses_external_data(tensor)}
+    for location in sorted({model_path.name, *locations}):
+        relative = Path(location)
+        if relative.is_absolute() or ".." in relative.parts:
+            raise EdgeExportError(f"{model_path}: external data {location!r} lies outside the model's folder")
+        (directory / relative).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(model_path.parent / relative, directory / relative)
+    return directory / model_path.name
+
+
 # --------------------------------------------------------------------------- int8
 
 
@@ -146,42 +284,48 @@ def constant_weight_nodes(model: onnx.ModelProto, op_types: Sequence[str] = QUAN
 
 
 def quantize_int8(model_path: str | os.PathLike, output_path: str | os.PathLike | None = None, *,
-                  per_channel: bool = True) -> Path:
+                  per_channel: bool = True, external_data_threshold: int = EXTERNAL_DATA_THRESHOLD) -> Path:
     """Write an int8 build of an fp32 export with ONNX Runtime dynamic quantization; returns its path.
 
     Quantized: the nodes of ``constant_weight_nodes`` (MatMul weights per output channel when ``per_channel``, the
     embedding table per tensor); activations are quantized to uint8 at run time. Weights are signed int8 in a
     7-bit range (``reduce_range``): x86 CPUs without VNNI multiply uint8 x int8 with 16-bit intermediate sums that
     saturate at full 8-bit range. ``quant_pre_process`` is not run: its symbolic shape inference fails on the
-    local-attention graph, and without it the optimization pass removes 2 of ~120 nodes. The quantizer works on
-    the model in memory, so models over protobuf's 2 GB limit are not supported.
+    local-attention graph, and without it the optimization pass removes 2 of ~120 nodes. A model with external
+    data or above ``external_data_threshold`` is built on file (see the module docstring).
 
     The result is checked: no float weight MatMul / Gather is left, LoRA inputs and their rank-0 defaults are
     unchanged (see ``_check_lora_inputs``). Default output: ``<stem>.int8.onnx`` beside the model.
     Raises ExportError / OutputError (an unreadable model, a bad output) or EdgeExportError (see module docstring).
     """
-    model_path = Path(model_path)
-    output = _output_path(model_path, output_path, "int8")
-    source = _read_fp32_source(model_path)
-    return _save(quantize_model_int8(source, str(model_path), per_channel=per_channel), source, output, "int8")
+    return _build(model_path, output_path, "int8", external_data_threshold, per_channel)
 
 
 def quantize_model_int8(source: onnx.ModelProto, name: str, *, per_channel: bool = True) -> onnx.ModelProto:
     """The int8 build of an fp32 graph in memory (see quantize_int8; ``name`` names it in errors), checked."""
+    with tempfile.TemporaryDirectory(prefix="lora_export.int8.") as tmp:
+        return _quantize_dynamic(source, source, Path(tmp) / "model.int8.onnx", per_channel, name)
+
+
+def _quantize_dynamic(model_input: onnx.ModelProto | Path, source: onnx.ModelProto, output: Path, per_channel: bool,
+                      name: str, external: bool = False) -> onnx.ModelProto:
+    """ONNX Runtime's ``quantize_dynamic`` of ``model_input`` (the fp32 graph ``source`` or a path to it) into
+    ``output`` (``external``: weights in ``<output>.data``, not read back): the nodes of ``constant_weight_nodes``.
+    Returns the model written, checked: no float weight MatMul / Gather left, LoRA inputs as they were. Raises
+    EdgeExportError."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     nodes = constant_weight_nodes(source)
     if not nodes:
         raise EdgeExportError(f"{name}: no MatMul or Gather with a constant weight to quantize")
-    with tempfile.TemporaryDirectory(prefix="lora_export.int8.") as tmp, _quiet_onnxruntime():
-        quantized_path = Path(tmp) / "model.int8.onnx"
-        try:
-            quantize_dynamic(source, quantized_path, op_types_to_quantize=list(QUANTIZED_OP_TYPES),
+    try:
+        with _quiet_onnxruntime():
+            quantize_dynamic(model_input, output, op_types_to_quantize=list(QUANTIZED_OP_TYPES),
                              nodes_to_quantize=nodes, per_channel=per_channel, reduce_range=True,
-                             weight_type=QuantType.QInt8)
-            quantized = onnx.load(quantized_path)
-        except Exception as err:  # the quantizer raises many exception types
-            raise EdgeExportError(f"{name}: ONNX Runtime quantization failed: {first_line(err)}") from None
+                             weight_type=QuantType.QInt8, use_external_data_format=external)
+            quantized = onnx.load(output, load_external_data=not external)
+    except Exception as err:  # the quantizer raises many exception types
+        raise EdgeExportError(f"{name}: ONNX Runtime quantization failed: {first_line(err)}") from None
     left = constant_weight_nodes(quantized)
     if left:
         raise EdgeExportError(f"{name}: quantization left {len(left)} weight nodes in float: {left[:3]}")
@@ -192,25 +336,32 @@ def quantize_model_int8(source: onnx.ModelProto, name: str, *, per_channel: bool
 # --------------------------------------------------------------------------- int4
 
 
-def quantize_int4(model_path: str | os.PathLike, output_path: str | os.PathLike | None = None) -> Path:
+def quantize_int4(model_path: str | os.PathLike, output_path: str | os.PathLike | None = None, *,
+                  external_data_threshold: int = EXTERNAL_DATA_THRESHOLD) -> Path:
     """Write an int4 build of an fp32 export for the edge; returns its path. See ``quantize_model_int4``.
 
-    Default output: ``<stem>.int4.onnx`` beside the model. Raises as quantize_int8.
+    Default output: ``<stem>.int4.onnx`` beside the model. Built on file as quantize_int8 (the weights held once,
+    the quantizer editing the loaded model in place). Raises as quantize_int8.
     """
-    model_path = Path(model_path)
-    output = _output_path(model_path, output_path, "int4")
-    source = _read_fp32_source(model_path)
-    return _save(quantize_model_int4(source, str(model_path)), source, output, "int4")
+    return _build(model_path, output_path, "int4", external_data_threshold)
 
 
 def quantize_model_int4(source: onnx.ModelProto, name: str) -> onnx.ModelProto:
-    """The int4 build of an fp32 graph in memory (``name`` names it in errors), checked.
+    """The int4 build of an fp32 graph in memory (``name`` names it in errors), checked; ``source`` is not edited.
 
     ONNX Runtime's ``MatMulNBitsQuantizer``: block-wise weight-only int4 (blocks of ``INT4_BLOCK_SIZE`` along the
     input axis, asymmetric: a float scale and a 4-bit zero point per block) for every MatMul whose weight is a
     constant initializer, as ``com.microsoft.MatMulNBits`` nodes with ``INT4_ACCURACY_LEVEL``. Embeddings stay
     float. LoRA inputs and their rank-0 defaults are left float32 (they are not constant), so adapters still swap.
     """
+    model = onnx.ModelProto()
+    model.CopyFrom(source)  # the quantizer edits the model it is given
+    return _int4_in_place(model, source, name)
+
+
+def _int4_in_place(model: onnx.ModelProto, source: onnx.ModelProto, name: str) -> onnx.ModelProto:
+    """``model`` (an fp32 graph with its weights) quantized to int4 in place (see ``quantize_model_int4``) and
+    checked against ``source``, the same graph unedited (its weights need not be loaded). Raises EdgeExportError."""
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     nodes = constant_weight_nodes(source, ("MatMul",))
@@ -218,8 +369,6 @@ def quantize_model_int4(source: onnx.ModelProto, name: str) -> onnx.ModelProto:
     readers_of_inputs = [node.name for node in source.graph.node if node.op_type == "MatMul" and node.name not in nodes]
     if not nodes:
         raise EdgeExportError(f"{name}: no MatMul with a constant weight to quantize")
-    model = onnx.ModelProto()
-    model.CopyFrom(source)  # the quantizer edits the model it is given
     logger = logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")
     level = logger.level
     logger.setLevel(logging.WARNING)  # it logs a line per node at INFO
@@ -243,20 +392,20 @@ def quantize_model_int4(source: onnx.ModelProto, name: str) -> onnx.ModelProto:
 # --------------------------------------------------------------------------- fp16
 
 
-def convert_fp16(model_path: str | os.PathLike, output_path: str | os.PathLike | None = None) -> Path:
+def convert_fp16(model_path: str | os.PathLike, output_path: str | os.PathLike | None = None, *,
+                 external_data_threshold: int = EXTERNAL_DATA_THRESHOLD) -> Path:
     """Write a float16 build of an fp32 export for the CUDA provider; returns its path.
 
     Float initializers and compute in float16, float32 at every graph input and output (see
-    ``convert_model_fp16``). Default output: ``<stem>.fp16.onnx`` beside the model. Raises as quantize_int8.
+    ``convert_model_fp16``). Default output: ``<stem>.fp16.onnx`` beside the model. Built on file as quantize_int8
+    (shapes inferred by path, each weight converted in place). Raises as quantize_int8.
     """
-    model_path = Path(model_path)
-    output = _output_path(model_path, output_path, "fp16")
-    source = _read_fp32_source(model_path)
-    return _save(convert_model_fp16(source, str(model_path)), source, output, "fp16")
+    return _build(model_path, output_path, "fp16", external_data_threshold)
 
 
 def convert_model_fp16(source: onnx.ModelProto, name: str, float16_io: Sequence[str] = ()) -> onnx.ModelProto:
-    """The float16 build of an fp32 graph in memory (``name`` names it in errors), checked.
+    """The float16 build of an fp32 graph in memory (``name`` names it in errors), checked; ``source`` is not
+    edited (the converter works on the shape-inferred copy it makes).
 
     ``onnxruntime.transformers.float16.convert_float_to_float16``: float initializers and compute in float16;
     every float graph input and output stays float32 behind a Cast, except those named in ``float16_io``, which
@@ -264,21 +413,41 @@ def convert_model_fp16(source: onnx.ModelProto, name: str, float16_io: Sequence[
     list, so the graph is topologically sorted again (``OnnxModel.topological_sort``). A rank-0 default is read only
     by its input's Cast and stays float32, so LoRA inputs and ``.onnx_adapter`` files stay float32.
     """
+    return _fp16(source, source, name, float16_io, shapes_inferred=False)
+
+
+def _fp16_on_file(source_path: Path, source: onnx.ModelProto, scratch: Path, name: str,
+                  float16_io: Sequence[str]) -> onnx.ModelProto:
+    """The float16 build of the model file ``source_path`` (``source``: its graph): shapes inferred by path into
+    ``scratch`` (the converter's own inference serializes the model in memory), the weights read in and converted
+    in place. Raises EdgeExportError."""
+    inferred = scratch / "inferred.onnx"
+    try:
+        onnx.shape_inference.infer_shapes_path(str(source_path), str(inferred))
+        model = onnx.load(inferred, load_external_data=False)
+    except Exception as err:  # onnx raises InferenceError, ValidationError, ...
+        raise EdgeExportError(f"{name}: float16 conversion failed: {first_line(err)}") from None
+    return _fp16(_load_weights(model, source_path), source, name, float16_io, shapes_inferred=True)
+
+
+def _fp16(model: onnx.ModelProto, source: onnx.ModelProto, name: str, float16_io: Sequence[str],
+          shapes_inferred: bool) -> onnx.ModelProto:
+    """``model`` converted to float16 (see ``convert_model_fp16``) and checked against ``source``, the fp32 graph
+    unedited (its weights need not be loaded). ``shapes_inferred``: ``model`` carries its inferred shapes and is
+    converted in place; otherwise the converter infers them on a copy and ``model`` is left as it was."""
     from onnxruntime.transformers.float16 import convert_float_to_float16
     from onnxruntime.transformers.onnx_model import OnnxModel
 
     kept = [value.name for value in (*source.graph.input, *source.graph.output) if value.name not in float16_io]
     try:
         with _quiet_onnxruntime():
-            converted = onnx.ModelProto()
-            converted.CopyFrom(source)
-            converted = convert_float_to_float16(converted, keep_io_types=kept)
+            converted = convert_float_to_float16(model, keep_io_types=kept, disable_shape_infer=shapes_inferred)
             OnnxModel(converted).topological_sort()
     except Exception as err:  # the converter raises many exception types
         raise EdgeExportError(f"{name}: float16 conversion failed: {first_line(err)}") from None
 
-    def boundary(model: onnx.ModelProto) -> list[tuple[str, int]]:
-        return [(value.name, value.type.tensor_type.elem_type) for value in (*model.graph.input, *model.graph.output)]
+    def boundary(graph: onnx.ModelProto) -> list[tuple[str, int]]:
+        return [(value.name, value.type.tensor_type.elem_type) for value in (*graph.graph.input, *graph.graph.output)]
 
     expected = [(value_name, onnx.TensorProto.FLOAT16 if value_name in float16_io else elem_type)
                 for value_name, elem_type in boundary(source)]

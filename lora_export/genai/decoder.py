@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,7 +37,7 @@ from ..export.core import (
     finish_graph,
     serialize_traced,
     staged_export,
-    write_export,
+    write_companions,
 )
 from ..export.onnx_files import (
     EXTERNAL_DATA_THRESHOLD,
@@ -43,8 +45,11 @@ from ..export.onnx_files import (
     load_onnx,
     read_metadata,
     set_metadata,
+    size_text,
+    weights_too_big_for_memory,
+    write_model_files,
 )
-from ..export.quantize import convert_model_fp16, quantize_model_int4, quantize_model_int8
+from ..export.quantize import convert_model_fp16, quantize_model_int4, quantize_model_int8, write_precision
 from ..export.tracing import DEFAULT_OPSET, TracedGraph, trace_forms
 from ..files import StagedOutputs, check_empty_output_dir, parse_json, read_json
 from ..layout import ADAPTER_FILE, GENAI_CONFIG, MODEL_FILE, Form, decoder_outputs
@@ -309,47 +314,80 @@ def export_decoder(checkpoint_path: str | os.PathLike, output_dir: str | os.Path
     if problem:
         raise ExportError(f"{checkpoint_path}: cannot be a genai decoder: {problem}")
     adapter = source.adapter(form)
-    slots = cache_slots(source.model.config)
-    with staged_export(output_dir) as stage:
-        proto, layer_names, too_big = _traced_decoder(source, form, opset, output_dir / MODEL_FILE, stage,
-                                                      external_data_threshold, progress)
+    slots, model_path = cache_slots(source.model.config), output_dir / MODEL_FILE
+    config_text = json.dumps(genai_config(source.model.config, slots), indent=2) + "\n"
+
+    def finish(proto: onnx.ModelProto) -> None:  # what every decoder graph carries, whatever its precision
         finish_graph(proto, form)
-        if too_big and precision != "fp32":
-            raise ExportError(f"{checkpoint_path}: a {precision} genai decoder of a model {too_big} is not "
-                              "supported yet: export it in fp32")
-        proto = _in_precision(proto, precision, str(output_dir / MODEL_FILE), slots, progress)
         set_metadata(proto, export_metadata(proto, source, form, opset, {"lora_layers": layer_names},
                                             graph="decoder", cache_slots=json.dumps([slot.__dict__ for slot in slots]),
                                             cache_slack=str(CACHE_SLACK), precision=precision))
-        config_text = json.dumps(genai_config(source.model.config, slots), indent=2) + "\n"
+
+    with staged_export(output_dir) as stage:
+        traced = _traced_decoder(source, form, opset, progress)
+        layer_names = traced.layer_names
+        if precision != "fp32" and weights_too_big_for_memory(traced.weight_bytes, external_data_threshold):
+            proto = _built_on_file(traced, finish, model_path, stage, precision, slots, progress)
+        else:
+            proto = _fp32_or_built_in_memory(traced, finish, model_path, stage, precision, slots,
+                                             external_data_threshold, progress)
+        del traced  # the exporter's graph, which holds the model's tensors
         say(f"writing {output_dir}/")
-        write_export(proto, output_dir / MODEL_FILE, source, stage, texts={output_dir / GENAI_CONFIG: config_text},
-                     external_data_threshold=external_data_threshold, on_file=bool(too_big),
-                     adapter=None if form is Form.MERGED else (output_dir / ADAPTER_FILE, adapter))
+        write_companions(stage, source, texts={output_dir / GENAI_CONFIG: config_text},
+                         adapter=None if form is Form.MERGED else (output_dir / ADAPTER_FILE, adapter))
     say(f"decoder: {len(proto.graph.node)} nodes, {count_parameters_onnx(proto):,} parameters, "
         f"{len(slots)} cache slots")
     return output_dir
 
 
-def _traced_decoder(source: ExportSource, form: Form, opset: int, model_path: Path, stage: StagedOutputs,
-                    external_data_threshold: int, progress: Progress) -> tuple[onnx.ModelProto, list[str], str]:
-    """The decoder graph of ``source`` in ``form``: (proto, its LoRA layer names, why it is too big for memory or
-    ''). One that fits is checked here (full onnx.checker); one too big has its weights in ``stage`` already
-    (``core.serialize_traced``) and is checked as a file once written. Raises ExportError."""
+def _traced_decoder(source: ExportSource, form: Form, opset: int, progress: Progress) -> TracedGraph:
+    """The decoder graph of ``source`` in ``form``, traced, not yet serialized. Raises ExportError."""
     progress.stage(f"exporting the KV-cache decoder ({form}, opset {opset}) with torch.onnx dynamo")
     try:
-        traced = trace_decoder(source.model, form, opset)
+        return trace_decoder(source.model, form, opset)
     except Exception as err:  # the exporter raises many exception types
         raise ExportError(f"{source.path}: decoder export failed: {first_line(err)[:200]}") from None
+
+
+def _fp32_or_built_in_memory(traced: TracedGraph, finish: Callable[[onnx.ModelProto], None], model_path: Path,
+                             stage: StagedOutputs, precision: str, slots: list[CacheSlot],
+                             external_data_threshold: int, progress: Progress) -> onnx.ModelProto:
+    """Write the decoder into ``stage``: fp32 either way (``core.serialize_traced``; one that fits checked in
+    memory), or a model that fits built in ``precision`` in memory (``_in_precision``). Returns its graph."""
     proto, too_big = serialize_traced(traced, model_path, stage, external_data_threshold, progress)
-    layer_names = traced.layer_names
-    del traced  # the exporter's graph and its own copies of folded constants
     if not too_big:
         try:
             onnx.checker.check_model(proto, full_check=True)
         except Exception as err:  # onnx raises ValidationError and friends
-            raise ExportError(f"{source.path}: decoder export failed: {first_line(err)[:200]}") from None
-    return proto, layer_names, too_big
+            raise ExportError(f"{model_path}: decoder export failed: {first_line(err)[:200]}") from None
+    finish(proto)
+    proto = _in_precision(proto, precision, str(model_path), slots, progress)
+    write_model_files(proto, model_path, stage, external_data_threshold, on_file=bool(too_big))
+    return proto
+
+
+def _built_on_file(traced: TracedGraph, finish: Callable[[onnx.ModelProto], None], model_path: Path,
+                   stage: StagedOutputs, precision: str, slots: list[CacheSlot], progress: Progress
+                   ) -> onnx.ModelProto:
+    """A decoder too big for memory in ``precision`` (int8 / int4 / fp16): the fp32 graph and its weights written
+    to a scratch folder in the stage straight from the torch tensors, then built from that file into ``stage``
+    (``quantize.write_precision``; fp16 keeps its cache in float16). Returns the built graph without weights."""
+    with tempfile.TemporaryDirectory(prefix=".fp32.", dir=stage.path(model_path).parent) as scratch:
+        fp32 = Path(scratch) / MODEL_FILE
+        progress.stage(f"writing the fp32 decoder's {size_text(traced.weight_bytes)} of weights, then building "
+                       f"{precision} from them")
+        proto = traced.save_with_weights(fp32, progress)
+        finish(proto)
+        onnx.save_model(proto, fp32)  # the graph only: its weights stay in the scratch data file
+        del proto
+        return write_precision(fp32, model_path, precision, stage, name=str(model_path), scratch_source=True,
+                               float16_io=_cache_names(slots) if precision == "fp16" else ())
+
+
+def _cache_names(slots: list[CacheSlot]) -> list[str]:
+    """The past / present tensors of the decoder graph: float16 in the fp16 decoder."""
+    input_names, output_names = graph_names(slots)
+    return [tensor for tensor in input_names + output_names if tensor.startswith(("past_", "present."))]
 
 
 def _in_precision(proto: onnx.ModelProto, precision: str, name: str, slots: list[CacheSlot],
@@ -365,7 +403,5 @@ def _in_precision(proto: onnx.ModelProto, precision: str, name: str, slots: list
         return quantize_model_int4(proto, name)
     if precision == "fp16":
         say("converting to fp16 (onnxruntime.transformers.float16), cache in fp16")
-        input_names, output_names = graph_names(slots)
-        cache = [tensor for tensor in input_names + output_names if tensor.startswith(("past_", "present."))]
-        return convert_model_fp16(proto, name, float16_io=cache)
+        return convert_model_fp16(proto, name, float16_io=_cache_names(slots))
     return proto

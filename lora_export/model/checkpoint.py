@@ -10,6 +10,11 @@ Two containers hold that layout, chosen by the file name: ``.safetensors`` (tens
 pickle at all) and anything else, ``.pt`` (``torch.save`` of the dict). Nothing here unpickles code:
 ``torch.load(weights_only=True)`` refuses any pickle that carries a callable, and the payload never runs. Every
 problem surfaces as one ``CheckpointError`` line.
+
+Weights may be stored as float32, bfloat16, float16 or float64 (``checkpoint_dtype`` names them). Both containers
+are memory-mapped copy-on-write (a loaded tensor changed in place never writes to the file), and ``build_model``
+makes the tensors the model's parameters (cast one by one when stored in another dtype): peak memory about 1x the
+weights. ``checkpoint_summary`` reads only the config and the tensors' shapes and dtypes, for a memory pre-flight.
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ import pickle
 import pickletools
 import warnings
 import zipfile
+from dataclasses import dataclass
+from mmap import MAP_PRIVATE
 from pathlib import Path
 from typing import Any
 
@@ -33,13 +40,25 @@ from .transformer import LoRATransformerLM, ModelConfig
 
 CHECKPOINT_FORMAT = "lora-export-checkpoint"
 CHECKPOINT_VERSION = 1
+#: The weight dtypes a checkpoint may hold (a model computes in float32; these convert to it exactly enough), with
+#: their short names (``checkpoint_dtype``, reports, ``tools/make_sized.py --dtype``).
+DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
+WEIGHT_DTYPES = tuple(DTYPE_NAMES)
+#: Their names in a safetensors header (read by ``checkpoint_summary`` without loading a tensor).
+SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
 
 
 def _hash_tensor(digest: hashlib._Hash, tensor: torch.Tensor, label: str = "") -> None:
     """Feed a tensor's label, dtype, shape and bytes (contiguous, CPU) into ``digest``."""
     tensor = tensor.detach().cpu().contiguous()
     digest.update(f"{label}{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-    digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    digest.update(tensor.reshape(-1).view(torch.uint8).numpy())  # the buffer itself: no copy of the bytes
+
+
+def all_finite(tensor: torch.Tensor) -> bool:
+    """Whether a floating-point tensor holds no NaN or Inf, with no temporary of its size (min and max propagate
+    NaN): a big model's check allocates nothing that could fragment memory."""
+    return tensor.numel() == 0 or bool(torch.isfinite(torch.stack(torch.aminmax(tensor))).all())
 
 
 def tensor_sha256(tensor: torch.Tensor) -> str:
@@ -83,8 +102,25 @@ def _safetensors_save(payload: dict[str, Any], path: str) -> None:
     save_file(tensors, path, metadata={SAFETENSORS_KEY: json.dumps(plain, sort_keys=True)})
 
 
-def _safetensors_load(path: Path) -> dict[str, Any]:
-    """The checkpoint dict of a .safetensors file; raises ValueError for anything but this module's layout."""
+def _dtype_refusal(path: Path, section: str, name: str, kind: str) -> CheckpointError:
+    """The refusal of a weight stored as ``kind``, not one of WEIGHT_DTYPES."""
+    return CheckpointError(f"{path}: {section} weight {name} is {kind}, not a float32, float16, bfloat16 or "
+                           "float64 tensor")
+
+
+def _header_tensor(f: Any, path: Path, section: str, inner: str) -> torch.Tensor:
+    """A meta tensor (nothing read) of the dtype and shape the header of the open safetensors ``f`` gives a tensor."""
+    view = f.get_slice(f"{section}.{inner}")
+    dtype = SAFETENSORS_DTYPES.get(view.get_dtype())
+    if dtype is None:
+        raise _dtype_refusal(path, section, inner, view.get_dtype())
+    return torch.empty(view.get_shape(), dtype=dtype, device="meta")
+
+
+def _safetensors_load(path: Path, read: bool) -> dict[str, Any]:
+    """The checkpoint dict of a .safetensors file; raises ValueError for anything but this module's layout. With
+    ``read`` the tensors are ``get_tensor``'s: views of a copy-on-write map of the file, read when used. Without,
+    meta tensors of the header's dtypes and shapes."""
     from safetensors import safe_open
 
     payload: dict[str, Any] = {"base": {}, "lora": {}}
@@ -106,7 +142,8 @@ def _safetensors_load(path: Path) -> dict[str, Any]:
         check_weight_shapes({inner: tuple(f.get_slice(f"{section}.{inner}").get_shape())
                              for inner, section in sections.items()}, expected_shapes(payload["config"], path), path)
         for inner, section in sections.items():
-            payload[section][inner] = f.get_tensor(f"{section}.{inner}")
+            payload[section][inner] = (f.get_tensor(f"{section}.{inner}") if read
+                                       else _header_tensor(f, path, section, inner))
     return payload
 
 
@@ -117,20 +154,23 @@ def _torch_save(payload: dict[str, Any], path: str) -> None:
         torch.save(payload, f)
 
 
-def save_checkpoint(path: str | os.PathLike, model: LoRATransformerLM, training: dict[str, Any] | None = None) -> None:
+def save_checkpoint(path: str | os.PathLike, model: LoRATransformerLM, training: dict[str, Any] | None = None,
+                    dtype: torch.dtype | None = None) -> None:
     """Write model config, base weights, LoRA weights, training metadata and tensor hashes atomically, as
-    safetensors when ``path`` ends in ``.safetensors``, else as a torch zip (``.pt``).
-
+    safetensors when ``path`` ends in ``.safetensors``, else as a torch zip (``.pt``). ``dtype`` (of WEIGHT_DTYPES;
+    None: the model's own) is the weights' stored dtype, which the hashes cover; a cast copy is held while writing.
     The model must be unmerged (base and LoRA kept apart); a merged one is refused. Every tensor must be finite.
     """
     merged = any(getattr(m, "merged", False) for m in model.modules())
     if merged:
         raise ValueError("save_checkpoint needs an unmerged model: call unmerge_lora(model) first")
-    # no clone: the tensors are written before this returns, and a copy would double the memory of a big model
-    base = {k: v.detach().cpu() for k, v in base_state_dict(model).items()}
-    lora = {k: v.detach().cpu() for k, v in lora_state_dict(model).items()}
+    if dtype is not None and dtype not in WEIGHT_DTYPES:
+        raise ValueError(f"save_checkpoint: dtype {dtype} is not one of {', '.join(map(str, WEIGHT_DTYPES))}")
+    # no clone (.to is the tensor itself in its own dtype): a copy would double the memory of a big model
+    base = {k: v.detach().cpu().to(dtype or v.dtype) for k, v in base_state_dict(model).items()}
+    lora = {k: v.detach().cpu().to(dtype or v.dtype) for k, v in lora_state_dict(model).items()}
     for name, tensor in {**base, **lora}.items():
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+        if tensor.is_floating_point() and not all_finite(tensor):
             raise ValueError(f"save_checkpoint refused: {name} holds NaN or Inf")
     payload = {
         "format": CHECKPOINT_FORMAT,
@@ -250,14 +290,11 @@ def check_zip_integrity(path: Path) -> None:
         raise CheckpointError(f"{path}: corrupt checkpoint: {bad} fails its CRC-32 check (damaged bytes)")
 
 
-#: The weight dtypes a checkpoint may hold (a model computes in float32; these convert to it exactly enough).
-WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-
-
-def _check_tensors(payload: dict[str, Any], path: Path) -> None:
-    """Values are tensors of WEIGHT_DTYPES, each matching its recorded sha256, and the record names exactly the
-    tensors there are. A .safetensors checkpoint must have the record: lora-export has always written one there,
-    so a missing record is damage. A .pt may lack it (written by an older lora-export or by hand)."""
+def _check_tensors(payload: dict[str, Any], path: Path, hashes: bool) -> None:
+    """Values are tensors of WEIGHT_DTYPES, each matching its recorded sha256 (as stored: before any cast; compared
+    only with ``hashes``), and the record names exactly the tensors there are. A .safetensors checkpoint must have
+    the record: lora-export has always written one there, so a missing record is damage. A .pt may lack it (written
+    by an older lora-export or by hand)."""
     recorded = payload.get("tensor_sha256")
     if recorded is None and path.suffix == SAFETENSORS_SUFFIX:
         raise CheckpointError(f"{path}: corrupt checkpoint: its 'tensor_sha256' record is missing (damaged or "
@@ -268,12 +305,11 @@ def _check_tensors(payload: dict[str, Any], path: Path) -> None:
         for name, tensor in payload[section].items():
             if not isinstance(tensor, torch.Tensor) or tensor.dtype not in WEIGHT_DTYPES:
                 kind = str(tensor.dtype) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
-                raise CheckpointError(f"{path}: {section} weight {name} is {kind}, not a float32, float16, "
-                                      "bfloat16 or float64 tensor")
+                raise _dtype_refusal(path, section, name, kind)
             if recorded is not None and name not in recorded:
                 raise CheckpointError(f"{path}: corrupt checkpoint: tensor {short_repr(name)} is not in its "
                                       "'tensor_sha256' record (damaged or altered)")
-            if recorded is not None and recorded[name] != tensor_sha256(tensor):
+            if hashes and recorded is not None and recorded[name] != tensor_sha256(tensor):
                 raise CheckpointError(f"{path}: corrupt checkpoint: tensor {name} does not match its recorded "
                                       "sha256 (damaged or altered bytes)")
     if recorded is not None:
@@ -282,19 +318,23 @@ def _check_tensors(payload: dict[str, Any], path: Path) -> None:
             raise CheckpointError(f"{path}: corrupt checkpoint: recorded tensor {short_repr(missing[0])} is missing")
 
 
-def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Load and validate the raw checkpoint dict. Raises CheckpointError with one clear line.
+def _mappable(path: Path) -> bool:
+    """Whether torch.load can memory-map the file: a zip whose members are stored, as torch.save writes them (the
+    mapped bytes of a re-compressed zip would be compressed ones)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return all(info.compress_type == zipfile.ZIP_STORED for info in archive.infolist())
+    except Exception:  # not a zip, or a damaged one: torch.load reads it whole and says what is wrong
+        return False
 
-    Refused: anything but a regular file, pickled code (never run), bytes that fail the zip's CRC-32 or a
-    tensor's recorded sha256 (or a .safetensors without that record), plain values that are not a small tree of
-    plain types, and a layout other than this module's. Names and shapes are held against the config before any
-    tensor is hashed, and for .safetensors before any is read (its header can declare any size).
-    """
-    path = Path(path)
+
+def _load(path: Path, read: bool) -> Any:
+    """The unvalidated checkpoint dict of a regular file (CheckpointError, one line, if none): ``_safetensors_load``,
+    or ``torch.load(weights_only=True)``, mapped copy-on-write (read when used) if ``_mappable``, else read whole."""
     check_input_file(path, error=CheckpointError)
     if path.suffix == SAFETENSORS_SUFFIX:
         try:
-            payload = _safetensors_load(path)
+            return _safetensors_load(path, read)
         except CheckpointError:
             raise
         except PermissionError:
@@ -302,11 +342,11 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         except Exception as err:  # SafetensorError, JSONDecodeError, ValueError, ...
             raise CheckpointError(f"{path}: not a readable lora-export safetensors checkpoint: "
                                   f"{first_line(err)[:200]}") from None
-        return _validated(payload, path)
     try:
-        with warnings.catch_warnings():  # torch warns about pickle protocols before refusing; we say it in one line
+        # torch warns about pickle protocols before refusing; we say it in one line
+        with warnings.catch_warnings(), torch.serialization.set_default_mmap_options(MAP_PRIVATE):
             warnings.simplefilter("ignore")
-            payload = torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=_mappable(path))
     except PermissionError:
         raise CheckpointError(f"{path}: permission denied") from None
     except Exception as err:  # torch.load raises many types (UnpicklingError, RuntimeError, KeyError, ...)
@@ -318,12 +358,65 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
             raise CheckpointError(f"{path}: not a readable checkpoint (truncated or corrupt?)") from None
         detail = f"{type(err).__name__}: {first_line(err).split('. ')[0][:200]}"
         raise CheckpointError(f"{path}: not a readable checkpoint (truncated or corrupt?): {detail}") from None
-    check_zip_integrity(path)
-    return _validated(payload, path)
 
 
-def _validated(payload: Any, path: Path) -> dict[str, Any]:
-    """The loaded checkpoint dict, checked: plain values, format and version, sections, tensor hashes."""
+def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Load and validate the raw checkpoint dict. Raises CheckpointError with one clear line.
+
+    Refused: anything but a regular file, pickled code (never run), bytes that fail the zip's CRC-32 or a
+    tensor's recorded sha256 (or a .safetensors without that record), plain values that are not a small tree of
+    plain types, and a layout other than this module's. Names and shapes are held against the config before any
+    tensor is hashed, and for .safetensors before any is read (its header can declare any size).
+    The tensors map the file copy-on-write (``_load``): the pages read (hashing reads all) are page cache.
+    """
+    path = Path(path)
+    payload = _load(path, read=True)
+    if path.suffix != SAFETENSORS_SUFFIX:
+        check_zip_integrity(path)
+    return _validated(payload, path, hashes=True)
+
+
+@dataclass(frozen=True)
+class CheckpointSummary:
+    """What a checkpoint holds (``checkpoint_summary``). parameters: elements of all weights (base + LoRA); dtype:
+    ``checkpoint_dtype``'s name ('fp32', 'bf16', 'fp16', 'fp64' or 'mixed: ...'); weight_bytes: bytes as stored."""
+
+    parameters: int
+    dtype: str
+    weight_bytes: int
+
+
+def checkpoint_summary(path: str | os.PathLike) -> CheckpointSummary:
+    """Parameter count, dtype and stored size of a checkpoint, from its config and tensor shapes and dtypes only
+    (the safetensors header; the pickle of a memory-mapped torch zip), for a memory pre-flight before it is loaded.
+
+    Refuses (CheckpointError, one line) what ``read_checkpoint`` refuses before reading tensor bytes: not a regular
+    file, pickled code, a malformed layout, config, names, shapes or dtypes. Neither the zip's CRC-32 nor the
+    tensors' sha256 is checked (both read every byte): ``read_checkpoint`` does that when the checkpoint is loaded.
+    """
+    path = Path(path)
+    payload = _validated(_load(path, read=False), path, hashes=False)
+    tensors = [*payload["base"].values(), *payload["lora"].values()]
+    return CheckpointSummary(parameters=sum(t.numel() for t in tensors), dtype=checkpoint_dtype(payload),
+                             weight_bytes=sum(t.numel() * t.element_size() for t in tensors))
+
+
+def checkpoint_dtype(payload: dict[str, Any]) -> str:
+    """The dtype the weights of a checkpoint dict (``read_checkpoint``) are stored in, for export metadata and
+    reports: 'fp32', 'bf16', 'fp16' or 'fp64' (``DTYPE_NAMES``) when all share one, else 'mixed: ' and each with its
+    share of the parameters, largest first (e.g. 'mixed: bf16 98.8%, fp32 1.2%')."""
+    counts: dict[str, int] = {}
+    for tensor in [*payload["base"].values(), *payload["lora"].values()]:
+        counts[DTYPE_NAMES[tensor.dtype]] = counts.get(DTYPE_NAMES[tensor.dtype], 0) + tensor.numel()
+    if len(counts) == 1:
+        return next(iter(counts))
+    shares = sorted(counts.items(), key=lambda item: -item[1])
+    return "mixed: " + ", ".join(f"{name} {100 * count / sum(counts.values()):.1f}%" for name, count in shares)
+
+
+def _validated(payload: Any, path: Path, hashes: bool) -> dict[str, Any]:
+    """The loaded checkpoint dict, checked: plain values, format and version, sections, names, shapes and dtypes,
+    and with ``hashes`` the tensors' recorded sha256 (reading every byte)."""
     try:
         check_plain_values(payload, "checkpoint")
     except ValueError as err:
@@ -339,7 +432,7 @@ def _validated(payload: Any, path: Path) -> dict[str, Any]:
             raise CheckpointError(f"{path}: malformed checkpoint: '{key}' missing or not a {kind.__name__}")
     check_weight_shapes(_shapes({**payload["base"], **payload["lora"]}), expected_shapes(payload["config"], path),
                         path)  # before any hash: a hash of a tensor the config cannot hold is wasted work
-    _check_tensors(payload, path)
+    _check_tensors(payload, path, hashes)
     return payload
 
 
@@ -374,22 +467,28 @@ def check_weight_shapes(shapes: dict[str, tuple[int, ...] | str], expected: dict
                                   f"{expected[name]}")
 
 
-def build_model(payload: dict[str, Any], path: str | os.PathLike = "checkpoint") -> LoRATransformerLM:
-    """Rebuild the model from a validated checkpoint dict, in eval mode. Raises CheckpointError.
-
-    The config is validated and the weights' names and shapes compared on a meta-device skeleton before any
-    memory is allocated; every weight must be finite.
+def build_model(payload: dict[str, Any], path: str | os.PathLike = "checkpoint",
+                dtype: torch.dtype = torch.float32) -> LoRATransformerLM:
+    """Rebuild the model from a validated checkpoint dict, in eval mode, every parameter of ``dtype``. Raises
+    CheckpointError. Config, names and shapes are checked on a meta-device skeleton first; every weight must be
+    finite (after the cast). No copy: the model is built on the meta device and the payload's tensors become its
+    parameters (``load_state_dict(assign=True)``), those stored in another dtype cast tensor by tensor (the stored
+    ones stay mapped pages of the file). So the model shares memory with ``payload``: changing it in place
+    (``merge_lora``, training) changes the payload's tensors of ``dtype`` too, never the file (``read_checkpoint``
+    maps it copy-on-write). Build one model per payload; read the checkpoint again for an untouched one.
     """
     state = {**payload["base"], **payload["lora"]}
     check_weight_shapes(_shapes(state), expected_shapes(payload["config"], path), path)
     config = ModelConfig.from_dict(payload["config"])
     for name, tensor in state.items():
-        if not torch.isfinite(tensor).all():
+        state[name] = tensor = tensor.to(dtype)  # the tensor itself when it has that dtype
+        if not all_finite(tensor):
             raise CheckpointError(f"{path}: weight {name} holds NaN or Inf")
     try:
-        model = LoRATransformerLM(config)
-        model.load_state_dict(state)
-    except Exception as err:  # e.g. out of memory for a config that matched its (huge) tensors
+        with torch.device("meta"):
+            model = LoRATransformerLM(config)
+        model.load_state_dict(state, assign=True)
+    except Exception as err:  # any failure to build from a file's values is the file's problem
         raise CheckpointError(f"{path}: cannot build the model: {first_line(err)}") from None
     return model.eval()
 
