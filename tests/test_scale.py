@@ -139,6 +139,29 @@ def test_file_way_never_serializes_the_whole_model(genai, tiny_checkpoint, tmp_p
         export_onnx(tiny_checkpoint, tmp_path / "small.onnx")
 
 
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_bf16_checkpoint_exports_an_fp32_graph_and_says_so(suffix, tmp_path):
+    """A checkpoint stored in bf16 (as real models are) exports, the file way too: an fp32 graph equal to the
+    model built from the bf16 weights cast to fp32, its metadata naming the stored dtype."""
+    import torch
+    from conftest import make_lora_model
+
+    from lora_export.export.onnx_files import read_metadata
+    from lora_export.model.checkpoint import save_checkpoint
+
+    model = make_lora_model()
+    checkpoint = tmp_path / f"bf16{suffix}"
+    save_checkpoint(checkpoint, model, dtype=torch.bfloat16)
+    result = export_onnx(checkpoint, tmp_path / "bf16.onnx", merge=False, external_data_threshold=TINY_THRESHOLD)
+    assert read_metadata(onnx.load(result.model_path, load_external_data=False))["checkpoint_dtype"] == "bf16"
+    with torch.no_grad():
+        for parameter in model.parameters():  # the reference: bf16-rounded weights, computed in fp32
+            parameter.copy_(parameter.to(torch.bfloat16).float())
+    feeds = scoring_feeds(read_adapter(result.adapter_path)[0])
+    expected = model(torch.from_numpy(feeds["input_ids"]), torch.from_numpy(feeds["attention_mask"])).detach()
+    np.testing.assert_allclose(outputs(result.model_path, feeds)[0], expected.numpy(), atol=2e-4, rtol=1e-4)
+
+
 def test_too_big_for_memory_is_the_threshold_or_protobufs_limit(merged_export):
     proto = onnx.load(merged_export.model_path)
     assert too_big_for_memory(proto, TINY_THRESHOLD)
