@@ -21,6 +21,7 @@ from .errors import ExportError, ParityInputError
 from .export.convert import ExportResult, export_onnx, export_outputs
 from .export.memory import Plan, check_memory
 from .export.onnx_files import EXTERNAL_DATA_THRESHOLD
+from .export.ort_session import release_memory
 from .export.quantize import convert_fp16, convert_ort_format, quantize_int4, quantize_int8
 from .export.tracing import DEFAULT_OPSET
 from .files import check_output_dir, check_outputs
@@ -135,6 +136,7 @@ def _validated(run: ExportRun, validation: ValidationOptions | None, model_path:
                adapter_path: Path | None = None) -> ExportRun:
     """``run`` with the validation of ``model_path`` and its time, when there is one."""
     if validation is not None:
+        release_memory()  # the export's model (reference cycles) is gone before the validation builds its own
         started = time.perf_counter()
         run.parity = validation.run(model_path, checkpoint, adapter_path,
                                     run.models if len(run.models) > 1 else None)
@@ -178,6 +180,7 @@ def _build(run: ExportRun, builds: list[str], ort_format: bool, external_data_th
            progress: Progress) -> None:
     """The reduced-precision builds of the exported model (the file way above ``external_data_threshold``, as the
     export), then (``ort_format``) each model in ORT format, checked against its .onnx on ONNX Runtime CPU."""
+    release_memory()  # the export's model, held by reference cycles until a collection, is not built on
     for precision, message, builder in BUILDERS:
         if precision in builds:
             progress.stage(message)

@@ -1,5 +1,5 @@
 """Decode judging without onnxruntime-genai: a scripted stand-in for genai's generator returns logits we choose, so
-the per-step judgement of ``lora_export.parity.decode.run_variant`` (the pass boundary of ``Tolerance.deviation``, its
+the per-step judgement of ``lora_export.parity.decode.judge_decode`` (the pass boundary of ``Tolerance.deviation``, its
 inclusive edge, NaN / Inf, the top-1 rule, exact bytes for fp32 and reported bytes for fp16 / int8) is checked on
 numbers known in advance."""
 
@@ -16,7 +16,7 @@ import torch
 from conftest import TINY_CONFIG, make_lora_model
 
 from lora_export.genai.decoder import EOS_BYTE
-from lora_export.parity.decode import run_variant
+from lora_export.parity import decode
 from lora_export.parity.metrics import FP16_EPS, TOLERANCES, Tolerance
 from lora_export.parity.results import DecodeRun
 
@@ -42,7 +42,7 @@ def greedy(model: torch.nn.Module) -> list[int]:
 
 
 def teacher_forced(model: torch.nn.Module, generated: list[int]) -> np.ndarray:
-    """The logits each step should have seen, computed as run_variant computes them ([NEW, 256])."""
+    """The logits each step should have seen, computed as decode parity computes them ([NEW, 256])."""
     with torch.no_grad():
         sequence = torch.tensor([list(PROMPT) + generated[:-1]], dtype=torch.int64)
         return model(sequence)[0, len(PROMPT) - 1:].numpy()
@@ -88,15 +88,18 @@ def fake_genai(steps: np.ndarray, generated: list[int]) -> types.ModuleType:
 
 def judge_run(monkeypatch: pytest.MonkeyPatch, model: torch.nn.Module, tolerance: Tolerance,
               edit: Edit | None = None, generated: list[int] | None = None) -> DecodeRun:
-    """run_variant on the stand-in: genai's bytes are ``generated`` (PyTorch's greedy bytes by default), its logits
-    PyTorch's teacher-forced ones in float64, edited by ``edit``."""
+    """A decode run on the stand-in, judged as validate_decoder judges it: genai's bytes are ``generated``
+    (PyTorch's greedy bytes by default), its logits PyTorch's teacher-forced ones in float64, edited by ``edit``."""
     generated = greedy(model) if generated is None else generated
     steps = teacher_forced(model, generated).astype(np.float64)
     for step in range(NEW):
         if edit is not None:
             edit(step, steps[step])
     monkeypatch.setitem(sys.modules, "onnxruntime_genai", fake_genai(steps, generated))
-    return run_variant(None, None, None, model, PROMPT, NEW, tolerance, "merged", "cpu")
+    reference, _ = decode.decode_reference(model, PROMPT, NEW)
+    run = decode.genai_decode(None, None, None, PROMPT, NEW)
+    return decode.judge_decode(run, reference, decode.teacher_forced(model, PROMPT, run.generated), PROMPT, tolerance,
+                               "merged", "cpu")
 
 
 def top_kept(logits: np.ndarray) -> int:

@@ -168,7 +168,7 @@ def test_adapter_form_with_and_without_its_adapter(adapter_export: ExportResult,
                                  adapter_path=adapter_export.adapter_path, providers=["cpu"], report_dir=tmp_path,
                                  progress=lambda *step: progress.append(step), **FAST)
     assert result.passed, result.summary
-    assert progress[-1] == (16, 16, "adapter/CPUExecutionProvider/padding")
+    assert progress[-1] == (16, 16, "adapter/CPUExecutionProvider/padding: batch 4 x 32 tokens")
     assert result.variants == ["base", "adapter"]
     by_variant = {v: [c for c in result.comparisons if c.variant == v] for v in result.variants}
     assert [c.case for c in by_variant["base"]] == [c.case for c in by_variant["adapter"]] == FULL_CASES
@@ -476,7 +476,7 @@ def test_data_too_short_is_refused_before_any_session_or_edge_build_runs(merged_
     def must_not_run(*args, **kwargs):
         pytest.fail("ran before the too-short --data text was refused")
 
-    monkeypatch.setattr(validate_module, "compare_precisions", must_not_run)
+    monkeypatch.setattr(validate_module, "measure_builds", must_not_run)
     monkeypatch.setattr(validate_module, "open_session", must_not_run)
     monkeypatch.setattr(validate_module, "build_model", must_not_run)
     (tmp_path / "short.txt").write_bytes(b"too short")

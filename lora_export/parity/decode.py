@@ -2,9 +2,12 @@
 
 For each variant (merged; or base, then every adapter, then base again, all on one loaded ``og.Model``):
 greedy bytes from a prompt longer than the local window (held-out prose, or the user's ``--data``; each run
-records it and its source), run to the end of the context (so the window is
-crossed several times); the logits genai returns at every step are compared with the PyTorch full forward over the
-same prefix (teacher-forced on genai's bytes), and the bytes with PyTorch's own greedy generation. The
+records it and its source), run to the end of the context (so the window is crossed several times) or, for a big
+model, as far as its case plan allows (``cases.CasePlan.decode_bytes``); the logits genai returns at every step
+are compared with the PyTorch full forward over the same prefix (teacher-forced on genai's bytes), and the bytes
+with PyTorch's own greedy generation. The pieces are separate (``decode_reference``, ``genai_decode``,
+``judge_decode``) so that PyTorch runs and is freed before genai loads the decoder
+(``lora_export.parity.validate_decoder``). The
 end-of-sequence byte's logit is left out of the comparison: genai overwrites it with the lowest float to keep
 generation from stopping (``min_length``). Greedy bytes must be identical where the tolerance asks every argmax to agree
 (``Tolerance.exact_bytes``: fp32 only): an fp16 decoder is held
@@ -18,20 +21,29 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..export.adapters import attach_adapter
 from ..genai.decoder import EOS_BYTE
 from ..layout import Form
-from ..model.layers import merge_lora
 from ..model.transformer import LoRATransformerLM
 from ..tolerance import Deviation
 from .cases import show_bytes
 from .metrics import Tolerance
 from .results import DecodeRun
+
+
+@dataclass
+class GenaiDecode:
+    """What onnxruntime-genai's generator did in one run: its greedy bytes, its logits at every step [new, V] and
+    each step's milliseconds."""
+
+    generated: list[int]
+    logits: np.ndarray
+    step_ms: list[float]
 
 
 def _greedy_reference(model: LoRATransformerLM, prompt: np.ndarray, new_bytes: int) -> list[int]:
@@ -40,8 +52,24 @@ def _greedy_reference(model: LoRATransformerLM, prompt: np.ndarray, new_bytes: i
     return out[0, len(prompt):].tolist()
 
 
-def _genai_steps(og_model: object, adapters: object, name: str | None, prompt: np.ndarray, new_bytes: int
-                 ) -> tuple[list[int], np.ndarray, list[float]]:
+def teacher_forced(model: LoRATransformerLM, prompt: np.ndarray, generated: list[int]) -> np.ndarray:
+    """The logits [len(generated), V] each decoding step should have seen: PyTorch's full forward over the prompt
+    and ``generated`` (but its last byte), from the prompt's last position on."""
+    with torch.no_grad():
+        sequence = torch.tensor([list(prompt) + generated[:-1]], dtype=torch.int64)
+        return model(sequence)[0, len(prompt) - 1:].numpy()
+
+
+def decode_reference(model: LoRATransformerLM, prompt: np.ndarray, new_bytes: int) -> tuple[list[int], np.ndarray]:
+    """PyTorch's side of a decode run (``model`` in the variant's form): (its ``new_bytes`` greedy bytes after
+    ``prompt`` [P], ``teacher_forced`` logits along them [new_bytes, V]): what genai's run is held against when it
+    generates the same bytes."""
+    reference = _greedy_reference(model, prompt, new_bytes)
+    return reference, teacher_forced(model, prompt, reference)
+
+
+def genai_decode(og_model: object, adapters: object, name: str | None, prompt: np.ndarray, new_bytes: int
+                 ) -> GenaiDecode:
     """genai's greedy bytes after ``prompt`` (adapter ``name`` active, None for none), its logits at every step
     [new_bytes, V] and each step's milliseconds."""
     import onnxruntime_genai as og
@@ -59,7 +87,7 @@ def _genai_steps(og_model: object, adapters: object, name: str | None, prompt: n
         generator.generate_next_token()
         step_ms.append((time.perf_counter() - start) * 1e3)
         step_logits.append(np.array(generator.get_output("logits"))[0, -1])
-    return [int(t) for t in generator.get_sequence(0)[len(prompt):]], np.stack(step_logits), step_ms
+    return GenaiDecode([int(t) for t in generator.get_sequence(0)[len(prompt):]], np.stack(step_logits), step_ms)
 
 
 def judge_steps(got: np.ndarray, expected: np.ndarray, mismatch: int | None, tolerance: Tolerance
@@ -85,28 +113,24 @@ def judge_steps(got: np.ndarray, expected: np.ndarray, mismatch: int | None, tol
     return measured, top1, failures
 
 
-def run_variant(og_model: object, adapters: object, name: str | None, model: LoRATransformerLM,
-                prompt: np.ndarray, new_bytes: int, tolerance: Tolerance, variant: str, device: str,
-                prompt_source: str = "held-out prose") -> DecodeRun:
-    """Greedy-generate ``new_bytes`` with genai (adapter ``name`` active, None for none) and hold every step's
-    logits and, when ``tolerance.exact_bytes``, the bytes against ``model`` (already in the variant's form)."""
-    generated, got, step_ms = _genai_steps(og_model, adapters, name, prompt, new_bytes)
-    reference = _greedy_reference(model, prompt, new_bytes)
-    with torch.no_grad():  # teacher-forced on genai's bytes: the logits each of its steps should have seen
-        sequence = torch.tensor([list(prompt) + generated[:-1]], dtype=torch.int64)
-        expected = model(sequence)[0, len(prompt) - 1:].numpy()
-    keep = np.arange(got.shape[-1]) != EOS_BYTE
-    mismatch = next((i for i, (a, b) in enumerate(zip(generated, reference, strict=True)) if a != b), None)
-    measured, top1, failures = judge_steps(got[:, keep].astype(np.float64), expected[:, keep], mismatch, tolerance)
-    return DecodeRun(variant, device, show_bytes(prompt), prompt_source, len(prompt), new_bytes, reference,
-                     generated, mismatch is None, mismatch, measured.max_abs,
-                     measured.used if tolerance.elementwise else None, top1, step_ms, failures)
+def judge_decode(genai: GenaiDecode, reference: list[int], forced: np.ndarray, prompt: np.ndarray,
+                 tolerance: Tolerance, variant: str, device: str, prompt_source: str = "held-out prose") -> DecodeRun:
+    """Hold genai's run against PyTorch: every step's logits against ``forced`` (``teacher_forced`` along genai's
+    own bytes: the reference's when genai generated the same bytes) and, when ``tolerance.exact_bytes``, its bytes
+    against PyTorch's greedy ``reference``."""
+    keep = np.arange(genai.logits.shape[-1]) != EOS_BYTE
+    mismatch = next((i for i, (a, b) in enumerate(zip(genai.generated, reference, strict=True)) if a != b), None)
+    measured, top1, failures = judge_steps(genai.logits[:, keep].astype(np.float64), forced[:, keep], mismatch,
+                                           tolerance)
+    return DecodeRun(variant, device, show_bytes(prompt), prompt_source, len(prompt), len(reference), reference,
+                     genai.generated, mismatch is None, mismatch, measured.max_abs,
+                     measured.used if tolerance.elementwise else None, top1, genai.step_ms, failures)
 
 
 def load_decoder(model_dir: Path, form: Form, adapters: Mapping[str, tuple[Path, dict]], device: str = "cpu"
                  ) -> tuple[object, object | None]:
     """(og.Model, og.Adapters holding each of ``adapters`` by name; None in the merged form) of a genai decoder
-    directory on ``device``: everything ``decode_parity`` asks of onnxruntime-genai before it runs. Raises what
+    directory on ``device``: everything ``genai_decode`` asks of onnxruntime-genai before it runs. Raises what
     onnxruntime-genai raises (RuntimeError / OrtException) when the provider cannot load the decoder."""
     import onnxruntime_genai as og
 
@@ -121,27 +145,3 @@ def load_decoder(model_dir: Path, form: Form, adapters: Mapping[str, tuple[Path,
     for name, (path, _) in adapters.items():
         loaded.load(str(path), name)
     return og_model, loaded
-
-
-def decode_parity(decoder: tuple[object, object | None], model: LoRATransformerLM, form: Form,
-                  adapters: Mapping[str, tuple[Path, dict]], prompt: np.ndarray, tolerance: Tolerance,
-                  device: str = "cpu", prompt_source: str = "held-out prose") -> list[DecodeRun]:
-    """Every variant of a genai decoder (``decoder``: ``load_decoder``'s, on ``device``) against ``model`` (the
-    unmerged checkpoint model).
-
-    merged form: one run. adapters form: base, then each of ``adapters`` ({name: (path, graph-layout tensors)}),
-    then base again, on one loaded model. The run goes to the end of the context. ``prompt_source`` names where
-    ``prompt`` comes from, for the record.
-    """
-    og_model, loaded = decoder
-    new_bytes = model.config.max_seq_len - len(prompt)
-    if form is Form.MERGED:
-        merge_lora(model)
-        return [run_variant(og_model, None, None, model, prompt, new_bytes, tolerance, Form.MERGED.value, device,
-                            prompt_source)]
-    runs = []
-    for name in [None, *adapters, None]:
-        attach_adapter(model, None if name is None else adapters[name][1])
-        runs.append(run_variant(og_model, loaded, name, model, prompt, new_bytes, tolerance,
-                                "base" if name is None else f"adapter {name}", device, prompt_source))
-    return runs

@@ -28,13 +28,13 @@ from ..export.tracing import OUTPUT_NAMES
 from ..layout import Form
 from ..model.checkpoint import build_model, read_checkpoint
 from ..model.layers import merge_lora
-from ..model.transformer import LoRATransformerLM
-from .cases import Case
+from ..model.transformer import ModelConfig
+from .cases import EVAL_WINDOWS, Case
 from .lineage import check_model_matches, load_adapter_for
 from .metrics import LATENCY_MAX_SEQ, LATENCY_RUNS, LATENCY_WARMUP, TOLERANCES, compare_logits, judge, percentiles_ms
 from .sessions import ProviderStatus, open_session
+from .subject import graph_only
 
-EVAL_WINDOWS = 16
 HELDOUT_CASE = "heldout_eval"
 
 
@@ -46,10 +46,7 @@ def check_ort_format(model_path: str | os.PathLike, ort_path: str | os.PathLike)
     tolerance = TOLERANCES["fp32"]
     feeds = [{"input_ids": ids, "attention_mask": np.ones_like(ids)} for ids in
              (heldout_windows(2, 32), heldout_windows(1, 7))]
-    outputs = []
-    for path in (model_path, ort_path):
-        session, _ = open_session(path, "cpu")
-        outputs.append([session.run(OUTPUT_NAMES, inputs)[0] for inputs in feeds])
+    outputs = [_cpu_logits(path, feeds) for path in (model_path, ort_path)]  # one session at a time
     worst = 0.0
     for want, got in zip(*outputs, strict=True):
         measured = tolerance.deviation(got, want)
@@ -58,6 +55,12 @@ def check_ort_format(model_path: str | os.PathLike, ort_path: str | os.PathLike)
             raise EdgeExportError(f"{ort_path}: its logits differ from {Path(model_path).name}'s "
                                   f"(max |diff| {measured.max_abs:.3g}): the ORT-format conversion changed the model")
     return worst
+
+
+def _cpu_logits(path: str | os.PathLike, feeds: list[dict[str, np.ndarray]]) -> list[np.ndarray]:
+    """The logits of each of ``feeds`` on a CPU session of ``path``, closed on return."""
+    session, _ = open_session(path, "cpu")
+    return [session.run(OUTPUT_NAMES, inputs)[0] for inputs in feeds]
 
 
 # --------------------------------------------------------------------------- comparison
@@ -78,42 +81,50 @@ def heldout_case(max_seq_len: int, windows: int = EVAL_WINDOWS) -> Case:
                 "int4 here", "held-out prose", input_ids, np.ones_like(input_ids))
 
 
-def _check_models(models: Mapping[str, str | os.PathLike], payload: dict, checkpoint_path: Path
-                  ) -> dict[str, tuple[Path, onnx.ModelProto, dict[str, str]]]:
-    """{precision: (path, graph, lora_export metadata)} of models that belong to the checkpoint and are the
-    precision they are given as. Raises EdgeExportError, ExportError or ParityInputError."""
-    checked = {}
+Builds = dict[str, tuple[Path, onnx.ModelProto, dict[str, str]]]  # {precision: (path, graph, lora_export metadata)}
+
+
+def load_builds(models: Mapping[str, str | os.PathLike]) -> Builds:
+    """{precision: (path, graph without its weights, lora_export metadata)} of models that are the precision they
+    are given as. Read before the checkpoint: a model under 2 GB holds its weights inline, and reading it takes two
+    copies of them for a moment. Raises EdgeExportError or ExportError."""
+    builds = {}
     for precision, path in models.items():
         path = Path(path)
         if precision not in PRECISIONS:
             raise EdgeExportError(f"unknown precision {precision!r}, expected one of {', '.join(PRECISIONS)}")
-        proto = load_onnx(path)
+        proto = graph_only(load_onnx(path))
         metadata = read_metadata(proto)
-        check_model_matches(proto, metadata, payload, path, checkpoint_path)
         if metadata.get("precision", "fp32") != precision:
             raise EdgeExportError(f"{path}: is {metadata.get('precision', 'fp32')}, given as {precision}")
-        checked[precision] = (path, proto, metadata)
-    return checked
+        builds[precision] = (path, proto, metadata)
+    return builds
 
 
-def _reference_model(checkpoint_path: Path, payload: dict,
-                     checked: Mapping[str, tuple[Path, onnx.ModelProto, dict[str, str]]],
-                     adapter_path: Path | None) -> LoRATransformerLM:
-    """The checkpoint's model in the form of the ``checked`` models (one form for all): merged LoRA, or the base
-    with the adapter of ``adapter_path`` attached (None: the bare base)."""
-    forms = {Form(metadata["form"]) for _, _, metadata in checked.values()}
+def check_builds(builds: Builds, payload: dict, checkpoint_path: Path, form: Form | None = None) -> None:
+    """Refuse builds (``load_builds``) that do not belong to the checkpoint (ParityInputError) or mix export forms
+    (EdgeExportError; with ``form``, the form of the model validated with them)."""
+    for path, proto, metadata in builds.values():
+        check_model_matches(proto, metadata, payload, path, checkpoint_path)
+    forms = {Form(metadata["form"]) for _, _, metadata in builds.values()} | ({form} if form else set())
     if len(forms) > 1:
         raise EdgeExportError(f"the models mix export forms {sorted(forms)}: compare builds of one export")
-    tensors = None
-    if adapter_path is not None:
-        _, proto, metadata = next(iter(checked.values()))
-        tensors, _ = load_adapter_for(adapter_path, proto, metadata)
+
+
+def _reference_logits(checkpoint_path: Path, payload: dict, checked: Builds, adapter_path: Path | None,
+                      case: Case) -> np.ndarray:
+    """PyTorch's logits [W, N, 256] of ``case`` on the checkpoint in the form of the ``checked`` models: merged
+    LoRA, or the base with the adapter of ``adapter_path`` attached (None: the bare base). The model is freed on
+    return."""
+    _, proto, metadata = next(iter(checked.values()))  # one form for all (``check_builds``)
+    tensors = None if adapter_path is None else load_adapter_for(adapter_path, proto, metadata)[0]
     model = build_model(payload, checkpoint_path)
-    if forms == {Form.MERGED}:
+    if Form(metadata["form"]) is Form.MERGED:
         merge_lora(model)
     else:
         attach_adapter(model, tensors)
-    return model
+    with torch.no_grad():
+        return model(torch.from_numpy(case.input_ids), torch.from_numpy(case.attention_mask)).numpy()
 
 
 def _quality_row(precision: str, path: Path, session: ort.InferenceSession | None, status: ProviderStatus,
@@ -148,6 +159,36 @@ def _precision_session(path: Path, precision: str) -> tuple[ort.InferenceSession
     return open_session(path, "cpu")
 
 
+def _measure_build(precision: str, path: Path, case: Case, reference: np.ndarray,
+                   run_options: ort.RunOptions | None, latency_inputs: list[dict[str, np.ndarray]], warmup: int,
+                   runs: int) -> dict:
+    """One build's row (``_quality_row``) with its latency at each of ``latency_inputs``, on its own session: the
+    only one open, closed on return."""
+    session, status = _precision_session(path, precision)
+    row = _quality_row(precision, path, session, status, case, reference, run_options)
+    for inputs in latency_inputs if session is not None else []:  # each build in its own warmed block
+        batch, seq = inputs["input_ids"].shape
+        p50, p90 = percentiles_ms(functools.partial(session.run, OUTPUT_NAMES, inputs, run_options), warmup, runs)
+        row["latency"].append({"batch": batch, "seq_len": seq, "p50_ms": p50, "p90_ms": p90})
+    return row
+
+
+def measure_builds(checked: Builds, case: Case, reference: np.ndarray, adapter_path: Path | None, *,
+                   shapes: Sequence[tuple[int, int]] | None = None, warmup: int = LATENCY_WARMUP,
+                   runs: int = LATENCY_RUNS) -> list[dict]:
+    """``compare_precisions``'s rows of the checked builds (``load_builds``, ``check_builds``) against PyTorch's
+    logits ``reference`` of ``case`` (computed, and its model freed, before), the adapter of ``adapter_path``
+    active in every run: one session at a time, each build measured (quality, then latency) and closed before the
+    next opens."""
+    run_options, _adapters = activate_adapters(adapter_path) if adapter_path is not None else (None, [])
+    rng = np.random.default_rng(0)
+    shapes = shapes or [(1, case.input_ids.shape[1])]
+    latency_inputs = [{"input_ids": rng.integers(0, 256, shape, dtype=np.int64),
+                       "attention_mask": np.ones(shape, np.int64)} for shape in shapes]
+    return [_measure_build(precision, path, case, reference, run_options, latency_inputs, warmup, runs)
+            for precision, (path, _, _) in checked.items()]
+
+
 def compare_precisions(
     checkpoint_path: str | os.PathLike,
     models: Mapping[str, str | os.PathLike],
@@ -165,7 +206,9 @@ def compare_precisions(
     ``windows`` held-out prose windows (the last 10% of pydoc_data.topics, as training splits it) of
     N = min(256, max_seq_len) bytes; latency (warm-up, then p50 / p90 of ``runs``, each model in its own block) at
     each (batch, seq) of ``shapes``, default [(1, N)], on random bytes. fp32 and int8 run on ONNX Runtime's CPU
-    provider with its default threads, fp16 on CUDA where it really runs and on the CPU provider elsewhere.
+    provider with its default threads, fp16 on CUDA where it really runs and on the CPU provider elsewhere. The
+    PyTorch reference is computed and freed (with the checkpoint's tensors) before the first session opens, and
+    the builds run one session at a time (``measure_builds``).
 
     One dict per model, in the given order: precision, model (path), file_size (bytes, external data included),
     provider, status ('ran' or 'not run: <reason>'), tolerance (the precision's TOLERANCES, in words),
@@ -177,27 +220,11 @@ def compare_precisions(
     that refused them.
     """
     checkpoint_path = Path(checkpoint_path)
+    adapter_path = Path(adapter_path) if adapter_path is not None else None
+    checked = load_builds(models)
     payload = read_checkpoint(checkpoint_path)
-    checked = _check_models(models, payload, checkpoint_path)
-    model = _reference_model(checkpoint_path, payload, checked,
-                             Path(adapter_path) if adapter_path is not None else None)
-    case = heldout_case(model.config.max_seq_len, windows)
-    with torch.no_grad():
-        reference = model(torch.from_numpy(case.input_ids), torch.from_numpy(case.attention_mask)).numpy()
-    run_options, _adapters = activate_adapters(adapter_path) if adapter_path is not None else (None, [])
-    rows, sessions = {}, {}
-    for precision, (path, _, _) in checked.items():
-        session, status = _precision_session(path, precision)
-        rows[precision] = _quality_row(precision, path, session, status, case, reference, run_options)
-        if session is not None:
-            sessions[precision] = session
-    rng = np.random.default_rng(0)
-    shapes = shapes or [(1, case.input_ids.shape[1])]
-    latency_inputs = [{"input_ids": rng.integers(0, 256, shape, dtype=np.int64),
-                       "attention_mask": np.ones(shape, np.int64)} for shape in shapes]
-    for precision, session in sessions.items():  # each build in its own warmed block
-        for inputs in latency_inputs:
-            batch, seq = inputs["input_ids"].shape
-            p50, p90 = percentiles_ms(functools.partial(session.run, OUTPUT_NAMES, inputs, run_options), warmup, runs)
-            rows[precision]["latency"].append({"batch": batch, "seq_len": seq, "p50_ms": p50, "p90_ms": p90})
-    return list(rows.values())
+    check_builds(checked, payload, checkpoint_path)
+    case = heldout_case(ModelConfig.from_dict(payload["config"]).max_seq_len, windows)
+    reference = _reference_logits(checkpoint_path, payload, checked, adapter_path, case)
+    del payload  # the checkpoint's tensors, before the first session opens
+    return measure_builds(checked, case, reference, adapter_path, shapes=shapes, warmup=warmup, runs=runs)

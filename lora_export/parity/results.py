@@ -89,9 +89,12 @@ class ParityResult:
     #: rows of ``lora_export.parity.precisions.compare_precisions`` (validate's precision_models), None when not
     #: measured
     precisions: list[dict] | None = None
-    #: decode parity of a genai decoder directory (``lora_export.parity.decode.decode_parity``), empty for a
+    #: decode parity of a genai decoder directory (``lora_export.parity.validate_decoder``), empty for a
     #: scoring graph
     decode: list[DecodeRun] = field(default_factory=list)
+    #: how much the check ran for the model's size (``cases.CasePlan.record``): parameters, tier, cases, max_seq,
+    #: max_batch, what else ran (greedy / decode bytes, timed runs) and the reason; None when not recorded
+    case_plan: dict | None = None
     report_dir: Path | None = None
     environment: dict | None = None  # lora_export.machine.machine_record() of the machine that measured
     checkpoint_sha256: str | None = None  # of the files validated, so compare-reports can tell runs of other inputs

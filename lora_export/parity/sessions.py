@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import onnxruntime as ort
 import torch  # noqa: F401  (loads the CUDA libraries a CUDA build of torch ships, before ONNX Runtime looks)
 
-from ..errors import ParityInputError, first_line
+from ..errors import ParityInputError, ProviderUnavailableError, first_line
 from ..export.ort_session import quiet_session
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
@@ -98,6 +98,26 @@ def normalize_providers(providers: Sequence[str] | None) -> list[str]:
     return ["cpu"] + [p for p in dict.fromkeys(wanted) if p != "cpu"]
 
 
+def missing_from_build(provider: str) -> str | None:
+    """Why ``provider`` ('cpu' or 'cuda') cannot run whatever the model, decided without opening a session: this
+    onnxruntime build lacks it. None when it may run (only a session tells: ``open_session``)."""
+    name = PROVIDERS[provider]
+    if name in ort.get_available_providers():
+        return None
+    return f"this onnxruntime build has no {name}" + (" (install onnxruntime-gpu)" if provider == "cuda" else "")
+
+
+def requested_providers(providers: Sequence[str] | None, explicit: bool) -> list[str]:
+    """The providers to run (``normalize_providers``, 'cpu' first). One asked for explicitly that this onnxruntime
+    build lacks is refused (ProviderUnavailableError) before any work: not after a big model's PyTorch reference."""
+    wanted = normalize_providers(providers)
+    for provider in wanted if explicit else []:
+        missing = missing_from_build(provider)
+        if missing is not None:
+            raise ProviderUnavailableError(f"{PROVIDERS[provider]} was requested but cannot run: {missing}")
+    return wanted
+
+
 def open_session(model_path: str | os.PathLike, provider: str) -> tuple[ort.InferenceSession | None, ProviderStatus]:
     """An ONNX Runtime session on ``provider`` ('cpu' or 'cuda') and what really ran, from get_providers().
 
@@ -105,6 +125,9 @@ def open_session(model_path: str | os.PathLike, provider: str) -> tuple[ort.Infe
     Raises ParityInputError when even the CPU session cannot load the model.
     """
     name = PROVIDERS[provider]
+    missing = missing_from_build(provider)
+    if missing is not None:
+        return None, ProviderStatus(provider, name, False, [], missing)
     if provider == "cpu":
         try:
             session = quiet_session(model_path, [name])
@@ -113,9 +136,6 @@ def open_session(model_path: str | os.PathLike, provider: str) -> tuple[ort.Infe
                                    ) from None
         return session, ProviderStatus(provider, name, True, session.get_providers())
 
-    if name not in ort.get_available_providers():
-        reason = f"this onnxruntime build has no {name} (install onnxruntime-gpu)"
-        return None, ProviderStatus(provider, name, False, [], reason)
     log: list[str] = []
     error = ""
     with _native_stderr_into(log), contextlib.redirect_stdout(io.StringIO()):

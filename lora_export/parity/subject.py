@@ -21,12 +21,17 @@ from ..model.checkpoint import read_checkpoint
 from .lineage import check_model_matches
 from .metrics import Tolerance, resolve_tolerance
 
+WEIGHT_SECTIONS = ("base", "lora")  # the checkpoint payload's tensors
+TENSOR_DATA_FIELDS = ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data",
+                      "string_data")
+
 
 @dataclass
 class Subject:
-    """What a parity check is about: the model (a genai decoder's directory), its graph and ``lora_export.*``
-    metadata, the checkpoint's payload, the adapter given, the export's form and precision, the tolerance they
-    are held to, and the notes for the reports so far."""
+    """What a parity check is about: the model (a genai decoder's directory), its graph (``graph_only``: no
+    weights) and ``lora_export.*`` metadata, the checkpoint's payload (its weights until ``release_weights``) and
+    parameter count, the adapter given, the export's form and precision, the tolerance they are held to, and the
+    notes for the reports so far."""
 
     model_path: Path
     checkpoint_path: Path
@@ -38,20 +43,45 @@ class Subject:
     precision: str
     tolerance: Tolerance
     notes: list[str]
+    parameters: int  # of the checkpoint: base and LoRA weights
+
+    def release_weights(self) -> None:
+        """Drop the checkpoint's tensors from ``payload`` (its config and records stay): once the reference model
+        is built they are a second copy of the weights."""
+        self.payload = {key: value for key, value in self.payload.items() if key not in WEIGHT_SECTIONS}
+
+
+def graph_only(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``proto`` without the data of its initializers (names, types and shapes kept): a parity check
+    reads the graph's interface, and the inline weights of a model under 2 GB are a copy of the model. A copy,
+    because clearing a field does not free protobuf's memory: the weights go when the caller drops ``proto``
+    (cleared here, in place)."""
+    for tensor in proto.graph.initializer:
+        for data in TENSOR_DATA_FIELDS:
+            tensor.ClearField(data)
+    graph = onnx.ModelProto()
+    graph.CopyFrom(proto)
+    return graph
+
+
+def checkpoint_parameters(payload: dict) -> int:
+    """The parameter count of a checkpoint's payload: the elements of its base and LoRA tensors."""
+    return sum(tensor.numel() for section in WEIGHT_SECTIONS for tensor in payload[section].values())
 
 
 def read_subject(model_path: Path, graph_path: Path, checkpoint_path: Path, adapter_path: Path | None,
                  atol: float | None, rtol: float | None) -> Subject:
     """Read the graph ``graph_path`` (the model itself, or a decoder directory's model.onnx) and the checkpoint,
     check that the model comes from the checkpoint (``lineage.check_model_matches``) and resolve the tolerance of
-    its precision (``atol`` / ``rtol`` override it). Raises a LoraExportError (one line)."""
-    proto = load_onnx(graph_path)
+    its precision (``atol`` / ``rtol`` override it). The graph's weights are dropped (``graph_only``) before the
+    checkpoint is read. Raises a LoraExportError (one line)."""
+    proto = graph_only(load_onnx(graph_path))
     payload = read_checkpoint(checkpoint_path)
     metadata = read_metadata(proto)
     notes = check_model_matches(proto, metadata, payload, graph_path, checkpoint_path)
     precision = metadata.get("precision", "fp32")
     return Subject(model_path, checkpoint_path, adapter_path, proto, payload, metadata, Form(metadata["form"]),
-                   precision, resolve_tolerance(precision, atol, rtol), notes)
+                   precision, resolve_tolerance(precision, atol, rtol), notes, checkpoint_parameters(payload))
 
 
 def _data_files(data: Sequence[str | os.PathLike]) -> list[Path]:

@@ -16,7 +16,14 @@ user asked for it explicitly. fp16 models (``lora_export.precision`` metadata) r
 them (ONNX Runtime's CPU provider runs the fp16 graph, casting where it lacks float16 kernels), held to fp16's limit
 scaled by the logits (``Tolerance.deviation``). When no provider ran, the result's ``status`` is ``'not run'``:
 neither passed nor failed. Given the edge builds of the model (``precision_models``), the result also carries
-``lora_export.parity.precisions.compare_precisions``'s table across fp32 / fp16 / int8.
+the precision table across fp32 / fp16 / int8 (``lora_export.parity.precisions.measure_builds``).
+
+Memory: no two copies of the weights at once. The graph is read without its weights; PyTorch computes every
+reference first (each case's logits, the greedy bytes, its latency, the precision table's held-out logits: small
+arrays), case by case; the checkpoint's tensors are dropped once the model is built and the model is freed before
+the first ONNX Runtime session opens; then one session at a time (per provider, then per edge build), each closed
+before the next opens. How many cases, how long and in how many rows follows the model's size
+(``cases.case_plan``), stated in the result's ``case_plan`` and, when smaller than the full plan, in its notes.
 
 validate() writes no file: it returns a ParityResult, whose reports ``lora_export.report.render.write_reports``
 writes (``lora_export.pipeline.validate_and_report`` does both, as the command line does).
@@ -42,7 +49,7 @@ from ..model.checkpoint import build_model
 from ..model.layers import merge_lora
 from ..model.transformer import VOCAB_SIZE, LoRATransformerLM, ModelConfig
 from ..progress import Progress, as_progress
-from .cases import Case, generation_prompt, parity_cases, show_bytes
+from .cases import FULL, Case, CasePlan, case_plan, generation_prompt, parity_cases, show_bytes
 from .lineage import adapter_lineage, load_adapter_for
 from .metrics import (
     ERROR_HISTOGRAM_EDGES,
@@ -54,16 +61,17 @@ from .metrics import (
     judge,
     percentiles_ms,
 )
-from .precisions import HELDOUT_CASE, compare_precisions, heldout_case
+from .precisions import HELDOUT_CASE, Builds, check_builds, heldout_case, load_builds, measure_builds
 from .results import Comparison, Generation, Latency, ParityResult
-from .sessions import ProviderStatus, normalize_providers, open_session
+from .sessions import ProviderStatus, open_session, requested_providers
 from .subject import Subject, read_subject, validation_text
 from .validate_decoder import validate_decoder
-from .verdict import conclude, pass_rule, scoring_summary
+from .verdict import conclude, counted, pass_rule, scoring_summary
 
 GENERATE_BYTES = 24
 PROMPT_BYTES = 16
 ORT_FORMAT_ID = b"ORTM"  # the flatbuffer file identifier of an ORT-format model, at bytes 4..8
+PYTORCH = "PyTorch eager (CPU)"
 
 
 @dataclass
@@ -78,24 +86,44 @@ class _Variant:
 
 @dataclass
 class _Inputs:
-    """The seeded inputs every variant and provider runs: the cases, the generation prompt [1, P] and its length
-    to generate, the latency input [1, N] and its number of timed runs."""
+    """The seeded inputs every variant and provider runs, as the case plan sizes them (``plan``: also the bytes to
+    generate and the latency's warm-up and timed runs): the cases, the generation prompt [1, P] and the latency
+    input [1, N], for a checkpoint of ``max_seq_len``."""
 
+    plan: CasePlan
+    max_seq_len: int
     cases: list[Case]
     prompt: np.ndarray
-    generate_bytes: int
     latency_ids: np.ndarray
-    latency_runs: int
+
+
+@dataclass
+class _Reference:
+    """What PyTorch computed for one variant, kept once its model is freed: the logits [B, N, 256] of every case,
+    the greedy bytes [G] after the prompt and its latency."""
+
+    logits: list[np.ndarray]
+    greedy: np.ndarray
+    latency: Latency
 
 
 @dataclass
 class _Measured:
-    """What the runs of a scoring graph measured, filled in variant by variant."""
+    """What the runs of a scoring graph measured, filled in provider by provider."""
 
     comparisons: list[Comparison] = field(default_factory=list)
     generations: list[Generation] = field(default_factory=list)
     latencies: list[Latency] = field(default_factory=list)
     histograms: dict[str, np.ndarray] = field(default_factory=dict)  # '<variant> | <provider>' -> counts
+
+    def by_variant(self, variants: list[_Variant]) -> _Measured:
+        """The same measurements variant by variant (providers in the order they ran, PyTorch's latency first), as
+        the reports list them."""
+        order = {variant.name: index for index, variant in enumerate(variants)}
+        latencies = sorted(self.latencies, key=lambda t: (order[t.variant], t.backend != PYTORCH))
+        histograms = dict(sorted(self.histograms.items(), key=lambda item: order[item[0].split(" | ")[0]]))
+        return _Measured(sorted(self.comparisons, key=lambda c: order[c.variant]),
+                         sorted(self.generations, key=lambda g: order[g.variant]), latencies, histograms)
 
 
 # --------------------------------------------------------------------------- arguments and data
@@ -116,6 +144,21 @@ def _check_arguments(model_path: Path, generate_bytes: int, latency_runs: int) -
                                "export checks each .ort against its .onnx")
 
 
+def shape_label(case: Case) -> str:
+    """'<case>: batch B x N tokens', for progress lines."""
+    batch, seq = case.input_ids.shape
+    return f"{case.name}: batch {batch} x {seq} tokens"
+
+
+def _plan_line(inputs: _Inputs, variants: list[_Variant]) -> str:
+    """The work of a check in a few words, for its first progress line."""
+    cases, plan = inputs.cases, inputs.plan
+    return (f"{counted(len(cases), 'case')} per variant ({', '.join(v.name for v in variants)}) up to batch "
+            f"{max(c.input_ids.shape[0] for c in cases)} x {max(c.input_ids.shape[1] for c in cases)} tokens, "
+            f"{plan.generate_bytes} greedy bytes, {plan.latency_runs} timed runs; case plan '{plan.tier}' for "
+            f"{plan.parameters:,} parameters")
+
+
 # --------------------------------------------------------------------------- runs
 
 
@@ -132,18 +175,21 @@ def _reference(model: LoRATransformerLM, input_ids: np.ndarray, attention_mask: 
         return model(torch.from_numpy(input_ids), torch.from_numpy(attention_mask)).numpy()
 
 
-def greedy_generation(session: ort.InferenceSession, variant: _Variant, model: LoRATransformerLM,
-                      prompt: np.ndarray, new_bytes: int) -> tuple[np.ndarray, np.ndarray]:
-    """(PyTorch bytes, ONNX bytes), greedily generated from prompt [1, P] int64: ``new_bytes`` each, or as many as
-    fit in max_seq_len after the prompt (learned positions: neither side crops).
-
-    ONNX Runtime re-runs the whole graph on the growing sequence (no KV cache).
-    """
+def greedy_reference(model: LoRATransformerLM, prompt: np.ndarray, new_bytes: int) -> np.ndarray:
+    """PyTorch's greedy bytes [G] after prompt [1, P] int64: ``new_bytes``, or as many as fit in max_seq_len after
+    the prompt (learned positions: nothing is cropped)."""
     new_bytes = min(new_bytes, model.config.max_seq_len - prompt.shape[1])
     with torch.no_grad():
-        reference = model.generate(torch.from_numpy(prompt), new_bytes, greedy=True)[0, prompt.shape[1]:].numpy()
+        return model.generate(torch.from_numpy(prompt), new_bytes, greedy=True)[0, prompt.shape[1]:].numpy()
+
+
+def greedy_generation(session: ort.InferenceSession, variant: _Variant, prompt: np.ndarray, reference: np.ndarray
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """(PyTorch bytes, ONNX bytes): ONNX Runtime greedily generates as many bytes from prompt [1, P] int64 as
+    PyTorch's ``reference`` [G] (``greedy_reference``) holds, re-running the whole graph on the growing sequence (no
+    KV cache)."""
     ids = prompt
-    for _ in range(new_bytes):
+    for _ in range(len(reference)):
         next_id = _run(session, variant, ids, np.ones_like(ids))[:, -1].argmax(axis=-1)
         ids = np.concatenate([ids, next_id[:, None].astype(np.int64)], axis=1)
     return reference, ids[0, prompt.shape[1]:]
@@ -163,21 +209,6 @@ def _variants(form: Form, adapter_path: Path | None, tensors: dict[str, np.ndarr
 # --------------------------------------------------------------------------- the steps of validate()
 
 
-def _open_sessions(model_path: Path, providers: Sequence[str] | None, explicit: bool
-                   ) -> tuple[dict[str, ort.InferenceSession], list[ProviderStatus]]:
-    """({provider name: session} of the providers that run the model, the status of every provider requested);
-    with ``explicit`` one that cannot run raises ProviderUnavailableError."""
-    sessions, statuses = {}, []
-    for provider in normalize_providers(providers):
-        session, status = open_session(model_path, provider)
-        if not status.ran and explicit:
-            raise ProviderUnavailableError(f"{status.name} was requested but cannot run: {status.reason}")
-        statuses.append(status)
-        if session is not None:
-            sessions[status.name] = session
-    return sessions, statuses
-
-
 def _adapter_tensors(subject: Subject) -> dict[str, np.ndarray] | None:
     """The tensors of the adapter given (None without one), checked against the model's LoRA inputs."""
     if subject.adapter_path is None:
@@ -190,8 +221,9 @@ def _adapter_tensors(subject: Subject) -> dict[str, np.ndarray] | None:
 def _reference_model(subject: Subject, tensors: dict[str, np.ndarray] | None
                      ) -> tuple[LoRATransformerLM, list[str]]:
     """(the PyTorch reference in the export's form, the lineage failures of the adapter given): the adapter file
-    must hold the checkpoint's trained weights, not just run."""
+    must hold the checkpoint's trained weights, not just run. The subject lets go of the checkpoint's tensors."""
     model = build_model(subject.payload, subject.checkpoint_path)
+    subject.release_weights()
     failures = []
     if tensors is not None:
         failures, notes = adapter_lineage(subject.adapter_path, tensors, model, subject.checkpoint_path)
@@ -203,83 +235,139 @@ def _reference_model(subject: Subject, tensors: dict[str, np.ndarray] | None
 
 def _seeded_inputs(subject: Subject, seed: int, text: bytes | None, source: str, generate_bytes: int,
                    latency_runs: int) -> _Inputs:
-    """The cases (int8 / int4: with the held-out prose they are judged on), the generation prompt and the latency
-    input, seeded by ``seed``, for the checkpoint's config: built before anything runs, so a validation text too
-    short for the cases is refused (ParityInputError) before a session opens or an edge build is timed. Notes
-    where the user's text is used."""
+    """The cases of the model's case plan (``cases.case_plan``: int8 / int4 with the held-out prose they are judged
+    on), the generation prompt and the latency input, seeded by ``seed``, for the checkpoint's config: built
+    before anything runs, so a validation text too short for the cases is refused (ParityInputError) before a
+    session opens or an edge build is timed. Notes where the user's text is used, and a plan smaller than the
+    full one."""
     config = ModelConfig.from_dict(subject.payload["config"])
+    plan = case_plan(subject.parameters, config, generate_bytes, latency_runs, LATENCY_WARMUP)
     try:
-        cases = parity_cases(config, seed, text, source)
+        cases = parity_cases(config, seed, text, source, plan)
     except ValueError as err:  # the text is the user's --data: a bad input, not a bug
         raise ParityInputError(str(err)) from None
     if text is not None:
         subject.notes.append(f"real-text cases and the generation prompt come from {source} ({len(text):,} bytes), "
                              "not the built-in held-out prose")
+    if plan.tier != FULL:
+        subject.notes.append(f"case plan '{plan.tier}': {plan.reason}")
     if not subject.tolerance.elementwise:
-        cases.append(heldout_case(config.max_seq_len))
+        cases.append(heldout_case(config.max_seq_len, plan.eval_windows))
     rng = np.random.default_rng(seed + 1)
     # the prompt leaves room for the generated bytes: learned positions end at max_seq_len, nothing is cropped
-    prompt = generation_prompt(max(1, min(PROMPT_BYTES, config.max_seq_len - generate_bytes)), rng, text)
+    prompt = generation_prompt(max(1, min(PROMPT_BYTES, config.max_seq_len - plan.generate_bytes)), rng, text)
     latency_ids = rng.integers(0, VOCAB_SIZE, size=(1, min(LATENCY_MAX_SEQ, config.max_seq_len)), dtype=np.int64)
-    return _Inputs(cases, prompt, generate_bytes, latency_ids, latency_runs)
+    return _Inputs(plan, config.max_seq_len, cases, prompt, latency_ids)
 
 
 def _latency(variant: str, backend: str, step: Callable[[], object], inputs: _Inputs) -> Latency:
     """p50 / p90 of ``step``, one forward pass of the latency input on ``backend``."""
-    return Latency(variant, backend, 1, inputs.latency_ids.shape[1], LATENCY_WARMUP, inputs.latency_runs,
-                   *percentiles_ms(step, LATENCY_WARMUP, inputs.latency_runs))
+    warmup, runs = inputs.plan.latency_warmup, inputs.plan.latency_runs
+    return Latency(variant, backend, 1, inputs.latency_ids.shape[1], warmup, runs,
+                   *percentiles_ms(step, warmup, runs))
+
+
+def _variant_reference(model: LoRATransformerLM, variant: _Variant, inputs: _Inputs, progress: Progress,
+                       done: int, total: int) -> _Reference:
+    """PyTorch on one variant (``model`` already in its form): each case's logits (progress counted from
+    ``done`` of ``total``), the greedy bytes and the latency."""
+    logits = []
+    for case in inputs.cases:
+        logits.append(_reference(model, case.input_ids, case.attention_mask))
+        progress.advance(done + len(logits), total, f"PyTorch {variant.name}/{shape_label(case)}")
+    greedy = greedy_reference(model, inputs.prompt, inputs.plan.generate_bytes)
+    step = functools.partial(_reference, model, inputs.latency_ids, np.ones_like(inputs.latency_ids))
+    return _Reference(logits, greedy, _latency(variant.name, PYTORCH, step, inputs))
+
+
+def _torch_references(subject: Subject, tensors: dict[str, np.ndarray] | None, variants: list[_Variant],
+                      inputs: _Inputs, heldout: Case | None, progress: Progress
+                      ) -> tuple[dict[str, _Reference], list[str], np.ndarray | None]:
+    """({variant: its PyTorch reference}, the adapter's lineage failures, the logits of ``heldout`` (the precision
+    table's held-out prose, None for none) on the last variant): every PyTorch result the check needs, case by case.
+    The model is built here and nothing returned refers to it: it is freed on return, before any ONNX Runtime
+    session opens, so that a big model's weights are never held twice."""
+    model, failures = _reference_model(subject, tensors)
+    total = len(variants) * len(inputs.cases)
+    references: dict[str, _Reference] = {}
+    try:
+        for variant in variants:
+            if subject.form is Form.ADAPTERS:
+                attach_adapter(model, variant.tensors)
+            references[variant.name] = _variant_reference(model, variant, inputs, progress,
+                                                          len(references) * len(inputs.cases), total)
+        heldout_logits = None if heldout is None else _reference(model, heldout.input_ids, heldout.attention_mask)
+    finally:
+        progress.close()
+    return references, failures, heldout_logits
 
 
 def _compare_cases(session: ort.InferenceSession, provider: str, variant: _Variant, references: list[np.ndarray],
                    inputs: _Inputs, tolerance: Tolerance, measured: _Measured, progress: Progress,
-                   total: int) -> None:
+                   done: int, total: int) -> None:
     """Every case on ``session`` against its PyTorch reference logits, judged (an int8 / int4 model: judged on the
-    held-out prose alone, the other cases held to no NaN or Inf) and counted into the error histogram."""
+    held-out prose alone, the other cases held to no NaN or Inf) and counted into the error histogram; progress
+    counted from ``done`` of ``total``."""
     reported_only = replace(tolerance, top1_min=0.0, loss_delta_max=None)
-    for case, reference in zip(inputs.cases, references, strict=True):
+    histogram = measured.histograms.setdefault(f"{variant.name} | {provider}",
+                                               np.zeros(len(ERROR_HISTOGRAM_EDGES) - 1, np.int64))
+    for index, (case, reference) in enumerate(zip(inputs.cases, references, strict=True)):
         got = _run(session, variant, case.input_ids, case.attention_mask)
         metrics, counts = compare_logits(got, reference, case.input_ids, case.attention_mask, tolerance)
         judged = tolerance.elementwise or case.name == HELDOUT_CASE
         failures = judge(metrics, tolerance if judged else reported_only)
         measured.comparisons.append(Comparison(variant.name, provider, case.name, OUTPUT_NAMES[0], metrics,
                                                not failures, failures, judged))
-        measured.histograms[f"{variant.name} | {provider}"] += counts
-        progress.advance(len(measured.comparisons), total, f"{variant.name}/{provider}/{case.name}")
+        histogram += counts
+        progress.advance(done + index + 1, total, f"{variant.name}/{provider}/{shape_label(case)}")
 
 
-def _generation(session: ort.InferenceSession, provider: str, variant: _Variant, model: LoRATransformerLM,
+def _generation(session: ort.InferenceSession, provider: str, variant: _Variant, reference: np.ndarray,
                 inputs: _Inputs) -> Generation:
-    """Greedy bytes from the prompt on ``session`` and on PyTorch, and where they first differ."""
-    ref_bytes, onnx_bytes = greedy_generation(session, variant, model, inputs.prompt, inputs.generate_bytes)
+    """Greedy bytes from the prompt on ``session`` against PyTorch's ``reference``, and where they first differ."""
+    ref_bytes, onnx_bytes = greedy_generation(session, variant, inputs.prompt, reference)
     mismatch = np.flatnonzero(ref_bytes != onnx_bytes)
     return Generation(variant.name, provider, show_bytes(inputs.prompt[0]), show_bytes(ref_bytes),
                       show_bytes(onnx_bytes), not mismatch.size, int(mismatch[0]) if mismatch.size else None)
 
 
-def _measure(model: LoRATransformerLM, form: Form, variants: list[_Variant],
-             sessions: dict[str, ort.InferenceSession], inputs: _Inputs, tolerance: Tolerance,
-             progress: Progress) -> _Measured:
-    """Each variant on PyTorch and on every session: the cases compared, the greedy generation, the latency of
-    each backend (timed in its own block). No session: nothing to compare or time."""
-    measured = _Measured(histograms={f"{v.name} | {name}": np.zeros(len(ERROR_HISTOGRAM_EDGES) - 1, np.int64)
-                                     for v in variants for name in sessions})
-    total = len(variants) * len(sessions) * len(inputs.cases)
+def _measure_provider(model_path: Path, provider: str, explicit: bool, variants: list[_Variant],
+                      references: dict[str, _Reference], inputs: _Inputs, tolerance: Tolerance, measured: _Measured,
+                      progress: Progress) -> ProviderStatus:
+    """One provider's status, and on its session (the only one open: it closes on return) every variant's cases,
+    greedy generation and latency. One asked for explicitly that cannot run raises ProviderUnavailableError."""
+    session, status = open_session(model_path, provider)
+    if not status.ran and explicit:
+        raise ProviderUnavailableError(f"{status.name} was requested but cannot run: {status.reason}")
+    if session is None:
+        return status
+    progress.stage(f"ONNX Runtime on {status.name}: {counted(len(inputs.cases), 'case')} per variant")
+    total = len(variants) * len(inputs.cases)
     latency_mask = np.ones_like(inputs.latency_ids)
     try:
-        for variant in variants if sessions else []:
-            if form is Form.ADAPTERS:
-                attach_adapter(model, variant.tensors)
-            references = [_reference(model, case.input_ids, case.attention_mask) for case in inputs.cases]
-            step = functools.partial(_reference, model, inputs.latency_ids, latency_mask)
-            measured.latencies.append(_latency(variant.name, "PyTorch eager (CPU)", step, inputs))
-            for name, session in sessions.items():
-                _compare_cases(session, name, variant, references, inputs, tolerance, measured, progress, total)
-                measured.generations.append(_generation(session, name, variant, model, inputs))
-                step = functools.partial(_run, session, variant, inputs.latency_ids, latency_mask)
-                measured.latencies.append(_latency(variant.name, f"ORT {name}", step, inputs))
+        for index, variant in enumerate(variants):
+            reference = references[variant.name]
+            _compare_cases(session, status.name, variant, reference.logits, inputs, tolerance, measured, progress,
+                           index * len(inputs.cases), total)
+            measured.generations.append(_generation(session, status.name, variant, reference.greedy, inputs))
+            step = functools.partial(_run, session, variant, inputs.latency_ids, latency_mask)
+            measured.latencies.append(_latency(variant.name, f"ORT {status.name}", step, inputs))
     finally:
         progress.close()
-    return measured
+    return status
+
+
+def _measure(model_path: Path, providers: list[str], explicit: bool, variants: list[_Variant],
+             references: dict[str, _Reference], inputs: _Inputs, tolerance: Tolerance, progress: Progress
+             ) -> tuple[_Measured, list[ProviderStatus]]:
+    """(what ONNX Runtime measured against the PyTorch ``references``, the status of every provider): one session
+    at a time (``_measure_provider``). No provider ran: nothing compared, no latency, PyTorch's included."""
+    measured = _Measured()
+    statuses = [_measure_provider(model_path, provider, explicit, variants, references, inputs, tolerance, measured,
+                                  progress) for provider in providers]
+    if any(status.ran for status in statuses):
+        measured.latencies += [references[variant.name].latency for variant in variants]
+    return measured.by_variant(variants), statuses
 
 
 def _failures(measured: _Measured, precisions: list[dict] | None, tolerance: Tolerance) -> list[str]:
@@ -299,6 +387,35 @@ def _worst(comparisons: list[Comparison]) -> Comparison | None:
     return max(failing or [c for c in comparisons if c.judged],
                key=lambda c: (not c.metrics.finite, c.metrics.tolerance_used or 0.0, -c.metrics.top1_agreement),
                default=None)
+
+
+def _precision_table(builds: Builds | None, heldout: Case | None, heldout_logits: np.ndarray | None,
+                     adapter_path: Path | None, plan: CasePlan, progress: Progress) -> list[dict] | None:
+    """The rows of the precision table (``precisions.measure_builds``) of the checked ``builds``, None without
+    them: each build on ``heldout`` against PyTorch's ``heldout_logits``, one session at a time."""
+    if builds is None:
+        return None
+    progress.stage(f"precision table: {', '.join(builds)} builds on {counted(len(heldout.input_ids), 'window')} of "
+                   "held-out prose, one session at a time")
+    return measure_builds(builds, heldout, heldout_logits, adapter_path, warmup=plan.latency_warmup,
+                          runs=plan.latency_runs)
+
+
+def _concluded(subject: Subject, inputs: _Inputs, variants: list[_Variant], measured: _Measured,
+               statuses: list[ProviderStatus], precisions: list[dict] | None, lineage_failures: list[str],
+               seed: int) -> ParityResult:
+    """The ParityResult of a scoring graph's check (``verdict.conclude``), with its case plan."""
+    failures = _failures(measured, precisions, subject.tolerance) + lineage_failures
+    worst = _worst(measured.comparisons)
+    plan = inputs.plan
+    return conclude(
+        subject, statuses, failures,
+        lambda status: scoring_summary(status, measured.comparisons, worst, failures, statuses, subject.tolerance,
+                                       precisions),
+        pass_rule=pass_rule(subject.tolerance, plan.generate_bytes), seed=seed, variants=[v.name for v in variants],
+        cases=inputs.cases, comparisons=measured.comparisons, generations=measured.generations,
+        latencies=measured.latencies, worst=worst, error_histograms=measured.histograms, precisions=precisions,
+        case_plan=plan.record(inputs.cases, generate_bytes=plan.generate_bytes, latency_runs=plan.latency_runs))
 
 
 def validate(
@@ -323,39 +440,38 @@ def validate(
     providers: 'cpu' / 'cuda' (or full provider names); CPU always runs; None means CPU plus CUDA when a CUDA
     session really gets CUDAExecutionProvider. explicit_providers: the user named them (``--providers``): one that
     cannot run raises ProviderUnavailableError instead of a 'not run' line. atol / rtol override the tolerance of
-    the model's precision (its ``lora_export.precision`` metadata, fp32 when absent). progress: a Progress
-    advanced per case, True for a bar on stderr, or a callback(done, total, label). precision_models: {precision:
-    .onnx path} of builds of the same export for the precision table (``precisions.compare_precisions``,
-    ``latency_runs`` timed runs). data: the user's text files or directories (as ``lora-train --data``) for the
+    the model's precision (its ``lora_export.precision`` metadata, fp32 when absent). progress: a Progress (stage
+    lines, and each case counted with its shape, on PyTorch and then on each provider), True for a bar on stderr,
+    or a callback(done, total, label). generate_bytes and latency_runs: as asked for a model of the full case plan,
+    at most the plan's for a bigger one (``cases.case_plan``). precision_models: {precision: .onnx path} of builds
+    of the same export (and form) for the precision table (``precisions.measure_builds``, the plan's held-out
+    windows and timed runs). data: the user's text files or directories (as ``lora-train --data``) for the
     real-text cases and the generation prompt instead of the built-in held-out prose (named in the cases' source).
 
     Returns the ParityResult (``status`` 'passed' / 'failed' / 'not run' when no provider could run the model,
     ``summary``); raises a LoraExportError for inputs that cannot be validated (CLI exit 2)."""
     model_path, checkpoint_path = Path(model_path), Path(checkpoint_path)
     adapter_path = Path(adapter_path) if adapter_path is not None else None
+    progress = as_progress(progress, "parity", unit="case", leave=False)
     _check_arguments(model_path, generate_bytes, latency_runs)
     if model_path.is_dir():
         return validate_decoder(model_path, checkpoint_path, adapter_path=adapter_path, providers=providers,
-                                explicit_providers=explicit_providers, atol=atol, rtol=rtol, seed=seed, data=data)
+                                explicit_providers=explicit_providers, atol=atol, rtol=rtol, seed=seed, data=data,
+                                progress=progress)
     _, text, source = validation_text(data)
+    builds = None if not precision_models else load_builds(precision_models)  # graphs: before the checkpoint
     subject = read_subject(model_path, model_path, checkpoint_path, adapter_path, atol, rtol)
     inputs = _seeded_inputs(subject, seed, text, source, generate_bytes, latency_runs)
+    wanted = requested_providers(providers, explicit_providers)
     tensors = _adapter_tensors(subject)
-    sessions, statuses = _open_sessions(model_path, providers, explicit_providers)
-    precisions = None if not precision_models else compare_precisions(
-        checkpoint_path, precision_models, adapter_path=adapter_path, runs=latency_runs)
-    model, lineage_failures = _reference_model(subject, tensors)
+    if builds is not None:
+        check_builds(builds, subject.payload, checkpoint_path, subject.form)
+    heldout = None if builds is None else heldout_case(inputs.max_seq_len, inputs.plan.eval_windows)
     variants = _variants(subject.form, adapter_path, tensors)
-    measured = _measure(model, subject.form, variants, sessions, inputs, subject.tolerance,
-                        as_progress(progress, "parity", unit="case", leave=False))
-    failures = _failures(measured, precisions, subject.tolerance) + lineage_failures
-    worst = _worst(measured.comparisons)
-    return conclude(
-        subject, statuses, failures,
-        lambda status: scoring_summary(status, measured.comparisons, worst, failures, statuses, subject.tolerance,
-                                       precisions),
-        pass_rule=pass_rule(subject.tolerance, generate_bytes), seed=seed, variants=[v.name for v in variants],
-        cases=inputs.cases, comparisons=measured.comparisons, generations=measured.generations,
-        latencies=measured.latencies, worst=worst, error_histograms=measured.histograms, precisions=precisions)
-
-
+    progress.stage(f"PyTorch reference: {_plan_line(inputs, variants)}")
+    references, lineage_failures, heldout_logits = _torch_references(subject, tensors, variants, inputs, heldout,
+                                                                     progress)
+    measured, statuses = _measure(model_path, wanted, explicit_providers, variants, references, inputs,
+                                  subject.tolerance, progress)
+    precisions = _precision_table(builds, heldout, heldout_logits, adapter_path, inputs.plan, progress)
+    return _concluded(subject, inputs, variants, measured, statuses, precisions, lineage_failures, seed)

@@ -102,7 +102,15 @@ def report_json(result: ParityResult) -> dict:
         document["precisions"] = result.precisions
     if result.decode:
         document["decode"] = [asdict(run) for run in result.decode]
+    if result.case_plan is not None:
+        document["case_plan"] = result.case_plan
     return _plain(document)
+
+
+def case_plan_text(plan: dict) -> str:
+    """One line for how much a validation ran for its model's size (``ParityResult.case_plan``)."""
+    return (f"{plan['tier']}: {plan['cases']} cases up to batch {plan['max_batch']} x {plan['max_seq']} tokens "
+            f"({plan['parameters']:,} parameters)")
 
 
 def _sci(value: float | None) -> str:
@@ -225,6 +233,7 @@ def _overview_section(result: ParityResult) -> Section:
         ["Variants", ", ".join(result.variants)],
         ["Precision", f"{result.precision}: {result.tolerance.describe()}"],
         ["Seed", str(result.seed)],
+        *([] if result.case_plan is None else [["Case plan", case_plan_text(result.case_plan)]]),
         ["Created", f"{result.created} by lora-export {result.tool_version}"],
     ])
     worst = worst_line(result)
