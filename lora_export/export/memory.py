@@ -7,9 +7,10 @@ message) minutes into the work.
   of its cgroups' limits (v2 ``memory.max``, v1 ``memory.limit_in_bytes``; its own cgroup and every ancestor) less
   what each cgroup holds beyond reclaimable page cache, and ``MemAvailable`` of /proc/meminfo; plus what this
   process holds already (the estimate is the whole process's peak, interpreter included).
-* ``estimate_peak``: ``BASE_BYTES`` + the fp32 weight bytes (parameters x 4) x the factor of the costliest stage
-  of a ``Plan`` (``STAGE_FACTORS``). Stages run one after another and free their memory in between, so the peak
-  of a command is the largest stage's, not the sum.
+* ``estimate_peak``: ``BASE_BYTES`` + the cost of the costliest stage of a ``Plan`` (``STAGE_COSTS``: fixed bytes
+  + a multiple of the fp32 weight bytes, parameters x 4), the export and builds costed the way they will run (in
+  memory, or the file way above the external-data threshold). Stages run one after another and free their memory
+  in between, so the peak of a command is the largest stage's, not the sum.
 * ``check_memory``: both for a checkpoint (its parameter count read without loading it) and a plan; refuses with
   ``MemoryLimitError`` naming both figures, the cheaper options that would fit and the override.
 
@@ -21,7 +22,7 @@ from __future__ import annotations
 
 import itertools
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import CheckpointError, MemoryLimitError
@@ -34,25 +35,36 @@ FP32_BYTES = 4
 #: Resident memory of the interpreter with torch, onnx and ONNX Runtime loaded, before any model: 0.33 GB measured
 #: after ``import lora_export.cli``.
 BASE_BYTES = 350_000_000
-#: Peak resident memory of each stage above BASE_BYTES, as a multiple of the model's fp32 weight bytes. To be
-#: measured in tools/results/bench_scale.json (the lead updates them from there). Until then: validation from
-#: issue 18's table (405M parameters, 1.62 GB of weights: 17.8 GB merged, 22.4 GB adapters-as-inputs, validation
-#: included), the export from the 1.23B export killed at 24 GB (> 4.8x) while checking, the other stages judged
-#: from the copies of the weights each one holds (a build: the fp32 model, its result and the converter's).
-STAGE_FACTORS: dict[str, float] = {
-    "export merged": 5.0,
-    "export adapters": 5.0,
-    "genai merged": 5.0,
-    "genai adapters": 5.0,
-    "simplify": 6.0,  # onnxslim copies the proto and runs both graphs on ORT (models held in memory only)
-    "int8": 3.0,
-    "int4": 3.0,
-    "fp16": 3.0,
-    "ort format": 3.0,
-    "validate merged": 10.8,
-    "validate adapters": 14.5,
-    "validate genai": 14.5,
+GB = 1e9
+#: Peak resident memory of each stage above BASE_BYTES: (fixed bytes, multiple of the model's fp32 weight bytes),
+#: fitted to the peaks tools/bench_scale.py measured (tools/results/bench_scale.json, 27M..1.23B parameters;
+#: tests/test_memory_preflight.py holds every measured run within 25 %). "in memory": a model at or below the
+#: external-data threshold, its proto, onnxslim and checks in memory; "file way": above it, the weights streamed
+#: to external data (export_onnx) and the builds made from the file (quantize.write_precision).
+STAGE_COSTS: dict[str, tuple[float, float]] = {
+    "export merged in memory": (0.2 * GB, 4.5),
+    "export adapters in memory": (0.2 * GB, 4.5),
+    "genai merged in memory": (0.2 * GB, 4.5),
+    "genai adapters in memory": (0.2 * GB, 4.5),
+    "export merged file way": (0.2 * GB, 1.08),  # 1.23B: 5.53 GB measured; 405M: 2.25 GB
+    "export adapters file way": (0.2 * GB, 1.12),  # 1.23B: 5.71 GB; 405M: 2.38 GB
+    "genai merged file way": (0.2 * GB, 1.08),  # 1.23B: 5.56 GB; 405M: 2.24 GB
+    "genai adapters file way": (0.2 * GB, 1.12),
+    "simplify": (0.2 * GB, 10.0),  # onnxslim and its ORT comparison, in memory only: 105M 4.21 GB, 27M 1.48 GB
+    "int8 in memory": (0.2 * GB, 4.0),
+    "int4 in memory": (0.2 * GB, 3.0),
+    "fp16 in memory": (0.2 * GB, 4.5),
+    "int8 file way": (0.2 * GB, 4.0),  # 1.23B: 20.1 GB (ORT's quantizer deep-copies and reloads the model)
+    "int4 file way": (0.2 * GB, 2.18),  # 1.23B: 11.2 GB
+    "fp16 file way": (0.2 * GB, 2.55),  # 1.23B: 13.0 GB
+    "ort format in memory": (0.2 * GB, 3.0),
+    "ort format file way": (0.2 * GB, 3.0),
+    "validate merged": (0.5 * GB, 2.1),  # 1.23B: 10.7 GB; 405M: 4.40 GB
+    "validate adapters": (0.6 * GB, 2.75),  # 1.23B: 13.9 GB; 405M: 5.57 GB
+    "validate genai": (0.5 * GB, 2.05),  # 1.23B: 10.6 GB; 105M: 1.48 GB
 }
+#: The way an export or build stage runs, as STAGE_COSTS names it: by whether the model goes the file way.
+WAYS = {False: " in memory", True: " file way"}
 #: How a user leaves each optional stage out of an export (the export stage itself is never optional).
 DROP_OPTIONS = {
     "simplify": "--no-simplify",
@@ -103,34 +115,47 @@ class Plan:
     ort_format: bool = False
     validate: bool = True
 
-    def stages(self) -> list[str]:
-        """The keys of STAGE_FACTORS this plan runs, in the order they run."""
-        stages = [f"{'genai' if self.genai else 'export'} {self.form}"] if self.export else []
-        stages += ["simplify"] * self.simplify + list(self.builds) + ["ort format"] * self.ort_format
+    def stages(self, file_way: bool = False) -> list[str]:
+        """The keys of STAGE_COSTS this plan runs, in the order they run; ``file_way``: the model goes the file way
+        (above the external-data threshold: no onnxslim, the builds made from the file)."""
+        way = WAYS[file_way]
+        stages = [f"{'genai' if self.genai else 'export'} {self.form}{way}"] if self.export else []
+        stages += ["simplify"] * (self.simplify and not file_way) + [build + way for build in self.builds]
+        stages += [f"ort format{way}"] * self.ort_format
         if self.validate:
             stages.append("validate genai" if self.genai else f"validate {self.form}")
         return stages
 
-    def cheaper(self) -> list[tuple[tuple[str, ...], list[str]]]:
+    def cheaper(self, file_way: bool = False) -> list[tuple[tuple[str, ...], list[str]]]:
         """Every way to leave optional stages out of an export, fewest left out first: (the options, as
         DROP_OPTIONS words, the stages that remain). None for a validation alone."""
-        stages = self.stages()
-        optional = [stage for stage in stages if stage in DROP_OPTIONS] if self.export else []
-        return [(tuple(DROP_OPTIONS[stage] for stage in dropped), [s for s in stages if s not in dropped])
+        stages = self.stages(file_way)
+        optional = [stage for stage in stages if _drop_option(stage)] if self.export else []
+        return [(tuple(_drop_option(stage) for stage in dropped), [s for s in stages if s not in dropped])
                 for size in range(1, len(optional) + 1) for dropped in itertools.combinations(optional, size)]
+
+
+def _drop_option(stage: str) -> str | None:
+    """How a user leaves ``stage`` out (DROP_OPTIONS), or None for the export itself."""
+    return DROP_OPTIONS.get(stage.removesuffix(WAYS[False]).removesuffix(WAYS[True]))
 
 
 def stages_peak(parameters: int, stages: list[str]) -> int:
     """Estimated peak resident bytes of a process running ``stages`` one after another on a model of
-    ``parameters`` parameters: BASE_BYTES + fp32 weight bytes x the largest factor among the stages."""
-    factor = max((STAGE_FACTORS[stage] for stage in stages), default=0.0)
-    return BASE_BYTES + round(FP32_BYTES * parameters * factor)
+    ``parameters`` parameters: BASE_BYTES + the largest stage cost (STAGE_COSTS: fixed + factor x fp32 bytes)."""
+    costs = [STAGE_COSTS[stage] for stage in stages]
+    return BASE_BYTES + round(max((fixed + factor * FP32_BYTES * parameters for fixed, factor in costs), default=0))
 
 
-def estimate_peak(parameters: int, plan: Plan) -> int:
+def goes_file_way(parameters: int, external_data_threshold: int = EXTERNAL_DATA_THRESHOLD) -> bool:
+    """Whether the export of a model of ``parameters`` (fp32) goes the file way (``weights_too_big_for_memory``)."""
+    return weights_too_big_for_memory(FP32_BYTES * parameters, external_data_threshold)
+
+
+def estimate_peak(parameters: int, plan: Plan, external_data_threshold: int = EXTERNAL_DATA_THRESHOLD) -> int:
     """Estimated peak resident bytes of the whole process running ``plan`` on a model of ``parameters``
-    parameters (``stages_peak`` of its stages)."""
-    return stages_peak(parameters, plan.stages())
+    parameters (``stages_peak`` of its stages, run the way ``external_data_threshold`` makes them run)."""
+    return stages_peak(parameters, plan.stages(goes_file_way(parameters, external_data_threshold)))
 
 
 def _fields(path: Path) -> dict[str, int]:
@@ -217,10 +242,11 @@ def count_text(count: int) -> str:
     return str(count)
 
 
-def what_fits(parameters: int, plan: Plan, limit: int) -> str:
+def what_fits(parameters: int, plan: Plan, limit: int, external_data_threshold: int = EXTERNAL_DATA_THRESHOLD) -> str:
     """The cheaper ways to run ``plan`` that fit in ``limit`` bytes, fewest options first ('--no-validate (about
     7.1 GB) would fit'); when none does, what the cheapest needs; '' when nothing can be left out."""
-    cheaper = [(options, stages_peak(parameters, stages)) for options, stages in plan.cheaper()]
+    file_way = goes_file_way(parameters, external_data_threshold)
+    cheaper = [(options, stages_peak(parameters, stages)) for options, stages in plan.cheaper(file_way)]
     for size in sorted({len(options) for options, _peak in cheaper}):
         fits = [f"{' and '.join(options)} (about {size_text(peak)})" for options, peak in cheaper
                 if len(options) == size and peak <= limit]
@@ -250,12 +276,10 @@ def check_memory(checkpoint_path: str | os.PathLike, plan: Plan, *,
         parameters = checkpoint_summary(checkpoint_path).parameters
     except CheckpointError:
         return
-    if plan.simplify and weights_too_big_for_memory(FP32_BYTES * parameters, external_data_threshold):
-        plan = replace(plan, simplify=False)
-    need, (have, source) = estimate_peak(parameters, plan), limit
+    need, (have, source) = estimate_peak(parameters, plan, external_data_threshold), limit
     if need <= have:
         return
-    fits = what_fits(parameters, plan, have)
+    fits = what_fits(parameters, plan, have, external_data_threshold)
     raise MemoryLimitError(
         f"{checkpoint_path} ({count_text(parameters)} parameters): this {'export' if plan.export else 'validation'} "
         f"needs about {size_text(need)} of memory, this process may use {size_text(have)} ({source}); "
