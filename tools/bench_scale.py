@@ -122,6 +122,13 @@ def _wait(pid: int, deadline: float) -> tuple[int, bool]:
             interrupted, deadline = True, 0.0
 
 
+def _default_interrupt() -> None:
+    """In the child before it runs the command: SIGINT back to its default, so that the command can be interrupted
+    even where this script was started with SIGINT ignored (a pytest-xdist worker; Python then leaves it ignored
+    in the command too)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def read_peak(path: Path) -> tuple[int | None, int | None]:
     """(peak RSS in bytes, the signal that ended the command or None) from GNU time's ``-f %M -o`` file: its last
     line the peak in KiB, before it 'Command terminated by signal N' when a signal ended the command; (None,
@@ -140,7 +147,8 @@ def run_measured(command: list[str], cwd: Path, timeout_s: float) -> Measured:
     start = time.perf_counter()
     child = subprocess.Popen([TIME, "-f", "%M", "-o", str(peak_file), *command], cwd=cwd,
                              env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True, errors="replace", bufsize=1, start_new_session=True)
+                             stderr=subprocess.PIPE, text=True, errors="replace", bufsize=1, start_new_session=True,
+                             preexec_fn=_default_interrupt)
     events: list[tuple[float, str, str]] = []
     readers = [threading.Thread(target=_read_lines, args=(stream, name, start, events), daemon=True)
                for stream, name in ((child.stdout, "stdout"), (child.stderr, "stderr"))]
