@@ -13,7 +13,7 @@ from typing import Any
 __version__ = "0.1.0"
 
 _PUBLIC = {
-    "adapt": "train.loop",
+    "adapt": "train.stages",
     "check_adapter_file": "export.convert",
     "CheckpointError": "errors",
     "convert_fp16": "export.quantize",
@@ -37,7 +37,7 @@ _PUBLIC = {
     "mark_only_lora_as_trainable": "model.layers",
     "merge_lora": "model.layers",
     "ModelConfig": "model.transformer",
-    "pretrain": "train.loop",
+    "pretrain": "train.stages",
     "quantize_int4": "export.quantize",
     "quantize_int8": "export.quantize",
     "save_checkpoint": "model.checkpoint",

@@ -11,6 +11,8 @@ import signal
 
 EXIT_PARITY_FAILED = 1
 EXIT_BAD_INPUT = 2
+#: A distributed training run whose other processes failed or stopped answering (not bad input: rerun or resume).
+EXIT_PEERS_FAILED = 3
 INTERRUPTED_EXIT = 130
 TERMINATED_EXIT = 128 + signal.SIGTERM
 
@@ -79,6 +81,16 @@ class ReportError(LoraExportError):
 class MemoryLimitError(LoraExportError):
     """A command whose estimated peak memory is above what this process may use, refused before any work: one line
     naming both figures, the cheaper options that would fit and the option to go ahead anyway."""
+
+
+class TrainingError(LoraExportError):
+    """Training that cannot start or resume: a device that does not work, settings or a resume checkpoint that do
+    not fit the run, a distributed environment that is not whole; one line."""
+
+
+class PeersFailedError(RuntimeError):
+    """Another process of a distributed run died or timed out (a collective failed): one line, exit
+    ``EXIT_PEERS_FAILED``. Not a LoraExportError: the input was fine."""
 
 
 class Terminated(KeyboardInterrupt):

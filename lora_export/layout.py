@@ -19,6 +19,9 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 GENAI_CONFIG = "genai_config.json"
 MODEL_FILE = "model.onnx"
 ADAPTER_FILE = "model.onnx_adapter"
+#: Its byte-level tokenizer (``genai.tokenizer``): what ``og.Tokenizer`` and Hugging Face tokenizers read.
+TOKENIZER_FILE = "tokenizer.json"
+TOKENIZER_CONFIG = "tokenizer_config.json"
 
 
 class Form(str, enum.Enum):
@@ -99,5 +102,6 @@ def default_genai_dir(checkpoint: Path, precision: str, form: Form) -> Path:
 
 def decoder_outputs(output_dir: Path, form: Form) -> list[Path]:
     """Every file ``export_decoder`` writes into ``output_dir``."""
-    files = model_files(output_dir / MODEL_FILE) + [output_dir / GENAI_CONFIG]
+    files = model_files(output_dir / MODEL_FILE) + [output_dir / name for name in (GENAI_CONFIG, TOKENIZER_FILE,
+                                                                                   TOKENIZER_CONFIG)]
     return files if form is Form.MERGED else files + model_files(adapter_path=output_dir / ADAPTER_FILE)

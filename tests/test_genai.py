@@ -21,7 +21,7 @@ from lora_export.export.adapters import attach_adapter, read_adapter
 from lora_export.export.convert import export_adapter
 from lora_export.genai.decoder import CACHE_SLACK, export_decoder
 from lora_export.genai.generate import Sampling, generate_bytes
-from lora_export.layout import ADAPTER_FILE, MODEL_FILE
+from lora_export.layout import ADAPTER_FILE, MODEL_FILE, TOKENIZER_CONFIG, TOKENIZER_FILE
 from lora_export.model.checkpoint import load_checkpoint, save_checkpoint
 from lora_export.pipeline import validate_and_report
 from lora_export.report.render import SCHEMA_PATH
@@ -207,7 +207,8 @@ def test_int8_decoder_generates_with_top1_reported(tiny_checkpoint, genai_merged
 def test_genai_export_into_an_existing_empty_directory(tiny_checkpoint, tmp_path):
     (tmp_path / "out").mkdir()
     export_decoder(tiny_checkpoint, tmp_path / "out")
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["genai_config.json", MODEL_FILE]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["genai_config.json", MODEL_FILE,
+                                                                    TOKENIZER_FILE, TOKENIZER_CONFIG]
 
 
 def test_fp16_decoder_keeps_its_cache_in_fp16_and_hot_swaps_float32_adapters(tiny_checkpoint, genai_adapters,

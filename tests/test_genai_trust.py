@@ -20,7 +20,7 @@ from conftest import invoke, make_lora_model, refused, same_base_other_rank, sna
 from lora_export.export.convert import export_adapter
 from lora_export.export.quantize import convert_fp16
 from lora_export.genai.decoder import export_decoder
-from lora_export.layout import ADAPTER_FILE, GENAI_CONFIG, MODEL_FILE
+from lora_export.layout import ADAPTER_FILE, GENAI_CONFIG, MODEL_FILE, TOKENIZER_CONFIG, TOKENIZER_FILE
 from lora_export.model.checkpoint import save_checkpoint
 from lora_export.pipeline import validate_and_report
 
@@ -198,7 +198,7 @@ def test_genai_export_after_a_killed_write_clears_its_staging(tiny_checkpoint, t
     before = snapshot(tmp_path)
     code, out, err = invoke(tiny_checkpoint, "--genai", "-o", directory, "--no-validate", "--quiet")
     assert code == 0, out + err
-    assert sorted(os.listdir(directory)) == [GENAI_CONFIG, MODEL_FILE]
+    assert sorted(os.listdir(directory)) == [GENAI_CONFIG, MODEL_FILE, TOKENIZER_FILE, TOKENIZER_CONFIG]
     assert before.keys() - snapshot(tmp_path).keys() == {p for p in before if p.startswith("out/.")}
 
 

@@ -13,7 +13,8 @@ from lora_export.files import file_sha256
 from lora_export.model.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
 from lora_export.model.layers import base_state_dict, lora_state_dict
 from lora_export.model.transformer import ModelConfig
-from lora_export.train.loop import adapt, get_batch, pretrain
+from lora_export.train import adapt, pretrain
+from lora_export.train.batches import get_batch
 
 TINY = dict(dim=32, depth=1, heads=2, dim_head=16, n_local_attn_heads=1, local_attn_window_size=8,
             max_seq_len=32, dropout=0.0)

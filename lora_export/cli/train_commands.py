@@ -1,16 +1,26 @@
-"""``lora-train pretrain|adapt``: train a base model, then its LoRA adapters (``lora_export.train``)."""
+"""``lora-train pretrain|adapt``: train a base model, then its LoRA adapters (``lora_export.train``).
+
+Under torchrun every process runs the same command: each checks the input alike, so only rank 0 says what is
+wrong (the others exit with the same code, silently); rank 0 alone prints progress and writes checkpoints.
+"""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import click
 
 from ..corpus import load_data
+from ..errors import EXIT_BAD_INPUT, EXIT_PEERS_FAILED, PeersFailedError
+from ..files import check_outputs
 from ..model.checkpoint import check_checkpoint_output, save_checkpoint
 from ..model.transformer import ModelConfig
-from ..train.loop import adapt, check_hyperparameters, pretrain
+from ..train.distributed import DEFAULT_TIMEOUT_S, Distributed
+from ..train.runtime import DEVICES, PRECISIONS
+from ..train.stages import adapt, check_hyperparameters, pretrain, step_checkpoint_paths
 from .options import FORCE_HELP, HELP_OPTIONS, CommandT, data_option, exit_on_error
 
 
@@ -30,6 +40,19 @@ def training_options(steps: int, lr: float, eval_every: int) -> Callable[[Comman
                      help="Held-out evaluation interval in steps."),
         click.option("--quiet", is_flag=True, help="No progress bar or parameter counts."),
         click.option("--force", is_flag=True, help=FORCE_HELP),
+        click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True,
+                     help="Where to train; auto: CUDA when a computation on it really works, else the CPU."),
+        click.option("--precision", type=click.Choice(list(PRECISIONS)), default="fp32", show_default=True,
+                     help="Autocast precision of the forward pass (fp16 with a gradient scaler); weights, optimizer "
+                          "and checkpoints stay fp32."),
+        click.option("--grad-accum", type=int, default=1, show_default=True,
+                     help="Micro-batches per optimizer step (global batch = batch size x processes x this)."),
+        click.option("--save-every", type=int, default=None,
+                     help="Also write a resumable checkpoint <output stem>.step<N><suffix> every N steps."),
+        click.option("--resume", type=click.Path(path_type=Path), default=None,
+                     help="Go on from a --save-every checkpoint of this same run (settings, data, model checked)."),
+        click.option("--dist-timeout", type=float, default=DEFAULT_TIMEOUT_S, show_default=True,
+                     help="Seconds a process waits for the others (torchrun) before the run ends with one line."),
     ]
 
     def decorate(command: CommandT) -> CommandT:
@@ -38,6 +61,49 @@ def training_options(steps: int, lr: float, eval_every: int) -> Callable[[Comman
         return command
 
     return decorate
+
+
+def distributed_errors(command: CommandT) -> CommandT:
+    """Decorate a training command (inside ``exit_on_error``) for torchrun: a failed peer becomes one line and exit
+    EXIT_PEERS_FAILED; on ranks other than 0 input errors exit silently (rank 0 says the same line)."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except PeersFailedError as err:
+            click.echo(f"error: {err}", err=True)
+            raise SystemExit(EXIT_PEERS_FAILED) from None
+        except (ValueError, OSError):
+            if Distributed.from_environment().is_main:
+                raise
+            raise SystemExit(EXIT_BAD_INPUT) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def stage_options(output: Path, training: dict[str, Any]) -> dict[str, Any]:
+    """The keyword arguments of ``pretrain`` / ``adapt`` from the shared training options, checked first."""
+    options = {key: training[key] for key in ("steps", "batch_size", "seq_len", "lr", "seed", "eval_every",
+                                              "grad_accum", "device", "precision", "save_every", "resume")}
+    check_hyperparameters(**{key: options[key] for key in ("steps", "batch_size", "seq_len", "lr", "eval_every",
+                                                           "grad_accum", "save_every")})
+    return {**options, "progress": not training["quiet"], "output": output,
+            "dist_timeout_s": training["dist_timeout"]}
+
+
+def check_training_outputs(output: Path, inputs: list[Path], steps: int, save_every: int | None,
+                           overwrite: bool) -> None:
+    """The final checkpoint and every step checkpoint, checked before any work (``check_checkpoint_output``)."""
+    check_checkpoint_output(output, inputs, overwrite=overwrite)
+    check_outputs(list(step_checkpoint_paths(output, steps, save_every).values()), inputs, overwrite=overwrite)
+
+
+def write_result(output: Path, model: Any, training: dict[str, Any], message: str) -> None:
+    """Rank 0 (or the only process) writes the final checkpoint and prints ``message``; other ranks nothing."""
+    if Distributed.from_environment().is_main:
+        save_checkpoint(output, model, training)
+        click.echo(message)
 
 
 @click.group(context_settings=HELP_OPTIONS)
@@ -59,54 +125,50 @@ def train_cli() -> None:
 @click.option("--max-seq-len", type=int, default=256, show_default=True, help="Longest sequence the model takes.")
 @click.option("--dropout", type=float, default=0.1, show_default=True, help="Dropout inside the model.")
 @exit_on_error
-def pretrain_command(output: Path, steps: int, batch_size: int, seq_len: int | None, lr: float, seed: int,
-                     data: tuple[Path, ...], eval_every: int, quiet: bool, force: bool, dim: int, depth: int,
-                     heads: int,
+@distributed_errors
+def pretrain_command(output: Path, data: tuple[Path, ...], force: bool, dim: int, depth: int, heads: int,
                      dim_head: int, local_heads: int, window: int, global_attn: str, blindspot: int | None,
-                     max_seq_len: int, dropout: float) -> None:
+                     max_seq_len: int, dropout: float, **training: Any) -> None:
     """Train a base model (no LoRA) from scratch.
 
     Default data: the Python standard library's source (first 4 MB, sorted paths).
     """
-    check_checkpoint_output(output, list(data), overwrite=force)
-    check_hyperparameters(steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr, eval_every=eval_every)
+    options = stage_options(output, training)
+    check_training_outputs(output, [*data, *([training["resume"]] if training["resume"] else [])],
+                           training["steps"], training["save_every"], overwrite=force)
     config = ModelConfig(dim=dim, depth=depth, heads=heads, dim_head=dim_head, n_local_attn_heads=local_heads,
                          local_attn_window_size=window, global_attn=global_attn, blindspot_size=blindspot,
                          max_seq_len=max_seq_len, dropout=dropout, r=0)
-    model, training = pretrain(config, load_data(data, default="stdlib"), steps=steps, batch_size=batch_size,
-                               seq_len=seq_len, lr=lr, seed=seed, eval_every=eval_every, progress=not quiet)
-    save_checkpoint(output, model, training)
-    click.echo(f"held-out loss {training['final_eval_loss']:.4f} nats/byte; wrote {output}")
+    model, record = pretrain(config, load_data(data, default="stdlib"), **options)
+    write_result(output, model, record, f"held-out loss {record['final_eval_loss']:.4f} nats/byte; wrote {output}")
 
 
 @train_cli.command("adapt")
 @click.argument("base", type=click.Path(path_type=Path))
 @training_options(steps=300, lr=2e-3, eval_every=50)
-@click.option("--r", "r", type=int, default=8, show_default=True, help="LoRA rank.")
+@click.option("--r", "--lora-r", "r", type=int, default=8, show_default=True,
+              help="LoRA rank (--lora-r under torchrun, whose parser takes --r for one of its own options).")
 @click.option("--alpha", type=float, default=16.0, show_default=True, help="LoRA alpha (scaling = alpha / r).")
 @click.option("--targets", default="q,k,v,o,ff", show_default=True,
-              help="Comma list of layers to adapt: q, k, v, o, ff, emb.")
+              help="Comma list of what to adapt: groups q, k, v, o, ff, emb (every block), or module names (fc1, "
+                   "to_q, token_emb), paths (blocks.0.attn.to_q) or patterns (blocks.*.ff.fc1).")
 @click.option("--lora-dropout", type=float, default=0.0, show_default=True, help="Dropout on the LoRA input.")
 @click.option("--rslora", is_flag=True, help="rsLoRA scaling alpha / sqrt(r).")
 @exit_on_error
-def adapt_command(base: Path, output: Path, steps: int, batch_size: int, seq_len: int | None, lr: float, seed: int,
-                  data: tuple[Path, ...], eval_every: int, quiet: bool, force: bool, r: int, alpha: float,
-                  targets: str,
-                  lora_dropout: float, rslora: bool) -> None:
+@distributed_errors
+def adapt_command(base: Path, output: Path, data: tuple[Path, ...], force: bool, r: int, alpha: float, targets: str,
+                  lora_dropout: float, rslora: bool, **training: Any) -> None:
     """Add LoRA to the BASE checkpoint and train only the adapters.
 
     Default data: English prose (pydoc topics). Prints the held-out loss of the base and the adapted model.
     """
-    check_checkpoint_output(output, [base, *data], overwrite=force)
-    check_hyperparameters(steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr, eval_every=eval_every, r=r,
-                          lora_alpha=alpha, lora_dropout=lora_dropout)
+    options = stage_options(output, training)
+    check_training_outputs(output, [base, *data, *([training["resume"]] if training["resume"] else [])],
+                           training["steps"], training["save_every"], overwrite=force)
     lora_targets = [t.strip() for t in targets.split(",") if t.strip()]
-    model, training = adapt(base, r=r, lora_alpha=alpha, lora_targets=lora_targets, lora_dropout=lora_dropout,
-                            use_rslora=rslora, data=load_data(data, default="prose"), steps=steps,
-                            batch_size=batch_size, seq_len=seq_len, lr=lr, seed=seed, eval_every=eval_every,
-                            progress=not quiet)
-    save_checkpoint(output, model, training)
+    model, record = adapt(base, r=r, lora_alpha=alpha, lora_targets=lora_targets, lora_dropout=lora_dropout,
+                          use_rslora=rslora, data=load_data(data, default="prose"), **options)
     held_out = "held-out data" if data else "held-out prose"
-    base_loss, adapted_loss = training["base_eval_loss"], training["adapted_eval_loss"]
-    click.echo(f"eval loss on {held_out}: base {base_loss:.4f} -> adapted {adapted_loss:.4f} nats/byte "
-               f"({adapted_loss - base_loss:+.4f}); wrote {output}")
+    base_loss, adapted_loss = record["base_eval_loss"], record["adapted_eval_loss"]
+    write_result(output, model, record, f"eval loss on {held_out}: base {base_loss:.4f} -> adapted "
+                 f"{adapted_loss:.4f} nats/byte ({adapted_loss - base_loss:+.4f}); wrote {output}")

@@ -11,9 +11,14 @@ with rsLoRA, from the config). ``from_peft`` turns such a directory plus the bas
 checkpoint; ``to_peft`` writes a checkpoint's LoRA as a directory that ``PeftModel.from_pretrained`` loads onto
 the base. Per-layer ranks and alphas travel as ``rank_pattern`` / ``alpha_pattern`` (full module paths).
 
+Any subset of the adaptable modules travels: the adapter's tensors name the modules PEFT adapted, whatever
+``target_modules`` (list or regex), ``layers_to_transform`` / ``layers_pattern`` or ``exclude_modules`` chose, and
+the checkpoint's ``lora_targets`` select exactly those (``compact_targets``: groups, module names, then paths).
+``to_peft`` writes ``target_modules`` as a list of module names and full paths, which PEFT matches exactly.
+
 What lora-export's model cannot represent is refused with one line naming the field (``PeftError``): another PEFT
-method, DoRA, a bias other than ``none``, ``modules_to_save``, ``fan_in_fan_out``, layer selections, a module
-that is not a lora-export layer, or targets that differ between blocks.
+method, DoRA, a bias other than ``none``, ``modules_to_save``, ``fan_in_fan_out``, or a module that is not a
+lora-export LoRA layer.
 """
 
 from __future__ import annotations
@@ -37,30 +42,28 @@ from ..model.checkpoint import (
     save_checkpoint,
 )
 from ..model.layers import lora_layers
-from ..model.transformer import LoRATransformerLM, ModelConfig
+from ..model.transformer import (
+    TARGET_GROUPS,
+    LoRATransformerLM,
+    ModelConfig,
+    adaptable_module_paths,
+    compact_targets,
+    lora_module_paths,
+)
 
 PREFIX = "base_model.model."
 #: PEFT's tensor name suffixes of a LoRA layer (linear, embedding) and the lora-export matrix each holds.
 LORA_SUFFIXES = ((".lora_A.weight", "A"), (".lora_B.weight", "B"), (".lora_embedding_A", "A"),
                  (".lora_embedding_B", "B"))
-#: lora-export's target groups and the module names PEFT's ``target_modules`` uses for them.
-MODULE_NAMES = {"q": ["to_q"], "k": ["to_k"], "v": ["to_v"], "o": ["to_out"], "ff": ["fc1", "fc2"],
-                "emb": ["token_emb"]}
 #: PEFT config fields that must be off (false, none, empty) for lora-export to represent the adapter.
-MUST_BE_OFF = ("use_dora", "modules_to_save", "fan_in_fan_out", "layers_to_transform", "layers_pattern",
-               "lora_bias", "trainable_token_indices", "megatron_config", "use_qalora", "target_parameters")
+MUST_BE_OFF = ("use_dora", "modules_to_save", "fan_in_fan_out", "lora_bias", "trainable_token_indices",
+               "megatron_config", "use_qalora", "target_parameters")
 
 
 #: The PEFT config fields lora-export reads: PEFT's default for each and the JSON value it must be.
 SETTINGS = {"r": (8, "rank"), "lora_alpha": (8, "number"), "lora_dropout": (0.0, "number"),
             "use_rslora": (False, "bool"), "rank_pattern": ({}, "rank"), "alpha_pattern": ({}, "number")}
 EXPECTED = {"bool": "true or false (a JSON bool)", "rank": "a positive integer", "number": "a finite number"}
-
-
-def _group_of(path: str) -> str | None:
-    """The lora-export target group of a module path (``blocks.0.ff.fc1`` -> ``ff``), or None."""
-    name = path.rsplit(".", 1)[-1]
-    return next((group for group, names in MODULE_NAMES.items() if name in names), None)
 
 
 def _checked(value: Any, kind: str) -> Any:
@@ -144,11 +147,12 @@ def _layer_part(name: str, path: Path) -> tuple[str, str]:
 
 def _check_pairs(shapes: dict[str, dict[str, tuple[int, ...]]], modules: dict[str, Any], adapter_dir: Path,
                  base_name: str) -> None:
-    """Each module path names a LoRA layer of the base and has lora_A [r, in] and lora_B [out, r] that fit it,
-    with r at most the layer's larger dimension (more adds nothing, and bounds what a file may make us read)."""
+    """Each module path names an adaptable layer of the base (``modules`` holds only those) and has lora_A [r, in]
+    and lora_B [out, r] that fit it, with r at most the layer's larger dimension (more adds nothing, and bounds
+    what a file may make us read)."""
     for path, pair in shapes.items():
         module = modules.get(path)
-        if _group_of(path) is None or not hasattr(module, "in_features"):
+        if module is None:
             raise PeftError(f"{adapter_dir}: module {short_repr(path)} is not a LoRA layer of the lora-export base "
                             f"{base_name} (an adapter for another model?)")
         if set(pair) != {"A", "B"}:
@@ -200,23 +204,20 @@ def from_peft(adapter_dir: str | os.PathLike, base_checkpoint: str | os.PathLike
     config, settings = _read_config(adapter_dir)
     payload = read_checkpoint(base_checkpoint)
     base_model = build_model(payload, base_checkpoint)
-    modules = dict(base_model.named_modules())
+    adaptable = adaptable_module_paths(base_model.config)
+    named = dict(base_model.named_modules())
+    modules = {path: named[path] for path in adaptable}
     layers = _read_layers(adapter_dir, modules, Path(base_checkpoint).name)
 
-    groups = sorted({_group_of(path) for path in layers}, key=list(MODULE_NAMES).index)
-    expected = [path for path in modules if _group_of(path) in groups and hasattr(modules[path], "in_features")]
-    missing = [path for path in expected if path not in layers]
-    if missing:
-        raise PeftError(f"{adapter_dir}: targets differ between layers: {missing[0]} has no LoRA while other "
-                        f"{_group_of(missing[0])} layers do (lora-export targets whole groups: "
-                        f"{', '.join(groups)})")
+    expected = [path for path in adaptable if path in layers]
+    targets = compact_targets(expected, base_model.config)
     r, alpha = settings["r"], settings["lora_alpha"]
     rank_pattern = {path: int(layers[path]["A"].shape[0]) for path in expected if layers[path]["A"].shape[0] != r}
     alpha_pattern = {path: value for path in expected
                      if (value := _pattern_value(settings["alpha_pattern"], path, alpha)) != alpha}
     try:
         lora_config = ModelConfig.from_dict({
-            **payload["config"], "r": r, "lora_alpha": alpha, "lora_targets": groups,
+            **payload["config"], "r": r, "lora_alpha": alpha, "lora_targets": targets,
             "use_rslora": settings["use_rslora"], "lora_dropout": settings["lora_dropout"],
             "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern})
     except ValueError as err:
@@ -238,6 +239,13 @@ def from_peft(adapter_dir: str | os.PathLike, base_checkpoint: str | os.PathLike
 def _plain(value: Any) -> bool:
     return value is None or isinstance(value, bool | int | float | str) or (
         isinstance(value, list | dict) and len(json.dumps(value, default=str)) < 10_000)
+
+
+def _target_modules(config: ModelConfig) -> list[str]:
+    """PEFT's ``target_modules`` for the LoRA layers of ``config``: module names (PEFT adapts every module whose
+    path ends in one) and full paths (PEFT adapts the module of that exact path), sorted."""
+    targets = compact_targets(lora_module_paths(config), config)
+    return sorted(name for target in targets for name in TARGET_GROUPS.get(target, (target,)))
 
 
 def to_peft(checkpoint: str | os.PathLike, output_dir: str | os.PathLike, overwrite: bool = False) -> Path:
@@ -269,7 +277,7 @@ def to_peft(checkpoint: str | os.PathLike, output_dir: str | os.PathLike, overwr
     peft_config = {
         "peft_type": "LORA", "task_type": None, "base_model_name_or_path": None, "inference_mode": True,
         "r": config.r, "lora_alpha": config.lora_alpha, "lora_dropout": config.lora_dropout,
-        "target_modules": sorted(name for group in config.lora_targets for name in MODULE_NAMES[group]),
+        "target_modules": _target_modules(config),
         "rank_pattern": dict(config.rank_pattern), "alpha_pattern": dict(config.alpha_pattern),
         "use_rslora": config.use_rslora, "bias": "none", "fan_in_fan_out": False, "use_dora": False,
         "modules_to_save": None, "init_lora_weights": True,

@@ -56,6 +56,7 @@ from ..layout import ADAPTER_FILE, GENAI_CONFIG, MODEL_FILE, Form, decoder_outpu
 from ..model.attention import fused_attention
 from ..model.transformer import VOCAB_SIZE, LoRATransformerLM, ModelConfig
 from ..progress import SILENT, Progress
+from .tokenizer import tokenizer_texts
 
 #: Positions a local slot keeps beyond its window (genai's ``cache_slack``, set explicitly: its per-provider
 #: default differs between CPU and CUDA).
@@ -333,7 +334,7 @@ def export_decoder(checkpoint_path: str | os.PathLike, output_dir: str | os.Path
                                              external_data_threshold, progress)
         del traced  # the exporter's graph, which holds the model's tensors
         say(f"writing {output_dir}/")
-        write_companions(stage, source, texts={output_dir / GENAI_CONFIG: config_text},
+        write_companions(stage, source, texts={output_dir / GENAI_CONFIG: config_text, **tokenizer_texts(output_dir)},
                          adapter=None if form is Form.MERGED else (output_dir / ADAPTER_FILE, adapter))
     say(f"decoder: {len(proto.graph.node)} nodes, {count_parameters_onnx(proto):,} parameters, "
         f"{len(slots)} cache slots")

@@ -6,6 +6,10 @@ adapter, as genai requires). A byte vocabulary has no end-of-sequence: generatio
 unless a ``stop_byte`` is named. The model's positions are learned up to ``max_seq_len``: a prompt plus budget
 beyond it is an error, not a silent crop. The directory is read as data before genai opens it
 (``decoder.read_decoder_dir``): a genai_config.json other than the one lora-export writes is refused.
+
+The directory's tokenizer (``genai.tokenizer``) is not used here: token id = byte value, so the prompt's bytes are
+its ids and each generated id is a byte, while genai's str-based tokenizer drops a NUL and bytes that are not
+UTF-8, in encode, decode and its stream alike.
 """
 
 from __future__ import annotations

@@ -3,11 +3,14 @@
 Layout (format ``lora-export-checkpoint``, version 1)::
 
     {"format": str, "format_version": int, "config": ModelConfig as dict,
-     "base": {name: tensor}, "lora": {name: tensor}, "training": {seed, steps, losses, data, ...}}
+     "base": {name: tensor}, "lora": {name: tensor}, "training": {seed, steps, losses, data, ...},
+     "resume": {"tensors": {name: tensor}, "plain": {...}}}   # optional: the state to resume training from
+
 
 Two containers hold that layout, chosen by the file name: ``.safetensors`` (tensors ``base.<name>`` /
-``lora.<name>``; format, config, training record and tensor hashes as JSON strings in the header's metadata; no
-pickle at all) and anything else, ``.pt`` (``torch.save`` of the dict). Nothing here unpickles code:
+``lora.<name>`` / ``resume.<name>``; format, config, training record, tensor hashes and the resume state's plain
+values as JSON strings in the header's metadata; no pickle at all) and anything else, ``.pt`` (``torch.save`` of
+the dict). Nothing here unpickles code:
 ``torch.load(weights_only=True)`` refuses any pickle that carries a callable, and the payload never runs. Every
 problem surfaces as one ``CheckpointError`` line.
 
@@ -23,7 +26,6 @@ import hashlib
 import json
 import os
 import pickle
-import pickletools
 import warnings
 import zipfile
 from dataclasses import dataclass
@@ -37,6 +39,7 @@ from ..errors import CheckpointError, OutputError, first_line, short_repr
 from ..files import atomic_write, check_input_file, check_outputs, parse_json
 from .layers import base_state_dict, lora_state_dict
 from .transformer import LoRATransformerLM, ModelConfig
+from .untrusted import check_plain_values, check_zip_integrity, pickle_imports_objects
 
 CHECKPOINT_FORMAT = "lora-export-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -80,7 +83,9 @@ SAFETENSORS_SUFFIX = ".safetensors"
 CHECKPOINT_SUFFIXES = (".pt", SAFETENSORS_SUFFIX)
 #: The plain parts of a checkpoint, stored as one JSON string under the safetensors metadata key ``lora_export``
 #: (one key: safetensors writes its metadata map in no fixed order, and the file must be byte-stable).
-SAFETENSORS_METADATA = ("format", "format_version", "config", "training", "tensor_sha256")
+SAFETENSORS_METADATA = ("format", "format_version", "config", "training", "tensor_sha256", "resume_plain")
+#: The sections whose tensors a checkpoint holds, in the payload and as safetensors name prefixes.
+TENSOR_SECTIONS = ("base", "lora", "resume")
 SAFETENSORS_KEY = "lora_export"
 
 
@@ -96,9 +101,13 @@ def check_checkpoint_output(output: str | os.PathLike, inputs: list[str | os.Pat
 def _safetensors_save(payload: dict[str, Any], path: str) -> None:
     from safetensors.torch import save_file
 
-    tensors = {f"{section}.{name}": tensor.contiguous() for section in ("base", "lora")
-               for name, tensor in payload[section].items()}
-    plain = {key: payload[key] for key in SAFETENSORS_METADATA}
+    resume = payload.get("resume", {"tensors": {}, "plain": None})
+    sections = {"base": payload["base"], "lora": payload["lora"], "resume": resume["tensors"]}
+    tensors = {f"{section}.{name}": tensor.contiguous() for section, state in sections.items()
+               for name, tensor in state.items()}
+    plain = {key: payload[key] for key in SAFETENSORS_METADATA if key in payload}
+    if resume["plain"] is not None:
+        plain["resume_plain"] = resume["plain"]
     save_file(tensors, path, metadata={SAFETENSORS_KEY: json.dumps(plain, sort_keys=True)})
 
 
@@ -132,12 +141,20 @@ def _safetensors_load(path: Path, read: bool) -> dict[str, Any]:
         if not isinstance(plain, dict):
             raise ValueError(f"its '{SAFETENSORS_KEY}' metadata is not a JSON object")
         payload.update({key: plain.get(key) for key in SAFETENSORS_METADATA})
+        resume_plain = payload.pop("resume_plain")
         sections = {}
         for name in f.keys():
             section, _, inner = name.partition(".")
-            if section not in ("base", "lora") or not inner:
+            if section not in TENSOR_SECTIONS or not inner:
                 raise ValueError(f"unexpected tensor {short_repr(name)}")
+            if section == "resume":  # optimizer moments, RNG states: not weights, read only when asked
+                if read:
+                    payload.setdefault("resume", {"tensors": {}, "plain": resume_plain})["tensors"][inner] = (
+                        f.get_tensor(name))
+                continue
             sections[inner] = section
+        if resume_plain is not None:
+            payload.setdefault("resume", {"tensors": {}, "plain": resume_plain})
         # the header's shapes against the config before any tensor is read: a header can declare any size
         check_weight_shapes({inner: tuple(f.get_slice(f"{section}.{inner}").get_shape())
                              for inner, section in sections.items()}, expected_shapes(payload["config"], path), path)
@@ -155,11 +172,13 @@ def _torch_save(payload: dict[str, Any], path: str) -> None:
 
 
 def save_checkpoint(path: str | os.PathLike, model: LoRATransformerLM, training: dict[str, Any] | None = None,
-                    dtype: torch.dtype | None = None) -> None:
+                    dtype: torch.dtype | None = None, resume: dict[str, Any] | None = None) -> None:
     """Write model config, base weights, LoRA weights, training metadata and tensor hashes atomically, as
     safetensors when ``path`` ends in ``.safetensors``, else as a torch zip (``.pt``). ``dtype`` (of WEIGHT_DTYPES;
     None: the model's own) is the weights' stored dtype, which the hashes cover; a cast copy is held while writing.
     The model must be unmerged (base and LoRA kept apart); a merged one is refused. Every tensor must be finite.
+    ``resume``: {"tensors": {name: tensor}, "plain": {...}}, the state training resumes from (``train.state``),
+    stored as it is (its own hashes are its owner's business).
     """
     merged = any(getattr(m, "merged", False) for m in model.modules())
     if merged:
@@ -181,113 +200,15 @@ def save_checkpoint(path: str | os.PathLike, model: LoRATransformerLM, training:
         "training": dict(training or {}),
         "tensor_sha256": {name: tensor_sha256(tensor) for name, tensor in sorted({**base, **lora}.items())},
     }
+    if resume is not None:
+        payload["resume"] = {"tensors": {k: v.detach().cpu() for k, v in resume["tensors"].items()},
+                             "plain": resume["plain"]}
     check_plain_values(payload["training"], "training")
     write = _safetensors_save if str(path).endswith(SAFETENSORS_SUFFIX) else _torch_save
     atomic_write(path, lambda tmp: write(payload, tmp))
 
 
 # --------------------------------------------------------------------------- reading, never trusting
-
-
-#: Limits of the plain values (config, training record) a checkpoint may hold, checked before any of them is
-#: compared, hashed or formatted: a few hundred bytes of shared references can otherwise expand to 2^40 items.
-MAX_PLAIN_DEPTH = 16
-MAX_PLAIN_ITEMS = 1_000_000
-MAX_STRING_CHARS = 1 << 20
-MAX_INT_MAGNITUDE = 1 << 64
-
-
-def check_plain_values(value: Any, where: str) -> None:
-    """Refuse (ValueError, one line) anything but a bounded tree of None, bool, int, float, str, tensors, and
-    lists, tuples and str-keyed dicts of them: too deep, too many items counted with repeats (shared
-    references), a huge int or string, or another type."""
-    stack: list[tuple[Any, str, int]] = [(value, where, 0)]
-    visited = 0
-    while stack:
-        item, path, depth = stack.pop()
-        visited += 1
-        if visited > MAX_PLAIN_ITEMS:
-            raise ValueError(f"{where}: more than {MAX_PLAIN_ITEMS:,} values (or references that expand to as many)")
-        if item is None or isinstance(item, bool | float | torch.Tensor):
-            continue
-        if isinstance(item, int):
-            if abs(item) > MAX_INT_MAGNITUDE:
-                raise ValueError(f"{path}: integer too large")
-            continue
-        if isinstance(item, str):
-            if len(item) > MAX_STRING_CHARS:
-                raise ValueError(f"{path}: string of {len(item):,} characters is too long")
-            continue
-        if not isinstance(item, dict | list | tuple):
-            raise ValueError(f"{path}: unexpected value of type {type(item).__name__}")
-        if depth >= MAX_PLAIN_DEPTH:
-            raise ValueError(f"{path}: nested deeper than {MAX_PLAIN_DEPTH} levels")
-        if isinstance(item, dict):
-            for key, child in item.items():
-                if not isinstance(key, str) or len(key) > 256:
-                    raise ValueError(f"{path}: a key that is not a short string ({type(key).__name__})")
-                stack.append((child, f"{path}.{key}", depth + 1))
-        else:
-            stack.extend((child, f"{path}[{i}]", depth + 1) for i, child in enumerate(item))
-
-
-def _is_tensor_global(module: str, name: str) -> bool:
-    """The globals a plain torch checkpoint imports: tensor rebuild functions, storage types, OrderedDict."""
-    if module == "collections" and name == "OrderedDict":
-        return True
-    return module.split(".")[0] == "torch" and (name.startswith("_rebuild_") or name.endswith("Storage"))
-
-
-#: How much of a pickle the scan for imports reads: a checkpoint's pickle (the tensors' data lies beside it) is
-#: kilobytes, and a file of any size costs no more than this.
-MAX_PICKLE_SCAN_BYTES = 64 << 20
-
-
-def pickle_imports_objects(path: Path) -> bool:
-    """Whether a checkpoint's pickle imports anything but tensor machinery, scanned with pickletools, never run.
-
-    Reads the first MAX_PICKLE_SCAN_BYTES of the raw file, or of the ``data.pkl`` member of a torch zip
-    checkpoint (a pickle cut there counts as corrupt unless an import shows before the cut). Called only after
-    torch's weights-only unpickler refused the file, to tell code-carrying pickles (which it reports as an
-    unsupported opcode for protocols 4 and 5) from corrupt bytes.
-    """
-    try:
-        if zipfile.is_zipfile(path):
-            with zipfile.ZipFile(path) as archive:
-                member = next(name for name in archive.namelist() if name.endswith("data.pkl"))
-                with archive.open(member) as file:
-                    data = file.read(MAX_PICKLE_SCAN_BYTES)
-        else:
-            with open(path, "rb") as file:  # a regular file: read_checkpoint checked
-                data = file.read(MAX_PICKLE_SCAN_BYTES)
-        strings: list[str] = []
-        for op, arg, _ in pickletools.genops(data):
-            if isinstance(arg, str):
-                strings.append(arg)
-            if op.name in ("GLOBAL", "INST"):
-                module, _, name = arg.partition(" ")
-            elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
-                module, name = strings[-2], strings[-1]
-            else:
-                continue
-            if not _is_tensor_global(module, name):
-                return True
-        return False
-    except Exception:  # not a parsable pickle stream: corrupt, not code
-        return False
-
-
-def check_zip_integrity(path: Path) -> None:
-    """Verify every member of a torch zip checkpoint against the zip's own CRC-32 (CheckpointError if not)."""
-    if not zipfile.is_zipfile(path):
-        return
-    try:
-        with zipfile.ZipFile(path) as archive:
-            bad = archive.testzip()
-    except Exception as err:  # BadZipFile, zlib.error, EOFError, ...
-        raise CheckpointError(f"{path}: corrupt checkpoint archive: {first_line(err)}") from None
-    if bad is not None:
-        raise CheckpointError(f"{path}: corrupt checkpoint: {bad} fails its CRC-32 check (damaged bytes)")
 
 
 def _check_tensors(payload: dict[str, Any], path: Path, hashes: bool) -> None:
@@ -433,6 +354,11 @@ def _validated(payload: Any, path: Path, hashes: bool) -> dict[str, Any]:
     check_weight_shapes(_shapes({**payload["base"], **payload["lora"]}), expected_shapes(payload["config"], path),
                         path)  # before any hash: a hash of a tensor the config cannot hold is wasted work
     _check_tensors(payload, path, hashes)
+    resume = payload.get("resume")
+    if resume is not None and not (isinstance(resume, dict) and isinstance(resume.get("plain"), dict)
+                                   and isinstance(resume.get("tensors"), dict)
+                                   and all(isinstance(t, torch.Tensor) for t in resume["tensors"].values())):
+        raise CheckpointError(f"{path}: malformed checkpoint: 'resume' is not a dict of tensors and plain values")
     return payload
 
 

@@ -2,12 +2,16 @@
 
 Bytes (vocab 256, no tokenizer) -> token + learned position embedding -> ``depth`` pre-norm blocks of
 causal LoRASelfAttention and a feed-forward -> final LayerNorm -> LM head -> logits [B, N, 256].
-LoRA goes on the layers named in ``ModelConfig.lora_targets``; r = 0 gives the plain base model.
+LoRA goes on the module paths that ``ModelConfig.lora_targets`` selects (:func:`lora_module_paths`: groups, module
+names, paths or fnmatch patterns); r = 0 gives the plain base model.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import math
+import re
+from collections.abc import Collection, Sequence, Set
 from dataclasses import asdict, dataclass, field, fields
 
 import torch
@@ -18,7 +22,18 @@ from .attention import LORA_PROJECTIONS, AttentionCache, LoRASelfAttention
 from .layers import LoRAEmbedding, LoRALinear, lora_layers
 
 VOCAB_SIZE = 256
-LORA_TARGETS = (*LORA_PROJECTIONS, "ff", "emb")
+#: The target groups and the module names each one adapts (in every block; ``emb`` is the token embedding).
+TARGET_GROUPS = {"q": ("to_q",), "k": ("to_k",), "v": ("to_v",), "o": ("to_out",), "ff": ("fc1", "fc2"),
+                 "emb": ("token_emb",)}
+LORA_TARGETS = tuple(TARGET_GROUPS)
+#: Bounds of lora_targets: entries, characters of one entry, entries with fnmatch wildcards (each one is matched
+#: against every adaptable module path; the others are dictionary lookups).
+MAX_TARGETS = 10_000
+MAX_TARGET_LENGTH = 200
+MAX_TARGET_PATTERNS = 100
+WILDCARDS = ("*", "?", "[")
+#: The adaptable modules of each block, relative to ``blocks.{i}``.
+BLOCK_MODULES = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out", "ff.fc1", "ff.fc2")
 
 
 #: Inclusive bounds of the integer fields: generous for real models, small enough that no value overflows or
@@ -39,8 +54,9 @@ class ModelConfig:
 
     Validated on construction (ValueError with one line): integer fields are ints in ``INT_RANGES``, with
     n_local_attn_heads <= heads and local_attn_window_size, blindspot_size <= max_seq_len; dropouts in [0, 1);
-    lora_alpha finite in [0, MAX_LORA_ALPHA]; global_attn one of GLOBAL_ATTN; lora_targets a list of
-    LORA_TARGETS names; use_rslora a bool.
+    lora_alpha finite in [0, MAX_LORA_ALPHA]; global_attn one of GLOBAL_ATTN; lora_targets a list of distinct
+    entries that each select at least one module (see :func:`resolve_targets`), bounded by MAX_TARGETS,
+    MAX_TARGET_LENGTH and MAX_TARGET_PATTERNS; use_rslora a bool.
     """
 
     dim: int = 128
@@ -82,16 +98,8 @@ class ModelConfig:
         self.lora_alpha = float(self.lora_alpha)
         if not isinstance(self.use_rslora, bool):
             raise ValueError(f"use_rslora must be true or false, got {short_repr(self.use_rslora)}")
-        if not isinstance(self.lora_targets, list | tuple) or len(self.lora_targets) > len(LORA_TARGETS):
-            raise ValueError(f"lora_targets must be a list of {', '.join(LORA_TARGETS)}, "
-                             f"got {short_repr(self.lora_targets)}")
-        for target in self.lora_targets:
-            if not isinstance(target, str) or target not in LORA_TARGETS:
-                raise ValueError(f"lora_targets: unknown {short_repr(target)}, "
-                                 f"expected any of {', '.join(LORA_TARGETS)}")
-        if len(set(self.lora_targets)) != len(self.lora_targets):
-            raise ValueError(f"lora_targets names a layer twice: {self.lora_targets}")
-        self.lora_targets = list(self.lora_targets)
+        self.lora_targets = _checked_targets(self.lora_targets)
+        resolve_targets(self.lora_targets, adaptable_module_paths(self))  # each entry selects a module
         for name, values, low, high in (("rank_pattern", self.rank_pattern, 1, INT_RANGES["r"][1]),
                                         ("alpha_pattern", self.alpha_pattern, 0.0, MAX_LORA_ALPHA)):
             if not isinstance(values, dict) or len(values) > MAX_PATTERN_ENTRIES:
@@ -120,6 +128,89 @@ class ModelConfig:
         return cls(**values)
 
 
+def _checked_targets(targets: object) -> list[str]:
+    """``targets`` as a list, refused (ValueError, one line) unless it is a list or tuple of at most MAX_TARGETS
+    distinct strings of 1..MAX_TARGET_LENGTH characters, at most MAX_TARGET_PATTERNS of them with wildcards."""
+    if not isinstance(targets, list | tuple) or len(targets) > MAX_TARGETS:
+        raise ValueError(f"lora_targets must be a list of at most {MAX_TARGETS} groups ({', '.join(LORA_TARGETS)}), "
+                         f"module names, paths or patterns, got {short_repr(targets)}")
+    for target in targets:
+        if not isinstance(target, str) or not 1 <= len(target) <= MAX_TARGET_LENGTH:
+            raise ValueError(f"lora_targets: unknown {short_repr(target)}, expected a group "
+                             f"({', '.join(LORA_TARGETS)}) or a module name, path or pattern of 1..{MAX_TARGET_LENGTH} "
+                             "characters")
+    if sum(_is_pattern(target) for target in targets) > MAX_TARGET_PATTERNS:
+        raise ValueError(f"lora_targets: more than {MAX_TARGET_PATTERNS} patterns (entries with * ? [)")
+    if len(set(targets)) != len(targets):
+        raise ValueError(f"lora_targets names a layer twice: {short_repr(list(targets))}")
+    return list(targets)
+
+
+def _is_pattern(target: str) -> bool:
+    return any(wildcard in target for wildcard in WILDCARDS)
+
+
+def _module_name(path: str) -> str:
+    """The last component of a module path (``blocks.0.ff.fc1`` -> ``fc1``)."""
+    return path.rsplit(".", 1)[-1]
+
+
+def adaptable_module_paths(config: ModelConfig) -> list[str]:
+    """Every module path of the model that can carry LoRA, in module order: ``token_emb``, then for each block i
+    ``blocks.{i}.attn.to_q``, ``.to_k``, ``.to_v``, ``.to_out``, ``blocks.{i}.ff.fc1``, ``.fc2``."""
+    return ["token_emb", *(f"blocks.{index}.{name}" for index in range(config.depth) for name in BLOCK_MODULES)]
+
+
+def resolve_targets(targets: Sequence[str], paths: Sequence[str]) -> list[str]:
+    """The module ``paths`` (in their order) that lora_targets entries select: a group (TARGET_GROUPS) its modules
+    in every block; a pattern (with * ? [, fnmatch, case-sensitive, * also crossing dots) the paths it matches; an
+    entry equal to a path that path; any other entry the paths whose last component equals it (``fc1``).
+
+    Raises ValueError (one line) naming the first entry that selects nothing.
+    """
+    by_name: dict[str, list[str]] = {}
+    for path in paths:
+        by_name.setdefault(_module_name(path), []).append(path)
+    known, chosen = set(paths), set()
+    for target in targets:
+        if target in TARGET_GROUPS:
+            found = [path for name in TARGET_GROUPS[target] for path in by_name.get(name, [])]
+        elif _is_pattern(target):
+            matches = re.compile(fnmatch.translate(target)).match
+            found = [path for path in paths if matches(path)]
+        else:
+            found = [target] if target in known else by_name.get(target, [])
+        if not found:
+            raise ValueError(f"lora_targets: unknown {short_repr(target)}: selects no module of this model (give a "
+                             f"group {', '.join(LORA_TARGETS)}, or a module name, path or pattern such as fc1, "
+                             "blocks.0.attn.to_q, blocks.*.ff.fc1)")
+        chosen.update(found)
+    return [path for path in paths if path in chosen]
+
+
+def lora_module_paths(config: ModelConfig) -> list[str]:
+    """The module paths that carry LoRA (rank ``r``, or their ``rank_pattern`` entry), in module order: what
+    ``lora_targets`` selects among :func:`adaptable_module_paths`; none when r = 0. Every builder uses this."""
+    return [] if config.r == 0 else resolve_targets(config.lora_targets, adaptable_module_paths(config))
+
+
+def compact_targets(paths: Collection[str], config: ModelConfig) -> list[str]:
+    """The shortest lora_targets (for ``config``'s depth) that select exactly ``paths``: the groups all of whose
+    modules are in ``paths``, then the module names all of whose modules are (in module order, those no group
+    covers), then the remaining paths in module order. Raises ValueError for a path that is not adaptable."""
+    adaptable = adaptable_module_paths(config)
+    chosen, unknown = set(paths), set(paths) - set(adaptable)
+    if unknown:
+        raise ValueError(f"not adaptable module paths: {short_repr(sorted(unknown))}")
+    names = list(dict.fromkeys(_module_name(path) for path in adaptable))
+    whole = {name for name in names
+             if all(path in chosen for path in adaptable if _module_name(path) == name)}
+    groups = [group for group, members in TARGET_GROUPS.items() if whole.issuperset(members)]
+    in_groups = {name for group in groups for name in TARGET_GROUPS[group]}
+    rest = [path for path in adaptable if path in chosen and _module_name(path) not in whole]
+    return [*groups, *(name for name in names if name in whole - in_groups), *rest]
+
+
 def _check_int(name: str, value: object, low: int, high: int) -> None:
     if not isinstance(value, int) or isinstance(value, bool):
         raise ValueError(f"{name} must be an integer, got {short_repr(value)}")
@@ -136,16 +227,16 @@ def _check_float(name: str, value: object, low: float, high: float, high_open: b
 
 
 class FeedForward(nn.Module):
-    """Linear(dim, mult*dim) -> GELU -> Linear(mult*dim, dim) -> dropout; LoRA on both linears if asked."""
+    """Linear(dim, mult*dim) -> GELU -> Linear(mult*dim, dim) -> dropout; LoRA (rank ``config.r``) on a linear whose
+    path (``{path}.fc1``, ``{path}.fc2``) is in ``lora_paths`` (:func:`lora_module_paths`)."""
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, path: str, lora_paths: Set[str]) -> None:
         super().__init__()
-        r = config.r if "ff" in config.lora_targets else 0
         hidden = config.dim * config.ff_mult
-        lora = dict(r=r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout, use_rslora=config.use_rslora)
-        self.fc1 = LoRALinear(config.dim, hidden, **lora)
+        lora = dict(lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout, use_rslora=config.use_rslora)
+        self.fc1 = LoRALinear(config.dim, hidden, r=config.r if f"{path}.fc1" in lora_paths else 0, **lora)
         self.act = nn.GELU()
-        self.fc2 = LoRALinear(hidden, config.dim, **lora)
+        self.fc2 = LoRALinear(hidden, config.dim, r=config.r if f"{path}.fc2" in lora_paths else 0, **lora)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -154,9 +245,10 @@ class FeedForward(nn.Module):
 
 
 class Block(nn.Module):
-    """x + attn(norm(x)), then x + ff(norm(x))."""
+    """x + attn(norm(x)), then x + ff(norm(x)). ``path`` is the block's module path (``blocks.0``): its projections
+    and feed-forward linears carry LoRA where their paths are in ``lora_paths`` (:func:`lora_module_paths`)."""
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, path: str, lora_paths: Set[str]) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(config.dim)
         self.attn = LoRASelfAttention(
@@ -164,7 +256,8 @@ class Block(nn.Module):
             heads=config.heads,
             r=config.r,
             lora_alpha=config.lora_alpha,
-            enable_lora=[t for t in config.lora_targets if t in LORA_PROJECTIONS],
+            enable_lora=[group for group in LORA_PROJECTIONS
+                         if f"{path}.attn.{TARGET_GROUPS[group][0]}" in lora_paths],
             causal=True,
             dim_head=config.dim_head,
             blindspot_size=config.blindspot_size,
@@ -177,7 +270,7 @@ class Block(nn.Module):
             lora_dropout=config.lora_dropout,
         )
         self.norm2 = nn.LayerNorm(config.dim)
-        self.ff = FeedForward(config)
+        self.ff = FeedForward(config, f"{path}.ff", lora_paths)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None,
                 cache: AttentionCache | None = None) -> torch.Tensor:
@@ -206,7 +299,8 @@ class LoRATransformerLM(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
-        emb_r = config.r if "emb" in config.lora_targets else 0
+        lora_paths = set(lora_module_paths(config))
+        emb_r = config.r if "token_emb" in lora_paths else 0
         self.token_emb = LoRAEmbedding(VOCAB_SIZE, config.dim, r=emb_r, lora_alpha=config.lora_alpha,
                                        use_rslora=config.use_rslora)
         nn.init.normal_(self.token_emb.weight, std=0.02)
@@ -215,7 +309,7 @@ class LoRATransformerLM(nn.Module):
         self.pos_emb = nn.Embedding(config.max_seq_len, config.dim)
         nn.init.normal_(self.pos_emb.weight, std=0.02)
         self.dropout = nn.Dropout(config.dropout)
-        self.blocks = nn.ModuleList(Block(config) for _ in range(config.depth))
+        self.blocks = nn.ModuleList(Block(config, f"blocks.{index}", lora_paths) for index in range(config.depth))
         self.norm = nn.LayerNorm(config.dim)
         self.lm_head = nn.Linear(config.dim, VOCAB_SIZE)
         layers = dict(lora_layers(self))
