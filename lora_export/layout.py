@@ -25,13 +25,15 @@ TOKENIZER_CONFIG = "tokenizer_config.json"
 
 
 class Form(str, enum.Enum):
-    """The two forms of an export: LoRA folded into the base weights, or LoRA A/B kept as graph inputs.
+    """The forms of an export: LoRA folded into the base weights, LoRA A/B kept as graph inputs (one adapter per
+    run), or stacked slots of A/B plus ``adapter_ids`` (each batch row its own adapter).
 
     A str enum: its value is what the graph's ``lora_export.form`` metadata and the reports hold.
     """
 
     MERGED = "merged"
     ADAPTERS = "adapters"
+    SLOTS = "slots"
 
     def __str__(self) -> str:
         return self.value
@@ -44,7 +46,8 @@ class Form(str, enum.Enum):
     @property
     def title(self) -> str:
         """The form as the command line names it, with its flag."""
-        return "merged (--merge)" if self is Form.MERGED else "adapters-as-inputs (--adapters-as-inputs)"
+        return {Form.MERGED: "merged (--merge)", Form.ADAPTERS: "adapters-as-inputs (--adapters-as-inputs)",
+                Form.SLOTS: "adapter slots (--adapter-slots)"}[self]
 
 
 def data_path_of(path: Path) -> Path:

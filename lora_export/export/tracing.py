@@ -38,6 +38,12 @@ INPUT_NAMES = ["input_ids", "attention_mask"]
 OUTPUT_NAMES = ["logits"]
 
 
+#: The input of the slots form naming each batch row's adapter slot (int64 [batch]; 0 is the base).
+ADAPTER_IDS = "adapter_ids"
+#: The symbolic number of slots of every stacked LoRA input.
+SLOTS_AXIS = "lora_slots"
+
+
 class AdaptersAsInputs(nn.Module):
     """A module over ``base`` whose LoRA layers take A_t / B_t from forward() arguments (graph inputs).
 
@@ -64,6 +70,22 @@ class AdaptersAsInputs(nn.Module):
         finally:
             for layer in self.layers:
                 layer.use_external_lora(None, None)
+
+
+class SlotsAsInputs(AdaptersAsInputs):
+    """``AdaptersAsInputs`` for the slots form: forward(*inputs, adapter_ids, A_0, B_0, A_1, B_1, ...) with
+    stacked A_t [slots, in, r] and B_t [slots, r, out] per layer; row b of the batch uses slot adapter_ids[b]
+    (``LoRALayer.use_lora_slots``)."""
+
+    def forward(self, *args: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        inputs, adapter_ids, lora = args[: self.n_inputs], args[self.n_inputs], args[self.n_inputs + 1:]
+        for layer, a_stack, b_stack in zip(self.layers, lora[0::2], lora[1::2], strict=True):
+            layer.use_lora_slots(a_stack, b_stack, adapter_ids)
+        try:
+            return self.inner(*inputs)
+        finally:
+            for layer in self.layers:
+                layer.use_lora_slots(None)
 
 
 def base_model_of(model: LoRATransformerLM, state: dict[str, torch.Tensor]) -> LoRATransformerLM:
@@ -182,14 +204,23 @@ def trace_forms(model: LoRATransformerLM, form: Form, opset: int, build: Callabl
         return TracedGraph(_torch_export(module, args, input_names, _dynamic_shapes(module, shapes), opset,
                                          output_names), [])
     names, lora_args, lora_names, lora_shapes = [], [], [], []
-    example_rank = 3  # any rank > 1: torch.export specialises 0 and 1
+    example_rank, example_slots = 3, 3  # any size > 1: torch.export specialises 0 and 1
+    slots = torch.export.Dim("lora_slots", min=1, max=65536)
+    stacked = (example_slots,) if form is Form.SLOTS else ()
     for index, (name, layer) in enumerate(lora_layers(model)):
         rank = torch.export.Dim(f"lora_rank_{index}", min=1, max=4096)  # one rank per layer
         names.append(name)
-        lora_args += [torch.zeros(layer.in_features, example_rank), torch.zeros(example_rank, layer.out_features)]
+        lora_args += [torch.zeros(*stacked, layer.in_features, example_rank),
+                      torch.zeros(*stacked, example_rank, layer.out_features)]
         lora_names += [f"{name}.lora_A", f"{name}.lora_B"]
-        lora_shapes += [{1: rank}, {0: rank}]
-    module = AdaptersAsInputs(build(base), base, names, len(args), fold_lora)
+        lora_shapes += ([{0: slots, 2: rank}, {0: slots, 1: rank}] if stacked else [{1: rank}, {0: rank}])
+    if form is Form.SLOTS:  # adapter_ids [batch], one slot per row: the batch axis of the first input
+        module: nn.Module = SlotsAsInputs(build(base), base, names, len(args))
+        ids = torch.arange(args[0].shape[0]) % example_slots
+        lora_args, lora_names, lora_shapes = [ids, *lora_args], [ADAPTER_IDS, *lora_names], [{0: shapes[0][0]},
+                                                                                           *lora_shapes]
+    else:
+        module = AdaptersAsInputs(build(base), base, names, len(args), fold_lora)
     program = _torch_export(module, (*args, *lora_args), input_names + lora_names,
                             _dynamic_shapes(module, shapes + lora_shapes), opset, output_names)
     return TracedGraph(program, names)

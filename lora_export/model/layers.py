@@ -42,6 +42,7 @@ class LoRALayer:
         self.merged = False
         self.external_lora: tuple[torch.Tensor, torch.Tensor] | None = None
         self.fold_external_lora = False
+        self.lora_slots: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def new_lora_parameters(self) -> None:
         """Fresh lora_A [r, in_features] (Kaiming-uniform, a = sqrt(5)) and lora_B [out_features, r] (zeros), so
@@ -103,6 +104,17 @@ class LoRALayer:
         self.external_lora = None if lora_a_t is None else (lora_a_t, lora_b_t)
         self.fold_external_lora = fold
 
+    def use_lora_slots(self, a_stack: torch.Tensor | None, b_stack: torch.Tensor | None = None,
+                       adapter_ids: torch.Tensor | None = None) -> None:
+        """Give each batch row its own adapter (BGMV, as vLLM's stacked LoRA): A_t stacks a_stack [S, in, r] and
+        pre-scaled B_t stacks b_stack [S, r, out], one slot per adapter (smaller ranks zero-padded: exact), and
+        adapter_ids int64 [B] naming row b's slot. Row b computes ``x_b @ W0^T + (x_b @ a_stack[id_b]) @
+        b_stack[id_b]``; a slot of zeros is the base. Inputs must have the batch first (x [B, N, in], ids
+        [B, N]). ``None`` returns to the own parameters. A merged layer refuses (ValueError)."""
+        if a_stack is not None and self.merged:
+            raise ValueError("use_lora_slots on a merged layer: unmerge() it first")
+        self.lora_slots = None if a_stack is None else (a_stack, b_stack, adapter_ids)
+
     def layer_name(self) -> str:
         """A short name for error messages (the module path is only known to the model)."""
         return f"{type(self).__name__}(r={self.r})"
@@ -144,6 +156,9 @@ class LoRALinear(nn.Linear, LoRALayer):
             folded = x @ (self.weight.T + lora_a_t @ lora_b_t)
             return folded if self.bias is None else folded + self.bias
         result = F.linear(x, self.weight, self.bias)
+        if self.lora_slots is not None:
+            a_stack, b_stack, adapter_ids = self.lora_slots
+            return result + (x @ a_stack[adapter_ids]) @ b_stack[adapter_ids]  # [B, N, in] @ [B, in, r] @ [B, r, out]
         if self.external_lora is not None:
             lora_a_t, lora_b_t = self.external_lora
             return result + (x @ lora_a_t) @ lora_b_t
@@ -183,6 +198,11 @@ class LoRAEmbedding(nn.Embedding, LoRALayer):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         """ids [...] (int64) -> [..., embedding_dim]."""
         result = F.embedding(ids, self.weight)
+        if self.lora_slots is not None:
+            a_stack, b_stack, adapter_ids = self.lora_slots
+            a_rows = a_stack[adapter_ids]  # [B, vocab, r]: each row's own A_t, looked up by its token ids
+            picked = torch.gather(a_rows, 1, ids.unsqueeze(-1).expand(-1, -1, a_rows.shape[-1]))
+            return result + picked @ b_stack[adapter_ids]
         if self.external_lora is not None:
             lora_a_t, lora_b_t = self.external_lora
             return result + F.embedding(ids, lora_a_t) @ lora_b_t
