@@ -107,6 +107,26 @@ def test_two_processes_equal_one(base: Path, one_process: Path) -> None:
     assert max(t.abs().max() for n, t in lora.items() if n.endswith("lora_B")) > 0  # training moved the weights
 
 
+def test_fsdp_two_processes_equal_one(base: Path, one_process: Path) -> None:
+    """The model sharded over 2 processes (fully_shard): the same training, and the checkpoint whole again."""
+    out = base.parent / "fsdp.pt"
+    code, output = finish(torchrun(["adapt", str(base), "-o", str(out), *ADAPT, "--batch-size", "4", "--fsdp",
+                                    *data_args(base)]))
+    assert code == 0, output
+    assert "Warning" not in output, output
+    assert_same_training(one_process, out)
+    payload = read_checkpoint(out)
+    assert payload["training"]["fsdp"] is True
+    assert all(torch.equal(t, read_checkpoint(base)["base"][n]) for n, t in payload["base"].items())  # frozen
+
+
+def test_fsdp_refuses_step_checkpoints(base: Path, tmp_path: Path) -> None:
+    data = TextData.from_bytes((base.parent / "prose.txt").read_bytes(), "prose")
+    with pytest.raises(TrainingError, match="--fsdp with --save-every or --resume is not supported"):
+        adapt(base, r=2, data=data, steps=4, batch_size=4, seq_len=16, progress=False, fsdp=True, save_every=2,
+              output=tmp_path / "x.pt")
+
+
 def test_two_nodes_equal_one_node(base: Path, one_process: Path) -> None:
     out, port = base.parent / "nodes.pt", free_port()
     nodes = [torchrun(["adapt", str(base), "-o", str(out), *ADAPT, "--batch-size", "4", *data_args(base)],

@@ -51,6 +51,9 @@ def training_options(steps: int, lr: float, eval_every: int) -> Callable[[Comman
                      help="Also write a resumable checkpoint <output stem>.step<N><suffix> every N steps."),
         click.option("--resume", type=click.Path(path_type=Path), default=None,
                      help="Go on from a --save-every checkpoint of this same run (settings, data, model checked)."),
+        click.option("--fsdp", is_flag=True,
+                     help="Under torchrun, shard the model over the processes (FSDP) instead of replicating it "
+                          "(DDP): for a base too big for one device."),
         click.option("--dist-timeout", type=float, default=DEFAULT_TIMEOUT_S, show_default=True,
                      help="Seconds a process waits for the others (torchrun) before the run ends with one line."),
     ]
@@ -89,7 +92,7 @@ def stage_options(output: Path, training: dict[str, Any]) -> dict[str, Any]:
     check_hyperparameters(**{key: options[key] for key in ("steps", "batch_size", "seq_len", "lr", "eval_every",
                                                            "grad_accum", "save_every")})
     return {**options, "progress": not training["quiet"], "output": output,
-            "dist_timeout_s": training["dist_timeout"]}
+            "dist_timeout_s": training["dist_timeout"], "fsdp": training["fsdp"]}
 
 
 def check_training_outputs(output: Path, inputs: list[Path], steps: int, save_every: int | None,

@@ -12,6 +12,11 @@ is the base model. An adapter file (``.onnx_adapter``) holds exactly these named
 ``onnxruntime.AdapterFormat``; its model version is derived from the base-weights fingerprint. Beside it,
 ``<adapter>.json`` records the sha256 of every tensor (the format has no checksum of its own): reading the
 adapter verifies it, so damaged bytes are refused naming the tensor.
+
+A graph may have LoRA inputs on more layers than one adapter adapts (``--lora-layers``): the layers an adapter
+leaves out run as the base (``base_layers``). The slots form (``export.slots``) stacks the same inputs with a
+leading slot axis, ``P.lora_A`` [lora_slots, in, r] and ``P.lora_B`` [lora_slots, r, out], plus ``adapter_ids``
+int64 [batch]; one adapter fits it as it fits the adapter form (``adapter_input_specs`` drops the slot axis).
 """
 
 from __future__ import annotations
@@ -38,6 +43,10 @@ from .ort_session import quiet_session
 ADAPTER_VERSION = 1
 LORA_SUFFIXES = (".lora_A", ".lora_B")
 RECORD_FORMAT = "lora-export-adapter-record"
+#: The input of the slots form naming each batch row's adapter slot (int64 [batch]; 0 is the base).
+ADAPTER_IDS = "adapter_ids"
+#: The symbolic number of slots of every stacked LoRA input.
+SLOTS_AXIS = "lora_slots"
 
 
 def model_version_from_fingerprint(base_fingerprint: str) -> int:
@@ -66,27 +75,30 @@ def _array_sha256(array: np.ndarray) -> str:
     return digest.hexdigest()
 
 
-def adapter_record(tensors: Mapping[str, np.ndarray], model_version: int) -> dict:
-    """The integrity record of an adapter: versions and every tensor's dtype, shape and sha256."""
-    return {
+def adapter_record(tensors: Mapping[str, np.ndarray], model_version: int, slots: list[dict] | None = None) -> dict:
+    """The integrity record of an adapter: versions and every tensor's dtype, shape and sha256; a pack's
+    (``export.slots``) also lists its ``slots``."""
+    record = {
         "format": RECORD_FORMAT,
         "adapter_version": ADAPTER_VERSION,
         "model_version": model_version,
         "tensors": {name: {"dtype": str(np.asarray(a).dtype), "shape": list(np.shape(a)), "sha256": _array_sha256(a)}
                     for name, a in sorted(tensors.items())},
     }
+    return record if slots is None else {**record, "slots": slots}
 
 
 def write_adapter(path: str | os.PathLike, tensors: Mapping[str, np.ndarray], model_version: int,
-                  stage: StagedOutputs | None = None) -> None:
-    """Write ``tensors`` as an ``.onnx_adapter`` file and its integrity record ``<adapter>.json``.
+                  stage: StagedOutputs | None = None, slots: list[dict] | None = None) -> None:
+    """Write ``tensors`` as an ``.onnx_adapter`` file and its integrity record ``<adapter>.json`` (with ``slots``
+    for a pack of adapters, ``export.slots``).
 
     Both land together or not at all: in ``stage`` when given (moved in with the rest of its files), else in a
     stage of their own. ONNX Runtime's own write errors (RuntimeError, e.g. on a full disk) become OSError.
     """
     if stage is None:
         with staged_outputs() as own_stage:
-            write_adapter(path, tensors, model_version, own_stage)
+            write_adapter(path, tensors, model_version, own_stage, slots)
         return
     adapter = ort.AdapterFormat()
     adapter.set_adapter_version(ADAPTER_VERSION)
@@ -96,7 +108,7 @@ def write_adapter(path: str | os.PathLike, tensors: Mapping[str, np.ndarray], mo
         adapter.export_adapter(str(stage.path(path)))
     except RuntimeError as err:  # ORT reports a failed write as RuntimeError
         raise OSError(f"ONNX Runtime could not write the adapter: {_ort_message(err)}") from None
-    record = json.dumps(adapter_record(tensors, model_version), indent=1, sort_keys=True) + "\n"
+    record = json.dumps(adapter_record(tensors, model_version, slots), indent=1, sort_keys=True) + "\n"
     stage.path(adapter_record_path(path)).write_text(record, encoding="utf-8")
 
 
@@ -157,26 +169,44 @@ def lora_input_specs(model: onnx.ModelProto) -> dict[str, tuple[int, list[int | 
     return specs
 
 
-def check_adapter(model: onnx.ModelProto, tensors: Mapping[str, np.ndarray]) -> tuple[list[str], list[str]]:
-    """Hold adapter tensors against a model's LoRA inputs before any run.
+def adapter_input_specs(model: onnx.ModelProto) -> dict[str, tuple[int, list[int | str]]]:
+    """The shape one adapter's tensors must have for each LoRA input of ``model`` (``lora_input_specs``): the
+    input's own in the adapter form, without its leading slot axis in the slots form (A [in, r], B [r, out])."""
+    return {name: (elem_type, dims[1:] if dims[:1] == [SLOTS_AXIS] else dims)
+            for name, (elem_type, dims) in lora_input_specs(model).items()}
 
-    Returns (errors, notes). Errors: a name the model has no input for, a dtype other than the input's,
-    a fixed dimension that differs, a non-2-D tensor, A and B of one layer with different ranks, NaN or Inf.
-    Notes: model LoRA inputs the adapter leaves out (those layers run as the base model).
-    """
-    specs = lora_input_specs(model)
-    errors, notes = [], []
-    if not specs:
-        errors.append("the model has no LoRA inputs (was it exported with --merge?)")
-        return errors, notes
-    for name in sorted(tensors):
-        array = tensors[name]
-        if array.dtype.kind == "f" and not np.isfinite(array).all():
-            errors.append(f"{name}: holds NaN or Inf")
-    for name in sorted(set(tensors) - set(specs)):
-        errors.append(f"{name}: not an input of the model (extra name)")
-    for name in sorted(set(specs) - set(tensors)):
-        notes.append(f"{name}: not in the adapter; that layer runs without LoRA")
+
+def _layer_of(name: str) -> str:
+    """``blocks.0.attn.to_q.lora_A`` -> ``blocks.0.attn.to_q``."""
+    return name.rsplit(".", 1)[0]
+
+
+def base_layers(model: onnx.ModelProto, tensors: Mapping[str, np.ndarray]) -> tuple[list[str], int]:
+    """(the layers with LoRA inputs in ``model`` that ``tensors`` leave out, in graph order: they run as the base;
+    how many layers have LoRA inputs)."""
+    layers = list(dict.fromkeys(_layer_of(name) for name in lora_input_specs(model)))
+    adapted = {_layer_of(name) for name in tensors}
+    return [layer for layer in layers if layer not in adapted], len(layers)
+
+
+def base_layers_note(model: onnx.ModelProto, tensors: Mapping[str, np.ndarray]) -> str | None:
+    """One line naming the layers of ``model`` the adapter leaves out (``base_layers``), or None when it adapts
+    every layer with LoRA inputs."""
+    left_out, total = base_layers(model, tensors)
+    if not left_out:
+        return None
+    shown = ", ".join(left_out[:12]) + (f", ... ({len(left_out) - 12} more)" if len(left_out) > 12 else "")
+    return (f"{len(left_out)} of {total} LoRA layers are not in the adapter, so each runs without LoRA (as the "
+            f"base): {shown}")
+
+
+def check_tensors(specs: Mapping[str, tuple[int, list[int | str]]], tensors: Mapping[str, np.ndarray]) -> list[str]:
+    """What is wrong with adapter ``tensors`` against input ``specs`` (``adapter_input_specs``): a name without an
+    input, a dtype other than the input's, a fixed dimension that differs, a tensor of another rank (ndim), A
+    and B of one layer with different ranks or without their pair, NaN or Inf."""
+    errors = [f"{name}: holds NaN or Inf" for name in sorted(tensors)
+              if tensors[name].dtype.kind == "f" and not np.isfinite(tensors[name]).all()]
+    errors += [f"{name}: not an input of the model (extra name)" for name in sorted(set(tensors) - set(specs))]
     for name in sorted(set(tensors) & set(specs)):
         elem_type, dims = specs[name]
         array = tensors[name]
@@ -199,7 +229,20 @@ def check_adapter(model: onnx.ModelProto, tensors: Mapping[str, np.ndarray]) -> 
     for b_name in sorted(n for n in tensors if n.endswith(".lora_B")):
         if b_name[: -len(".lora_B")] + ".lora_A" not in tensors:
             errors.append(f"{b_name}: its pair {b_name[: -len('.lora_B')]}.lora_A is missing")
-    return errors, notes
+    return errors
+
+
+def check_adapter(model: onnx.ModelProto, tensors: Mapping[str, np.ndarray]) -> tuple[list[str], list[str]]:
+    """Hold adapter tensors against a model's LoRA inputs (adapter or slots form) before any run.
+
+    Returns (errors, notes). Errors: ``check_tensors``'s, or a model without LoRA inputs. Notes: model LoRA
+    inputs the adapter leaves out (those layers run as the base model).
+    """
+    specs = adapter_input_specs(model)
+    if not specs:
+        return ["the model has no LoRA inputs (was it exported with --merge?)"], []
+    notes = [f"{name}: not in the adapter; that layer runs without LoRA" for name in sorted(set(specs) - set(tensors))]
+    return check_tensors(specs, tensors), notes
 
 
 def attach_adapter(model: nn.Module, tensors: Mapping[str, np.ndarray] | None) -> None:

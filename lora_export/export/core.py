@@ -4,9 +4,10 @@
 0. refuse an opset the exporter cannot write (``check_opset``), before anything else;
 1. read the checkpoint, build its model and fingerprint its base weights (``ExportSource.read``);
 2. take its trained adapter, refusing the adapters-as-inputs form of a checkpoint without LoRA layers
-   (``ExportSource.adapter``), before tracing (the merged form folds the LoRA into the model);
-3. after tracing: drop per-node debug information and, in the adapter form, give every LoRA input its rank-0
-   default (``finish_graph``);
+   (``ExportSource.adapter``), before tracing (the merged form folds the LoRA into the model), and the layers the
+   graph gets LoRA inputs on (``graph_lora_layers``: its own, or a superset such as every adaptable layer);
+3. after tracing: drop per-node debug information and, in the adapter and slots forms, give every LoRA input its
+   rank-0 default (``finish_graph``);
 4. the ``lora_export.*`` metadata every export carries (``export_metadata``);
 5. serialize the traced graph (``serialize_traced``): in memory when it fits, or, for a model too big for memory,
    its weights written straight from the torch tensors to external data in the stage, the graph read back
@@ -20,7 +21,8 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Iterator, Mapping
+import os
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,8 +34,15 @@ from .. import __version__
 from ..errors import ExportError, first_line
 from ..files import StagedOutputs, file_sha256, staged_outputs
 from ..layout import Form, data_path_of
-from ..model.checkpoint import base_fingerprint, build_model, checkpoint_dtype, read_checkpoint
-from ..model.transformer import LoRATransformerLM
+from ..model.checkpoint import CHECKPOINT_SUFFIXES, base_fingerprint, build_model, checkpoint_dtype, read_checkpoint
+from ..model.layers import lora_layers
+from ..model.transformer import (
+    LoRATransformerLM,
+    ModelConfig,
+    adaptable_module_paths,
+    lora_module_paths,
+    resolve_targets,
+)
 from ..progress import Progress
 from .adapters import adapter_tensors, model_version_from_fingerprint, write_adapter
 from .onnx_files import (
@@ -47,6 +56,8 @@ from .tracing import TracedGraph, add_rank0_defaults
 
 #: The ONNX opsets an export may target: the dynamo exporter needs 18 or newer; 23 is the newest it writes.
 MIN_OPSET, MAX_OPSET = 18, 23
+#: The ``graph_lora_layers`` entry for every adaptable layer.
+ALL_LAYERS = "all"
 
 
 def check_opset(opset: int) -> None:
@@ -90,10 +101,41 @@ class ExportSource:
 
 def finish_graph(proto: onnx.ModelProto, form: Form) -> None:
     """Make a traced graph what lora-export ships: no per-node debug information (``strip_debug_info``) and, in
-    the adapter form, a rank-0 default for every LoRA input (no adapter fed = the base model)."""
+    the adapter and slots forms, a rank-0 default for every LoRA input (no adapter fed = the base model)."""
     strip_debug_info(proto)
-    if form is Form.ADAPTERS:
+    if form is not Form.MERGED:
         add_rank0_defaults(proto)
+
+
+def graph_lora_layers(source: ExportSource, wanted: Sequence[str | os.PathLike]) -> list[str] | None:
+    """The module paths an adapter- or slots-form graph of ``source`` gets LoRA inputs on, in module order: the
+    checkpoint's own LoRA layers and those ``wanted`` names (``--lora-layers``); None when nothing is wanted (the
+    checkpoint's own). Each entry is ``all`` (every adaptable layer), a checkpoint on the same base (its LoRA
+    layers: a graph for the union of several checkpoints' targets) or a ``lora_targets`` entry (a group, module
+    name, path or pattern). Raises ExportError or CheckpointError (one line)."""
+    if not wanted:
+        return None
+    adaptable = adaptable_module_paths(source.model.config)
+    chosen = {name for name, _ in lora_layers(source.model)}
+    for entry in wanted:
+        chosen.update(_wanted_layers(str(entry), adaptable, source))
+    return [path for path in adaptable if path in chosen]
+
+
+def _wanted_layers(entry: str, adaptable: list[str], source: ExportSource) -> list[str]:
+    """The adaptable module paths one ``graph_lora_layers`` entry names."""
+    if entry == ALL_LAYERS:
+        return adaptable
+    if Path(entry).suffix in CHECKPOINT_SUFFIXES:
+        payload = read_checkpoint(Path(entry))
+        if base_fingerprint(payload["base"]) != source.fingerprint:
+            raise ExportError(f"{entry}: its base weights differ from those of {source.path}: its adapter could not "
+                              "run on this graph")
+        return lora_module_paths(ModelConfig.from_dict(payload["config"]))
+    try:
+        return resolve_targets([entry], adaptable)
+    except ValueError as err:
+        raise ExportError(first_line(err).replace("lora_targets:", "lora layers:", 1)) from None
 
 
 def export_metadata(proto: onnx.ModelProto, source: ExportSource, form: Form, opset: int,

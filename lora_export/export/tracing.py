@@ -1,11 +1,14 @@
-"""Tracing a lora-export model to ONNX with torch.onnx's dynamo exporter, in either form.
+"""Tracing a lora-export model to ONNX with torch.onnx's dynamo exporter, in each of its forms.
 
 merged: the LoRA folded into the base weights, a plain graph. adapters: every LoRA layer's A_t / B_t are graph
 inputs (``AdaptersAsInputs``), each layer with its own symbolic rank (``<path>.lora_rank``) and a rank-0 default
-initializer, so ONNX Runtime's multi-LoRA API feeds any adapter of the same base. ``trace_forms`` serves the
-scoring graph (``trace_to_onnx``) and the KV-cache decoder (``genai.decoder``). From opset 23 on the
-global softmax heads become ONNX ``Attention`` nodes; below it, ``decomposed_attention`` keeps the exporter off
-its own (mismatching) decomposition of a masked SDPA.
+initializer, so ONNX Runtime's multi-LoRA API feeds any adapter of the same base. slots: the same inputs stacked
+([lora_slots, in, r] / [lora_slots, r, out], ``SlotsAsInputs``) plus ``adapter_ids`` [batch], each row its own slot.
+The LoRA inputs go on the checkpoint's LoRA layers or on any given set of adaptable layers (``lora_paths``: the
+others run as the base until an adapter feeds them). ``trace_forms`` serves the scoring graph (``trace_to_onnx``)
+and the KV-cache decoder (``genai.decoder``). From opset 23 on the global softmax heads become ONNX ``Attention``
+nodes; below it, ``decomposed_attention`` keeps the exporter off its own (mismatching) decomposition of a masked
+SDPA.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import inspect
 import io
 import logging
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,18 +33,14 @@ from ..model.attention import decomposed_attention
 from ..model.layers import LoRALayer, lora_layers, merge_lora
 from ..model.transformer import LoRATransformerLM, ModelConfig
 from ..progress import SILENT, Progress
-from .adapters import lora_input_specs, rank_axis
+from .adapters import ADAPTER_IDS, SLOTS_AXIS, lora_input_specs, rank_axis
 
 DEFAULT_OPSET = 23
 FUSED_ATTENTION_OPSET = 23  # the first with the standard Attention op
 INPUT_NAMES = ["input_ids", "attention_mask"]
 OUTPUT_NAMES = ["logits"]
-
-
-#: The input of the slots form naming each batch row's adapter slot (int64 [batch]; 0 is the base).
-ADAPTER_IDS = "adapter_ids"
-#: The symbolic number of slots of every stacked LoRA input.
-SLOTS_AXIS = "lora_slots"
+#: The most slots a slots-form graph takes.
+MAX_SLOTS = 65536
 
 
 class AdaptersAsInputs(nn.Module):
@@ -166,14 +165,16 @@ def _torch_export(module: nn.Module, args: tuple, input_names: list[str], dynami
     return program
 
 
-def trace_to_onnx(model: LoRATransformerLM, form: Form, opset: int) -> TracedGraph:
-    """Export ``model`` (unmerged checkpoint model) in ``form`` (``trace_forms``)."""
+def trace_to_onnx(model: LoRATransformerLM, form: Form, opset: int,
+                  lora_paths: Sequence[str] | None = None) -> TracedGraph:
+    """Export ``model`` (unmerged checkpoint model) in ``form`` (``trace_forms``; ``lora_paths``: its LoRA
+    layers)."""
     ids, mask = _example_inputs(model.config)
     batch = torch.export.Dim("batch", min=1, max=4096)
     seq = torch.export.Dim("seq", min=1, max=model.config.max_seq_len)
     # a scoring pass runs many tokens through each weight: the LoRA inputs are folded into it at run time
     return trace_forms(model, form, opset, lambda base: base, (ids, mask), INPUT_NAMES,
-                       [{0: batch, 1: seq}, {0: batch, 1: seq}], OUTPUT_NAMES, fold_lora=True)
+                       [{0: batch, 1: seq}, {0: batch, 1: seq}], OUTPUT_NAMES, fold_lora=True, lora_paths=lora_paths)
 
 
 def _dynamic_shapes(module: nn.Module, shapes: list[dict]) -> tuple:
@@ -187,13 +188,15 @@ def _dynamic_shapes(module: nn.Module, shapes: list[dict]) -> tuple:
 
 def trace_forms(model: LoRATransformerLM, form: Form, opset: int, build: Callable[[LoRATransformerLM], nn.Module],
                 args: tuple, input_names: list[str], shapes: list[dict], output_names: list[str],
-                fold_lora: bool = False) -> TracedGraph:
+                fold_lora: bool = False, lora_paths: Sequence[str] | None = None) -> TracedGraph:
     """Export ``build(base)`` in ``form`` with the dynamo exporter, not yet serialized (``TracedGraph``).
 
     merged: the LoRA folded into the base first. adapters: every LoRA layer's A_t / B_t become graph inputs after
     ``input_names`` (a rank of its own per layer). ``build`` turns the plain base model into the module to export
     (the model itself, or a decoder over it) whose forward takes ``args`` (dynamic shapes ``shapes``).
     ``fold_lora``: the adapter form's linear layers merge their LoRA inputs into the weight at run time.
+    ``lora_paths``: the module paths that get LoRA inputs (any adaptable modules, in module order; a layer the
+    checkpoint has no LoRA on then runs as the base until an adapter feeds it); None: the checkpoint's LoRA layers.
     ``model`` is changed in place (merged) and shares its base tensors with the traced graph: no copy.
     """
     if form is Form.MERGED:
@@ -205,9 +208,12 @@ def trace_forms(model: LoRATransformerLM, form: Form, opset: int, build: Callabl
                                          output_names), [])
     names, lora_args, lora_names, lora_shapes = [], [], [], []
     example_rank, example_slots = 3, 3  # any size > 1: torch.export specialises 0 and 1
-    slots = torch.export.Dim("lora_slots", min=1, max=65536)
+    slots = torch.export.Dim(SLOTS_AXIS, min=1, max=MAX_SLOTS)
     stacked = (example_slots,) if form is Form.SLOTS else ()
-    for index, (name, layer) in enumerate(lora_layers(model)):
+    modules = dict(base.named_modules())
+    paths = [name for name, _ in lora_layers(model)] if lora_paths is None else list(lora_paths)
+    for index, name in enumerate(paths):
+        layer = modules[name]
         rank = torch.export.Dim(f"lora_rank_{index}", min=1, max=4096)  # one rank per layer
         names.append(name)
         lora_args += [torch.zeros(*stacked, layer.in_features, example_rank),
@@ -237,12 +243,13 @@ def name_rank_axes(model: onnx.ModelProto, layer_names: list[str]) -> None:
 
 
 def add_rank0_defaults(model: onnx.ModelProto) -> None:
-    """Give every LoRA input a same-named rank-0 initializer: no adapter fed = the base model."""
+    """Give every LoRA input a same-named rank-0 initializer: no adapter fed = the base model. In the slots form one
+    slot of rank 0 ([1, in, 0] / [1, 0, out]): with no pack fed, every row (adapter_ids all 0) is the base."""
     existing = {init.name for init in model.graph.initializer}
     for name, (elem_type, dims) in lora_input_specs(model).items():
         if name in existing:
             continue
-        shape = [0 if isinstance(d, str) else d for d in dims]
+        shape = [1 if d == SLOTS_AXIS else 0 if isinstance(d, str) else d for d in dims]
         array = np.zeros(shape, dtype=onnx.helper.tensor_dtype_to_np_dtype(elem_type))
         model.graph.initializer.append(onnx.numpy_helper.from_array(array, name))
     model.ir_version = max(model.ir_version, 4)

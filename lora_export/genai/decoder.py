@@ -5,12 +5,17 @@ Graph interface (genai's decoder-only defaults): ``input_ids`` int64 [batch, seq
 [batch, total] (past + current; every position must be real: the decoder has no padding), ``position_ids``
 int64 [batch, seq], and per cache slot ``past_key_values.<s>.key|value`` float32 [batch, heads, past, head_size]
 -> ``logits`` [batch, seq, 256] and ``present.<s>.key|value``. In the adapter form the LoRA inputs of
-``lora_export.export.adapters`` follow, unchanged (``.onnx_adapter`` files work as for the scoring graph).
+``lora_export.export.adapters`` follow, unchanged (``.onnx_adapter`` files work as for the scoring graph); in the
+slots form ``adapter_ids`` int64 [batch] and the stacked ``P.lora_A`` [lora_slots, in, r] / ``P.lora_B``
+[lora_slots, r, out] (each row its own adapter: ``genai.batch``), whose defaults (one all-zero slot of rank 0) run
+every row as the base.
 
 Cache slots: per block, one slot for the global softmax heads (full history, present = past + new) and one for
 the local heads, whose present keeps only the last ``window + cache_slack`` positions: genai's ``sliding_window``
 with the same slack, so their cache is bounded whatever the length generated. Key positions come from
-``position_ids`` (the first new position minus the past length), so no shape depends on ``attention_mask``.
+``position_ids`` (the last new position minus the keys before it), so no shape depends on ``attention_mask``, and a
+key whose position falls below 0 is never visible: a row left-padded to a batch's longest prompt (``genai.batch``;
+its padding given position 0) computes exactly what it computes alone. genai itself never pads on the left.
 
 Refused (one line): linear global heads (their state is a running sum, not a sequence of keys that genai's
 cache holds). Blindspot global heads and any window are expressed exactly.
@@ -100,7 +105,8 @@ def decoder_problem(config: ModelConfig) -> str | None:
 class DecoderWithPast(nn.Module):
     """forward(input_ids, attention_mask, position_ids, past_0_key, past_0_value, ...) -> (logits, presents...).
 
-    The same computation as ``LoRATransformerLM`` over past + new positions, for a model without padding.
+    The same computation as ``LoRATransformerLM`` over past + new positions, for rows without padding or
+    left-padded (the padding at position 0, its keys below 0: see the module docstring).
     """
 
     def __init__(self, model: LoRATransformerLM, cache_slack: int = CACHE_SLACK) -> None:
@@ -112,10 +118,12 @@ class DecoderWithPast(nn.Module):
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_k: torch.Tensor, past_v: torch.Tensor,
                 positions: torch.Tensor, local: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q, k, v [B, H, N, d] of the new positions ``positions`` [B, N]; past_k / past_v [B, H, P, d] the P
-        positions before them. Returns (out [B, H, N, d], present_k, present_v)."""
+        positions before them (left padding: positions below 0, never visible). Returns (out [B, H, N, d],
+        present_k, present_v)."""
         config = self.model.config
         keys, values = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)
-        key_positions = positions[:, :1] - past_k.shape[2] + torch.arange(keys.shape[2], device=q.device)[None, :]
+        count = keys.shape[2]  # the keys end at the last new position: a left-padded row's padding falls below 0
+        key_positions = positions[:, -1:] - (count - 1) + torch.arange(count, device=q.device)[None, :]
         distance = positions[:, :, None] - key_positions[:, None, :]  # [B, N, P + N]
         if local:
             visible = (distance >= 0) & (distance < config.local_attn_window_size)
@@ -125,6 +133,7 @@ class DecoderWithPast(nn.Module):
                 positions[:, :, None], block, rounding_mode="floor")
         else:
             visible = distance >= 0
+        visible = visible & (key_positions >= 0)[:, None, :]
         out = fused_attention(q, keys, values, visible[:, None])
         if local:
             keys, values = keys[:, :, -self.keep_local:], values[:, :, -self.keep_local:]
@@ -283,10 +292,14 @@ def read_decoder_dir(model_dir: str | os.PathLike) -> DecoderDirectory:
 
 
 def export_decoder(checkpoint_path: str | os.PathLike, output_dir: str | os.PathLike, *, merge: bool = True,
-                   precision: str = "fp32", opset: int = DEFAULT_OPSET,
+                   form: Form | None = None, precision: str = "fp32", opset: int = DEFAULT_OPSET,
                    external_data_threshold: int = EXTERNAL_DATA_THRESHOLD, progress: Progress = SILENT) -> Path:
     """Write an onnxruntime-genai model directory for a checkpoint: model.onnx (KV-cache decoder, merged or with
     the adapters as inputs), genai_config.json, and in the adapter form the trained model.onnx_adapter.
+
+    ``form`` (None: ``Form.of(merge)``): ``Form.SLOTS`` writes the adapter-slots decoder (``adapter_ids`` and
+    stacked LoRA inputs; each batch row its own adapter, ``genai.batch``) with the trained model.onnx_adapter
+    beside it as an ordinary adapter, one to pack with others.
 
     ``precision``: ``fp32``; ``int8``, ONNX Runtime dynamic int8 of the constant weights; ``int4``, block-wise
     weight-only int4 (``MatMulNBits``) of the constant MatMul weights; ``fp16``, float16 weights,
@@ -304,7 +317,7 @@ def export_decoder(checkpoint_path: str | os.PathLike, output_dir: str | os.Path
     """
     say = progress.stage
     check_opset(opset)
-    checkpoint_path, output_dir, form = Path(checkpoint_path), Path(output_dir), Form.of(merge)
+    checkpoint_path, output_dir, form = Path(checkpoint_path), Path(output_dir), form or Form.of(merge)
     if precision not in DECODER_PRECISIONS:
         raise ExportError(f"precision {precision!r} is not supported for the decoder: "
                           f"{', '.join(DECODER_PRECISIONS)}")

@@ -6,18 +6,26 @@ of M machines) starts N x M copies of the trainer with RANK, LOCAL_RANK and WORL
 CPU, nccl on CUDA) with a timeout, so that a peer that dies or hangs ends the others with one line instead of a
 hang. ``wrap`` puts the model in DDP: only parameters that train (the LoRA matrices when adapting) take part in
 its gradient all-reduce, averaged over the processes. Rank 0 alone logs, evaluates and writes checkpoints.
+
+With ``fsdp`` the model is sharded instead (``torch.distributed.fsdp.fully_shard`` per block, then the whole):
+each process holds 1 / world_size of every weight, gathered for each block's forward and backward, for a base too
+big for one device. Then every process evaluates (a forward needs them all) and ``full_state`` gathers the
+weights back for rank 0 to write.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
 from ..errors import PeersFailedError, TrainingError, first_line
@@ -88,13 +96,26 @@ class Distributed:
         if self.active and dist.is_initialized():
             dist.destroy_process_group()
 
-    def wrap(self, model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    def wrap(self, model: torch.nn.Module, device: torch.device, fsdp: bool = False) -> torch.nn.Module:
         """The model DDP-wrapped for training (the model itself alone). DDP reduces only parameters that require
-        gradients, so a LoRA run all-reduces the LoRA gradients and nothing of the frozen base."""
+        gradients, so a LoRA run all-reduces the LoRA gradients and nothing of the frozen base. ``fsdp``: the
+        model sharded in place instead (its blocks, then itself), returned as it is."""
         if not self.active:
             return model
         with peers_guard(self):
+            if fsdp:
+                # the loss reads the logits out of place: the view FSDP warns about is never changed in place
+                warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
+                for block in model.blocks:
+                    fully_shard(block)
+                return fully_shard(model)
             return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    def full_state(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """The whole state dict of an ``fsdp``-sharded model, on the CPU, for rank 0 (empty on the others); every
+        process must call it."""
+        with peers_guard(self):
+            return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
     def mean(self, value: torch.Tensor) -> float:
         """The mean over the processes of a scalar tensor (the value itself alone)."""

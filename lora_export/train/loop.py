@@ -37,7 +37,8 @@ from .state import ResumeState, capture, restore
 class TrainSettings:
     """How one stage trains. batch_size is per process and micro-batch; seq_len None: the model's max_seq_len;
     save_every None: no step checkpoints; device 'auto', 'cpu' or 'cuda'; precision 'fp32', 'bf16' or 'fp16';
-    dist_timeout_s: how long a collective waits for the other processes before the run ends."""
+    dist_timeout_s: how long a collective waits for the other processes before the run ends; fsdp: shard the
+    model over the processes instead of replicating it (``Distributed.wrap``)."""
 
     steps: int
     batch_size: int
@@ -51,6 +52,7 @@ class TrainSettings:
     precision: str = "fp32"
     save_every: int | None = None
     dist_timeout_s: float = 600.0
+    fsdp: bool = False
 
 
 @dataclass
@@ -115,8 +117,11 @@ def train_step(run: Run, model: torch.nn.Module, optimizer: torch.optim.Optimize
 
 
 def _evaluate(run: Run, data: TextData) -> float:
-    """The held-out loss, measured by rank 0 only (NaN on the others, which never report it)."""
-    return evaluate(run.model, data.val, run.settings.seq_len) if run.distributed.is_main else math.nan
+    """The held-out loss, measured by rank 0 only (NaN on the others, which never report it); by every process
+    when the model is sharded (each forward gathers the weights from all)."""
+    if run.distributed.is_main or (run.settings.fsdp and run.distributed.active):
+        return evaluate(run.model, data.val, run.settings.seq_len)
+    return math.nan
 
 
 def train_loop(run: Run, data: TextData, identity: dict[str, Any], progress: Progress,
@@ -129,15 +134,17 @@ def train_loop(run: Run, data: TextData, identity: dict[str, Any], progress: Pro
     {'losses': per-step training loss, 'eval_losses': [[step, held-out loss], ...]}, on rank 0 complete.
     """
     settings = run.settings
+    history = ({k: list(v) for k, v in resume.history.items()} if resume is not None
+               else {"losses": [], "eval_losses": [[0, _evaluate(run, data)]]})
+    model = run.distributed.wrap(run.model, run.device, settings.fsdp)
+    # after wrapping: fully_shard replaces the parameters, and the optimizer must hold the ones that train
     optimizer = make_optimizer([p for p in run.model.parameters() if p.requires_grad], settings.lr,
                                settings.weight_decay)
     generator = torch.Generator().manual_seed(settings.seed)
+    start = 0
     if resume is not None:
         restore(resume, optimizer, run.precision.scaler, generator)
-        history, start = {k: list(v) for k, v in resume.history.items()}, resume.step
-    else:
-        history, start = {"losses": [], "eval_losses": [[0, _evaluate(run, data)]]}, 0
-    model = run.distributed.wrap(run.model, run.device)
+        start = resume.step
     model.train()
     warmup, running = min(100, settings.steps // 10), None
     try:

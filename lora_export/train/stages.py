@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from ..corpus import TextData, load_data
+from ..errors import TrainingError
 from ..files import file_sha256
 from ..model.checkpoint import base_fingerprint, build_model, read_checkpoint, save_checkpoint
 from ..model.layers import count_parameters, lora_state_dict, mark_only_lora_as_trainable
@@ -60,8 +61,12 @@ def check_hyperparameters(*, steps: int, batch_size: int, seq_len: int | None, l
                          f"(at most {MAX_STEP_CHECKPOINTS})")
 
 
-def check_settings(config: ModelConfig, data: TextData, settings: TrainSettings) -> None:
+def check_settings(config: ModelConfig, data: TextData, settings: TrainSettings,
+                   resume: str | os.PathLike | None = None) -> None:
     """Raise ValueError with one clear line for settings that cannot train (seq_len resolved)."""
+    if settings.fsdp and (settings.save_every or resume is not None):
+        raise TrainingError("--fsdp with --save-every or --resume is not supported: the optimizer state is "
+                            "sharded; train without them, or use DDP (no --fsdp) for resumable runs")
     check_hyperparameters(steps=settings.steps, batch_size=settings.batch_size, seq_len=settings.seq_len,
                           lr=settings.lr, eval_every=settings.eval_every, grad_accum=settings.grad_accum,
                           save_every=settings.save_every)
@@ -127,16 +132,18 @@ def run_identity(stage: str, config: ModelConfig, data: TextData, settings: Trai
 def fit(model: LoRATransformerLM, data: TextData, settings: TrainSettings, device: torch.device,
         identity: dict[str, Any], progress: Progress, resume: ResumeState | None,
         record: Callable[[dict[str, list]], dict[str, Any]],
-        output: str | os.PathLike | None) -> tuple[dict[str, list], dict[str, Any]]:
+        output: str | os.PathLike | None) -> tuple[LoRATransformerLM, dict[str, list], dict[str, Any]]:
     """Train ``model`` (moved to the device, back on the CPU after) as the settings say, in this process's place
-    among torchrun's; rank 0 writes a step checkpoint beside ``output`` every save_every steps. Returns the history
-    and how the run ran (world size, global batch, device, precision)."""
+    among torchrun's; rank 0 writes a step checkpoint beside ``output`` every save_every steps. Returns the trained
+    model (on the CPU; sharded ones gathered back whole: on rank 0 only, the others get ``model`` as it was), the
+    history and how the run ran (world size, global batch, device, precision)."""
+
     distributed = Distributed.from_environment()
     precision = Precision(settings.precision, device)
     progress.stage(global_batch_line(settings, distributed.world_size))
     ran = {"world_size": distributed.world_size,
            "global_batch": settings.batch_size * distributed.world_size * settings.grad_accum,
-           "device": device.type, "precision": precision.name}
+           "device": device.type, "precision": precision.name, "fsdp": settings.fsdp}
     run = Run(model.to(device), settings, distributed, device, precision)
     paths = step_checkpoint_paths(output, settings.steps, settings.save_every)
 
@@ -148,10 +155,23 @@ def fit(model: LoRATransformerLM, data: TextData, settings: TrainSettings, devic
     try:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             history = train_loop(run, data, identity, progress, resume, save_step if paths else None)
+        if settings.fsdp and distributed.active:
+            state = distributed.full_state(run.model)  # a collective: every process takes part
+            model = gathered(model.config, state) if distributed.is_main else model
     finally:
         distributed.stop()
-    model.cpu()
-    return history, ran
+    return model.cpu().eval(), history, ran
+
+
+def gathered(config: ModelConfig, state: dict[str, torch.Tensor]) -> LoRATransformerLM:
+    """A plain model holding ``state`` (a sharded model's weights gathered back): built on the meta device, the
+    tensors assigned, the same parameters trainable as in training."""
+    with torch.device("meta"):
+        model = LoRATransformerLM(config)
+    model.load_state_dict(state, assign=True)
+    if config.r > 0:
+        mark_only_lora_as_trainable(model)
+    return model
 
 
 def _settings(config: ModelConfig, values: dict[str, Any]) -> TrainSettings:
@@ -189,6 +209,7 @@ def pretrain(
     output: str | os.PathLike | None = None,
     resume: str | os.PathLike | None = None,
     dist_timeout_s: float = 600.0,
+    fsdp: bool = False,
 ) -> tuple[LoRATransformerLM, dict[str, Any]]:
     """Train the base LM (config.r must be 0; every parameter trains) from scratch, or from ``resume``'s step.
 
@@ -203,8 +224,8 @@ def pretrain(
     settings = _settings(config, dict(steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr, seed=seed,
                                       eval_every=eval_every, weight_decay=weight_decay, grad_accum=grad_accum,
                                       device=device, precision=precision, save_every=save_every,
-                                      dist_timeout_s=dist_timeout_s))
-    check_settings(config, data, settings)
+                                      dist_timeout_s=dist_timeout_s, fsdp=fsdp))
+    check_settings(config, data, settings, resume)
     distributed = Distributed.from_environment()
     device = resolve_device(settings.device, distributed.local_rank)
     identity = run_identity("pretrain", config, data, settings, distributed.world_size, None)
@@ -222,7 +243,7 @@ def pretrain(
         return _record("pretrain", data, parameters, history, settings, resumed,
                        {"final_eval_loss": history["eval_losses"][-1][1]})
 
-    history, ran = fit(model, data, settings, device, identity, progress, state, record, output)
+    model, history, ran = fit(model, data, settings, device, identity, progress, state, record, output)
     return model.eval(), {**record(history), **ran}
 
 
@@ -262,6 +283,7 @@ def adapt(
     output: str | os.PathLike | None = None,
     resume: str | os.PathLike | None = None,
     dist_timeout_s: float = 600.0,
+    fsdp: bool = False,
 ) -> tuple[LoRATransformerLM, dict[str, Any]]:
     """Add LoRA (rank r on lora_targets) to a base (r = 0) checkpoint and train only lora_A / lora_B.
 
@@ -286,8 +308,8 @@ def adapt(
     settings = _settings(config, dict(steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr, seed=seed,
                                       eval_every=eval_every, weight_decay=0.0, grad_accum=grad_accum,
                                       device=device, precision=precision, save_every=save_every,
-                                      dist_timeout_s=dist_timeout_s))
-    check_settings(config, data, settings)
+                                      dist_timeout_s=dist_timeout_s, fsdp=fsdp))
+    check_settings(config, data, settings, resume)
     distributed = Distributed.from_environment()
     device = resolve_device(settings.device, distributed.local_rank)
     fingerprint = base_fingerprint(base_payload["base"])
@@ -306,5 +328,5 @@ def adapt(
             "base_fingerprint": fingerprint, "base_eval_loss": base_eval_loss,
             "adapted_eval_loss": history["eval_losses"][-1][1]})
 
-    history, ran = fit(model, data, settings, device, identity, progress, state, record, output)
+    model, history, ran = fit(model, data, settings, device, identity, progress, state, record, output)
     return model.eval(), {**record(history), **ran}
