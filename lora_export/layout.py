@@ -56,9 +56,11 @@ def data_path_of(path: Path) -> Path:
 
 
 def default_output_path(checkpoint_path: str | os.PathLike, form: Form = Form.MERGED) -> Path:
-    """``model.pt`` -> ``model.onnx`` (merged) or ``model.adapters.onnx`` (adapters as inputs) beside it: the two
-    forms of one checkpoint never share a default file (nor, through it, a report directory)."""
-    return Path(checkpoint_path).with_suffix(".onnx" if form is Form.MERGED else ".adapters.onnx")
+    """``model.pt`` -> ``model.onnx`` (merged), ``model.adapters.onnx`` (adapters as inputs) or ``model.slots.onnx``
+    (adapter slots) beside it: the forms of one checkpoint never share a default file (nor, through it, a report
+    directory)."""
+    return Path(checkpoint_path).with_suffix({Form.MERGED: ".onnx", Form.ADAPTERS: ".adapters.onnx",
+                                              Form.SLOTS: ".slots.onnx"}[form])
 
 
 def default_adapter_path(path: str | os.PathLike) -> Path:
@@ -99,7 +101,8 @@ def default_report_dir(model_path: Path) -> Path:
 def default_genai_dir(checkpoint: Path, precision: str, form: Form) -> Path:
     """``model.pt`` -> ``model_genai``, ``model_genai_int8``, ``model_genai_adapters``, ``model_genai_fp16_adapters``
     ...: the precision and the form in the name, so no two default builds share a directory."""
-    suffix = ("" if precision == "fp32" else f"_{precision}") + ("" if form is Form.MERGED else "_adapters")
+    suffix = ("" if precision == "fp32" else f"_{precision}") + {Form.MERGED: "", Form.ADAPTERS: "_adapters",
+                                                                  Form.SLOTS: "_slots"}[form]
     return checkpoint.with_name(f"{checkpoint.stem}_genai{suffix}")
 
 

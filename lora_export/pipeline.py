@@ -155,7 +155,7 @@ def _export_genai(checkpoint: Path, output: str | os.PathLike | None, form: Form
     if memory_check:
         check_memory(checkpoint, Plan(form, genai=True, builds=() if precision == "fp32" else (precision,),
                                       validate=validation is not None))
-    run = ExportRun(genai_dir=export_decoder(checkpoint, directory, merge=form is Form.MERGED, precision=precision,
+    run = ExportRun(genai_dir=export_decoder(checkpoint, directory, form=form, precision=precision,
                                              opset=opset, external_data_threshold=external_data_threshold,
                                              progress=progress))
     on_step(EXPORTED, run)
@@ -196,6 +196,7 @@ def export_pipeline(
     output: str | os.PathLike | None = None,
     *,
     form: Form = Form.MERGED,
+    lora_layers: Sequence[str | os.PathLike] = (),
     adapter_output: str | os.PathLike | None = None,
     opset: int = DEFAULT_OPSET,
     simplify_graph: bool = True,
@@ -212,12 +213,13 @@ def export_pipeline(
 ) -> ExportRun:
     """Export CHECKPOINT and validate it, as ``lora-export CHECKPOINT`` does.
 
-    The scoring graph in ``form`` (``export_onnx``: ``output``, ``adapter_output``, ``opset``, ``simplify_graph``,
-    ``external_data_threshold``), then its builds (``quantize``: 'int8' / 'int4'; ``fp16``) beside it, then with
-    ``ort_format`` each model in ORT format. With ``genai``: a decoder directory instead (``export_decoder``; one
-    precision: fp32, or the one of ``quantize`` / ``fp16``; no ORT format, no separate adapter output). With
-    ``validation`` (None: none) the model is validated and the reports written (``validate_and_report``; the
-    builds go into its precision table). An existing output is replaced only with ``overwrite``.
+    The scoring graph in ``form`` (``export_onnx``: ``lora_layers``, ``output``, ``adapter_output``, ``opset``,
+    ``simplify_graph``, ``external_data_threshold``), then its builds (``quantize``: 'int8' / 'int4'; ``fp16``)
+    beside it, then with ``ort_format`` each model in ORT format. With ``genai``: a decoder directory instead
+    (``export_decoder``; one precision: fp32, or the one of ``quantize`` / ``fp16``; no ORT format, no separate
+    adapter output, no ``lora_layers``). With ``validation`` (None: none) the model is validated and the reports
+    written (``validate_and_report``; the builds go into its precision table). An existing output is replaced
+    only with ``overwrite``.
 
     ``progress`` gets the stage lines; ``on_step(step, run)`` is called when files have landed, before the
     validation: ``EXPORTED`` after the export, ``BUILT`` after the builds (scoring graph only). Returns the
@@ -227,7 +229,8 @@ def export_pipeline(
     """
     checkpoint, on_step = Path(checkpoint), on_step or (lambda _step, _run: None)
     if genai:
-        problem = genai_problem(quantize, fp16, ort_format, adapter_output)
+        problem = genai_problem(quantize, fp16, ort_format, adapter_output) or (
+            "--genai does not take --lora-layers yet" if lora_layers else None)
         if problem:
             raise ExportError(problem)
         precision = "fp16" if fp16 else quantize[0] if quantize else "fp32"
@@ -242,8 +245,8 @@ def export_pipeline(
     if memory_check:
         check_memory(checkpoint, Plan(form, simplify=simplify_graph, builds=tuple(builds), ort_format=ort_format,
                                       validate=validation is not None), external_data_threshold=external_data_threshold)
-    result = export_onnx(checkpoint, model_path, merge=form is Form.MERGED, adapter_path=adapter_path, opset=opset,
-                         simplify_graph=simplify_graph, external_data_threshold=external_data_threshold,
+    result = export_onnx(checkpoint, model_path, form=form, lora_layers=lora_layers, adapter_path=adapter_path,
+                         opset=opset, simplify_graph=simplify_graph, external_data_threshold=external_data_threshold,
                          progress=progress, overwrite=overwrite)
     run = ExportRun(export=result, models={"fp32": result.model_path})
     on_step(EXPORTED, run)

@@ -25,7 +25,7 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -224,8 +224,8 @@ def check_tensors(specs: Mapping[str, tuple[int, list[int | str]]], tensors: Map
         a, b = tensors[a_name], tensors.get(b_name)
         if b is None:
             errors.append(f"{a_name}: its pair {b_name} is missing")
-        elif a.ndim == 2 and b.ndim == 2 and a.shape[1] != b.shape[0]:
-            errors.append(f"{a_name}: rank {a.shape[1]} differs from {b_name} rank {b.shape[0]}")
+        elif a.ndim == b.ndim >= 2 and a.shape[-1] != b.shape[-2]:  # A [(S,) in, r], B [(S,) r, out]
+            errors.append(f"{a_name}: rank {a.shape[-1]} differs from {b_name} rank {b.shape[-2]}")
     for b_name in sorted(n for n in tensors if n.endswith(".lora_B")):
         if b_name[: -len(".lora_B")] + ".lora_A" not in tensors:
             errors.append(f"{b_name}: its pair {b_name[: -len('.lora_B')]}.lora_A is missing")
@@ -280,29 +280,38 @@ def activate_adapters(*paths: str | os.PathLike) -> tuple[ort.RunOptions, list[o
     return run_options, adapters
 
 
-def _probe_feeds(session: ort.InferenceSession) -> dict[str, np.ndarray]:
-    """Two bytes for a session's inputs: input_ids and attention_mask, and for a KV-cache decoder (``--genai``)
-    position_ids and an empty past (length 0) in each cache input's dtype; LoRA inputs come from the adapter."""
-    ids = np.array([[72, 105]], dtype=np.int64)
+def probe_inputs(session: ort.InferenceSession, batch: int = 1) -> dict[str, np.ndarray]:
+    """Two bytes in each of ``batch`` rows for a session's inputs: input_ids and attention_mask, and for a KV-cache
+    decoder (``--genai``) position_ids and an empty past (length 0) in each cache input's dtype; LoRA inputs (and
+    a slots graph's adapter_ids) are the caller's."""
+    ids = np.tile(np.array([[72, 105]], dtype=np.int64), (batch, 1))
     feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
     for value in session.get_inputs():
         if value.name == "position_ids":
-            feeds[value.name] = np.arange(ids.shape[1], dtype=np.int64)[None]
+            feeds[value.name] = np.tile(np.arange(ids.shape[1], dtype=np.int64), (batch, 1))
         elif value.name.startswith("past_key_values."):  # [batch, heads, past, head_size]
             dtype = np.float16 if value.type == "tensor(float16)" else np.float32
-            feeds[value.name] = np.zeros((1, value.shape[1], 0, value.shape[3]), dtype)
+            feeds[value.name] = np.zeros((batch, value.shape[1], 0, value.shape[3]), dtype)
     return feeds
 
 
-def run_adapter(model_path: str | os.PathLike, adapter_path: str | os.PathLike) -> str | None:
-    """Run the model once on ONNX Runtime's CPU provider with the adapter active (one short input; a genai decoder
-    from an empty cache); returns why it failed (one line), or None when it ran and gave finite logits."""
+def run_probe(model_path: str | os.PathLike, adapter_paths: Sequence[str | os.PathLike] = (),
+              lora_feeds: Mapping[str, np.ndarray] | None = None, batch: int = 1) -> str | None:
+    """Run the model once on ONNX Runtime's CPU provider (``probe_inputs``: ``batch`` rows of a short input; a genai
+    decoder from an empty cache) with ``adapter_paths`` active and ``lora_feeds`` fed; returns why it failed (one
+    line), or None when it ran and gave finite logits."""
     try:
         session = quiet_session(model_path)
-        run_options, _adapters = activate_adapters(adapter_path)
-        logits = session.run(["logits"], _probe_feeds(session), run_options)[0]
+        run_options, _adapters = activate_adapters(*adapter_paths)
+        logits = session.run(["logits"], {**probe_inputs(session, batch), **(lora_feeds or {})}, run_options)[0]
     except Exception as err:  # ORT raises its own exception types
         return f"ONNX Runtime cannot run the model with this adapter: {_ort_message(err)}"
     if not np.isfinite(logits).all():
         return "the model gives NaN or Inf logits with this adapter"
     return None
+
+
+def run_adapter(model_path: str | os.PathLike, adapter_path: str | os.PathLike) -> str | None:
+    """``run_probe`` of an adapters-as-inputs model (or genai decoder) with the adapter file active: why it failed
+    (one line), or None."""
+    return run_probe(model_path, adapter_paths=(adapter_path,))

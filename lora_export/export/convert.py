@@ -1,5 +1,8 @@
-"""Export a lora-export checkpoint to ONNX, merged or with the LoRA adapters as graph inputs; write or check the
-adapter of another checkpoint for an exported model.
+"""Export a lora-export checkpoint to ONNX, merged, with the LoRA adapters as graph inputs or in adapter slots (each
+batch row its own adapter, ``export.slots``); write or check the adapter of another checkpoint (or a pack) for an
+exported model. The adapter and slots forms take LoRA inputs on the checkpoint's LoRA layers or on a superset
+(``lora_layers``: every adaptable layer, or the union of several checkpoints' targets), so one graph takes any
+adapter whose layers are among them; the layers an adapter leaves out run as the base.
 
 Pipeline (both forms): load checkpoint -> build the export module -> torch.onnx.export (dynamo) with
 dynamic batch and sequence axes -> onnx.checker + shape inference -> onnxslim (``export.simplify``: kept only if it
@@ -12,7 +15,7 @@ file (``onnx_files.check_model_file``). The steps it shares with the genai decod
 
 Graph interface: ``input_ids`` int64 [batch, seq], ``attention_mask`` int64 [batch, seq] (1 = real
 token) -> ``logits`` float32 [batch, seq, 256]. The adapter form adds the LoRA inputs described in
-``export.adapters``.
+``export.adapters``; the slots form ``adapter_ids`` int64 [batch] and those inputs stacked in slots.
 
 From opset 23 on (the default) the global softmax heads are one ONNX ``Attention`` node each, ONNX Runtime's
 fused kernel (``model.attention.fused_attention``); the local heads stay blockwise (O(N * w)), linear global
@@ -24,7 +27,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,10 +38,14 @@ from ..files import StagedOutputs, check_outputs
 from ..layout import Form, adapter_record_path, default_adapter_path, default_output_path, model_files
 from ..progress import SILENT, Progress
 from .adapters import (
+    ADAPTER_IDS,
+    base_layers_note,
     check_adapter,
+    lora_input_specs,
     model_version_from_fingerprint,
     read_adapter,
     run_adapter,
+    run_probe,
     write_adapter,
 )
 from .core import (
@@ -46,6 +53,7 @@ from .core import (
     check_opset,
     export_metadata,
     finish_graph,
+    graph_lora_layers,
     serialize_traced,
     staged_export,
     write_companions,
@@ -61,6 +69,7 @@ from .onnx_files import (
     write_model_files,
 )
 from .simplify import simplify
+from .slots import check_pack, is_pack, read_pack, single_pack, slot_feeds
 from .tracing import DEFAULT_OPSET, trace_to_onnx
 
 
@@ -133,6 +142,8 @@ def export_onnx(
     output_path: str | os.PathLike | None = None,
     *,
     merge: bool = True,
+    form: Form | None = None,
+    lora_layers: Sequence[str | os.PathLike] = (),
     adapter_path: str | os.PathLike | None = None,
     opset: int = DEFAULT_OPSET,
     simplify_graph: bool = True,
@@ -144,22 +155,30 @@ def export_onnx(
 
     merge=True folds scaling * B @ A into the base weights and exports a plain transformer graph.
     merge=False exports the adapters-as-inputs graph and writes the trained adapter to ``adapter_path``
-    (default ``<output stem>.onnx_adapter``). Every file it writes (``layout.model_files``) is checked before any
-    work (``files.check_outputs``; one that exists is replaced only with ``overwrite``). Raises CheckpointError /
-    ExportError / OutputError with one line.
+    (default ``<output stem>.onnx_adapter``). ``form`` (when given, instead of ``merge``): ``Form.SLOTS`` exports
+    the slots graph (``adapter_ids`` [batch] and stacked LoRA inputs: each row its own adapter, ``export.slots``)
+    and writes the trained adapter as in the adapter form. ``lora_layers`` (adapter and slots forms): LoRA inputs
+    also on these layers (``core.graph_lora_layers``: ``all``, ``lora_targets`` entries, checkpoints on the same
+    base), which run as the base until an adapter feeds them. Every file it writes (``layout.model_files``) is
+    checked before any work (``files.check_outputs``; one that exists is replaced only with ``overwrite``). Raises
+    CheckpointError / ExportError / OutputError with one line.
     """
     say = progress.stage
     check_opset(opset)
-    checkpoint_path, form = Path(checkpoint_path), Form.of(merge)
+    checkpoint_path, form = Path(checkpoint_path), Form.of(merge) if form is None else form
+    if lora_layers and form is Form.MERGED:
+        raise ExportError("lora layers apply to a graph with LoRA inputs (--adapters-as-inputs, --adapter-slots), "
+                          "not to the merged form")
     output, adapter_out = export_outputs(checkpoint_path, output_path, form=form, adapter_path=adapter_path)
     check_outputs(model_files(output, adapter_out), [checkpoint_path], overwrite=overwrite)
     clock = _StageClock()
     say("loading checkpoint")
     source = ExportSource.read(checkpoint_path)
     adapter = source.adapter(form)
+    lora_paths = graph_lora_layers(source, lora_layers)
     clock.done("load")
     with staged_export(output) as stage:
-        proto, layer_names, nodes_exported, too_big = _traced_graph(source, form, opset, output, stage,
+        proto, layer_names, nodes_exported, too_big = _traced_graph(source, form, opset, lora_paths, output, stage,
                                                                     external_data_threshold, progress, clock)
         proto, simplified, note = _simplified(proto, source, simplify_graph, too_big, say, clock)
         finish_graph(proto, form)
@@ -182,15 +201,16 @@ def export_onnx(
     )
 
 
-def _traced_graph(source: ExportSource, form: Form, opset: int, output: Path, stage: StagedOutputs,
-                  external_data_threshold: int, progress: Progress, clock: _StageClock
+def _traced_graph(source: ExportSource, form: Form, opset: int, lora_paths: list[str] | None, output: Path,
+                  stage: StagedOutputs, external_data_threshold: int, progress: Progress, clock: _StageClock
                   ) -> tuple[onnx.ModelProto, list[str], int, str]:
-    """The scoring graph of ``source`` in ``form``: (proto, its LoRA layer names, its node count as exported, why it
-    is too big for memory or ''). One that fits is checked here (strict shape inference, full onnx.checker); one
-    too big has its weights written into ``stage`` already (``core.serialize_traced``) and is checked as a file
-    once written (``onnx_files.check_model_file``)."""
+    """The scoring graph of ``source`` in ``form`` with LoRA inputs on ``lora_paths`` (None: the checkpoint's LoRA
+    layers): (proto, its LoRA layer names, its node count as exported, why it is too big for memory or ''). One
+    that fits is checked here (strict shape inference, full onnx.checker); one too big has its weights written into
+    ``stage`` already (``core.serialize_traced``) and is checked as a file once written
+    (``onnx_files.check_model_file``)."""
     progress.stage(f"exporting ({form}, opset {opset}) with torch.onnx dynamo")
-    traced = trace_to_onnx(source.model, form, opset)
+    traced = trace_to_onnx(source.model, form, opset, lora_paths)
     clock.done("export")
     proto, too_big = serialize_traced(traced, output, stage, external_data_threshold, progress)
     layer_names, nodes_exported = traced.layer_names, len(proto.graph.node)
@@ -220,25 +240,35 @@ def _simplified(proto: onnx.ModelProto, source: ExportSource, simplify_graph: bo
 
 
 def check_adapter_file(model_path: str | os.PathLike, adapter_path: str | os.PathLike) -> tuple[list[str], list[str]]:
-    """check_adapter() on files, plus the base check (the adapter's model version must match the model's base),
-    then, when nothing is wrong, a real ONNX Runtime run of the model with the adapter active.
+    """check_adapter() on files (a pack of adapters: ``slots.check_pack``), plus the base check (the adapter's
+    model version must match the model's base), then, when nothing is wrong, a real ONNX Runtime run of the model:
+    with the adapter active (adapter form), or in slot 1 beside the base (slots form; a pack: each slot one row).
 
-    Returns (errors, notes); raises ExportError / AdapterError if a file cannot be read or fails its integrity
-    record.
+    Returns (errors, notes); the notes name the layers with LoRA inputs the adapter leaves out, which run as the
+    base. Raises ExportError / AdapterError if a file cannot be read or fails its integrity record.
     """
     model_path, adapter_path = Path(model_path), Path(adapter_path)
     model = load_onnx(model_path)
-    tensors, model_version = read_adapter(adapter_path)
-    errors, notes = check_adapter(model, tensors)
-    base = read_metadata(model).get("base_sha256")
-    if base is not None and model_version != model_version_from_fingerprint(base):
-        errors.insert(0, f"model version {model_version} != {model_version_from_fingerprint(base)}: "
-                         "the adapter was written for another base model")
+    pack = read_pack(adapter_path) if is_pack(adapter_path) else None
+    if pack is not None:
+        errors, notes = check_pack(model, pack)
+    else:
+        tensors, model_version = read_adapter(adapter_path)
+        errors = check_adapter(model, tensors)[0]
+        note = base_layers_note(model, tensors)
+        notes = [] if note is None else [note]
+        base = read_metadata(model).get("base_sha256")
+        if base is not None and model_version != model_version_from_fingerprint(base):
+            errors.insert(0, f"model version {model_version} != {model_version_from_fingerprint(base)}: "
+                             "the adapter was written for another base model")
+        if ADAPTER_IDS in {value.name for value in model.graph.input}:
+            pack = single_pack(tensors, model_version)
     if not adapter_record_path(adapter_path).is_file():
         notes.append(f"{adapter_path.name} has no integrity record ({adapter_record_path(adapter_path).name}): "
                      "its tensor bytes could not be verified")
     if not errors:
-        problem = run_adapter(model_path, adapter_path)
+        problem = run_adapter(model_path, adapter_path) if pack is None else run_probe(
+            model_path, lora_feeds=slot_feeds(model, pack).feeds(range(pack.size), pack.size), batch=pack.size)
         if problem:
             errors.append(problem)
     return errors, notes
@@ -246,12 +276,14 @@ def check_adapter_file(model_path: str | os.PathLike, adapter_path: str | os.Pat
 
 def export_adapter(checkpoint_path: str | os.PathLike, model_path: str | os.PathLike,
                    output_path: str | os.PathLike | None = None, *, overwrite: bool = True) -> Path:
-    """Write only the adapter of another checkpoint on the same base, for an adapters-as-inputs model.
+    """Write only the adapter of another checkpoint on the same base, for an adapters-as-inputs or slots model.
 
-    Its files (adapter and integrity record) are checked before any work (``files.check_outputs``: they must not
-    replace the checkpoint or the model; one that exists is replaced only with ``overwrite``). Refuses
-    (ExportError) a checkpoint whose base-weights fingerprint differs from the model's, or whose LoRA tensors do
-    not fit the model's inputs (every mismatch named). Returns the adapter path.
+    The checkpoint's LoRA layers must be a subset of the model's LoRA inputs (the others run as the base; a graph
+    exported with ``lora_layers`` takes more than its checkpoint's own). Its files (adapter and integrity record)
+    are checked before any work (``files.check_outputs``: they must not replace the checkpoint or the model; one
+    that exists is replaced only with ``overwrite``). Refuses (ExportError) a checkpoint whose base-weights
+    fingerprint differs from the model's, or whose LoRA tensors do not fit the model's inputs (every mismatch
+    named). Returns the adapter path.
     """
     output = Path(output_path) if output_path is not None else default_adapter_path(checkpoint_path)
     check_suffix(output, ".onnx_adapter")
@@ -259,13 +291,18 @@ def export_adapter(checkpoint_path: str | os.PathLike, model_path: str | os.Path
                   overwrite=overwrite)
     model = load_onnx(model_path)
     metadata = read_metadata(model)
-    if metadata.get("form") != Form.ADAPTERS:
-        raise ExportError(f"{model_path}: not an adapters-as-inputs model (exported with --merge?)")
+    if metadata.get("form") not in (Form.ADAPTERS, Form.SLOTS):
+        raise ExportError(f"{model_path}: not an adapters-as-inputs or slots model (exported with --merge?)")
     source = ExportSource.read(Path(checkpoint_path))
     if source.fingerprint != metadata.get("base_sha256"):
         raise ExportError(f"{checkpoint_path}: its base weights differ from the base of {model_path} "
                           f"(fingerprint {source.fingerprint[:12]} != {metadata.get('base_sha256', '?')[:12]})")
     tensors = source.adapter(Form.ADAPTERS)
+    missing = sorted({name.rsplit(".", 1)[0] for name in set(tensors) - set(lora_input_specs(model))})
+    if missing:
+        raise ExportError(f"{checkpoint_path}: has LoRA on layers that are not LoRA inputs of {model_path}: "
+                          f"{', '.join(missing[:6])}{', ...' if len(missing) > 6 else ''} (export the model with "
+                          "--lora-layers all, or --lora-layers naming this checkpoint)")
     errors, _ = check_adapter(model, tensors)
     if errors:
         raise ExportError(f"{checkpoint_path}: adapter does not fit {model_path}: " + "; ".join(errors))

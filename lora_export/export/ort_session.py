@@ -33,9 +33,10 @@ def release_memory() -> None:
         trim(0)
 
 
-def quiet_session(model: str | os.PathLike, providers: Sequence[str] = (CPU,)) -> ort.InferenceSession:
+def quiet_session(model: str | os.PathLike, providers: Sequence[str] = (CPU,),
+                  threads: int | None = None) -> ort.InferenceSession:
     """An InferenceSession of a model file (its external data beside it) with ORT's log at errors only and no CPU
-    memory arena, opened after ``release_memory``.
+    memory arena, opened after ``release_memory``; ``threads``: intra-op threads (None: ORT's default).
 
     From a path, never serialized bytes: bytes would be a second whole copy of the model, and cannot hold one above
     protobuf's 2 GB. ORT's own exceptions pass through: callers turn them into one line naming the file.
@@ -44,4 +45,6 @@ def quiet_session(model: str | os.PathLike, providers: Sequence[str] = (CPU,)) -
     options = ort.SessionOptions()
     options.log_severity_level = 3
     options.enable_cpu_mem_arena = False
+    if threads is not None:
+        options.intra_op_num_threads = threads
     return ort.InferenceSession(str(model), options, providers=list(providers))

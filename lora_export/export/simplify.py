@@ -16,18 +16,21 @@ import onnx
 from ..errors import first_line
 from ..model.transformer import ModelConfig
 from ..tolerance import deviation
-from .adapters import lora_input_specs
+from .adapters import ADAPTER_IDS, lora_input_specs
 from .ort_session import quiet_session
 
 
 def probe_feeds(model: onnx.ModelProto, config: ModelConfig, seed: int = 0) -> dict[str, np.ndarray]:
-    """Random inputs (with a random rank-2 adapter in the adapter form) used to compare two graphs."""
+    """Random inputs (with a random rank-2 adapter in the adapter form; in the slots form two such slots, row i in
+    slot i) used to compare two graphs."""
     rng = np.random.default_rng(seed)
     n = min(config.max_seq_len, config.local_attn_window_size + 5)
     feeds = {"input_ids": rng.integers(0, 256, (2, n), dtype=np.int64), "attention_mask": np.ones((2, n), np.int64)}
     for name, (_, dims) in lora_input_specs(model).items():
         shape = [2 if isinstance(d, str) else d for d in dims]
         feeds[name] = rng.normal(0, 0.05, shape).astype(np.float32)
+    if ADAPTER_IDS in {value.name for value in model.graph.input}:
+        feeds[ADAPTER_IDS] = np.arange(2, dtype=np.int64)
     return feeds
 
 

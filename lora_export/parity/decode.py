@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..export.adapters import ADAPTER_IDS
 from ..genai.decoder import EOS_BYTE
 from ..layout import Form
 from ..model.transformer import LoRATransformerLM
@@ -34,6 +35,9 @@ from ..tolerance import Deviation
 from .cases import show_bytes
 from .metrics import Tolerance
 from .results import DecodeRun
+
+#: The name a slots decoder's pack of adapters is loaded under (genai feeds its stacks as one adapter).
+PACK = "pack"
 
 
 @dataclass
@@ -68,10 +72,11 @@ def decode_reference(model: LoRATransformerLM, prompt: np.ndarray, new_bytes: in
     return reference, teacher_forced(model, prompt, reference)
 
 
-def genai_decode(og_model: object, adapters: object, name: str | None, prompt: np.ndarray, new_bytes: int
-                 ) -> GenaiDecode:
-    """genai's greedy bytes after ``prompt`` (adapter ``name`` active, None for none), its logits at every step
-    [new_bytes, V] and each step's milliseconds."""
+def genai_decode(og_model: object, adapters: object, name: str | None, prompt: np.ndarray, new_bytes: int,
+                 slot: int | None = None) -> GenaiDecode:
+    """genai's greedy bytes after ``prompt`` (adapter ``name`` active, None for none; the slots decoder: ``slot`` of
+    the pack active as ``name``, fed as ``adapter_ids``), its logits at every step [new_bytes, V] and each step's
+    milliseconds."""
     import onnxruntime_genai as og
 
     length = len(prompt) + new_bytes
@@ -80,6 +85,8 @@ def genai_decode(og_model: object, adapters: object, name: str | None, prompt: n
     generator = og.Generator(og_model, params)
     if name is not None:
         generator.set_active_adapter(adapters, name)
+    if slot is not None:
+        generator.set_model_input(ADAPTER_IDS, np.array([slot], np.int64))
     generator.append_tokens(prompt[None].astype(np.int32))
     step_logits, step_ms = [], []
     while not generator.is_done():
@@ -127,11 +134,12 @@ def judge_decode(genai: GenaiDecode, reference: list[int], forced: np.ndarray, p
                      measured.used if tolerance.elementwise else None, top1, genai.step_ms, failures)
 
 
-def load_decoder(model_dir: Path, form: Form, adapters: Mapping[str, tuple[Path, dict]], device: str = "cpu"
-                 ) -> tuple[object, object | None]:
-    """(og.Model, og.Adapters holding each of ``adapters`` by name; None in the merged form) of a genai decoder
-    directory on ``device``: everything ``genai_decode`` asks of onnxruntime-genai before it runs. Raises what
-    onnxruntime-genai raises (RuntimeError / OrtException) when the provider cannot load the decoder."""
+def load_decoder(model_dir: Path, form: Form, adapters: Mapping[str, tuple[Path, dict]], device: str = "cpu",
+                 pack: Path | None = None) -> tuple[object, object | None]:
+    """(og.Model, og.Adapters holding each of ``adapters`` by name, or in the slots form the ``pack`` of them as
+    ``PACK``; None in the merged form) of a genai decoder directory on ``device``: everything ``genai_decode`` asks
+    of onnxruntime-genai before it runs. Raises what onnxruntime-genai raises (RuntimeError / OrtException) when
+    the provider cannot load the decoder."""
     import onnxruntime_genai as og
 
     config = og.Config(str(model_dir))
@@ -142,6 +150,10 @@ def load_decoder(model_dir: Path, form: Form, adapters: Mapping[str, tuple[Path,
     if form is Form.MERGED:
         return og_model, None
     loaded = og.Adapters(og_model)
-    for name, (path, _) in adapters.items():
+    if form is Form.SLOTS:
+        files = {} if pack is None else {PACK: pack}
+    else:
+        files = {name: path for name, (path, _) in adapters.items()}
+    for name, path in files.items():
         loaded.load(str(path), name)
     return og_model, loaded

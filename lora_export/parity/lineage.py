@@ -12,7 +12,13 @@ import numpy as np
 import onnx
 
 from ..errors import ParityInputError
-from ..export.adapters import adapter_tensors, check_adapter, model_version_from_fingerprint, read_adapter
+from ..export.adapters import (
+    ADAPTER_IDS,
+    adapter_tensors,
+    check_adapter,
+    model_version_from_fingerprint,
+    read_adapter,
+)
 from ..export.tracing import INPUT_NAMES, OUTPUT_NAMES
 from ..files import file_sha256, parse_json
 from ..layout import Form
@@ -30,9 +36,9 @@ LATER_FIELDS = {"rank_pattern": {}, "alpha_pattern": {}}
 
 def _comparable(config: dict, form: Form) -> dict:
     """A stored model config as validation compares it: later fields filled in, LoRA fields left out for the
-    adapters form."""
+    adapters and slots forms."""
     config = {**LATER_FIELDS, **config}
-    return {k: v for k, v in config.items() if k not in LORA_FIELDS} if form is Form.ADAPTERS else config
+    return {k: v for k, v in config.items() if k not in LORA_FIELDS} if form is not Form.MERGED else config
 
 
 # --------------------------------------------------------------------------- inputs
@@ -91,10 +97,13 @@ def _check_interface(proto: onnx.ModelProto, form: Form, decoder: bool, model_pa
     if logits is None or len(logits) != 3 or logits[2] not in (VOCAB_SIZE, "", 0):
         raise ParityInputError(f"{model_path}: expected output 'logits' [batch, seq, {VOCAB_SIZE}], got {outputs}")
     lora_inputs = [name for name in graph_inputs if name.endswith((".lora_A", ".lora_B"))]
-    if (form is Form.ADAPTERS) != bool(lora_inputs):
+    if (form is not Form.MERGED) != bool(lora_inputs):
         raise ParityInputError(f"{model_path}: lora_export.form is '{form}' but the graph has "
                                f"{len(lora_inputs)} LoRA inputs")
-    extra = sorted(set(graph_inputs) - set(INPUT_NAMES) - set(lora_inputs) - initializers)
+    slot_inputs = [ADAPTER_IDS] if form is Form.SLOTS else []
+    if slot_inputs and ADAPTER_IDS not in graph_inputs:
+        raise ParityInputError(f"{model_path}: lora_export.form is 'slots' but the graph has no {ADAPTER_IDS} input")
+    extra = sorted(set(graph_inputs) - set(INPUT_NAMES) - set(lora_inputs) - set(slot_inputs) - initializers)
     if decoder:  # the KV-cache decoder's position and cache inputs
         extra = [name for name in extra if name != "position_ids" and not name.startswith("past_key_values.")]
     if extra:
@@ -158,7 +167,7 @@ def load_adapter_for(adapter_path: Path, proto: onnx.ModelProto, metadata: dict[
                      ) -> tuple[dict[str, np.ndarray], list[str]]:
     """Read an .onnx_adapter and hold it against the model before any run; returns (tensors, notes). Raises
     AdapterError for a file that cannot be read, ParityInputError for an adapter that does not fit the model."""
-    if metadata["form"] != Form.ADAPTERS:
+    if metadata["form"] == Form.MERGED:
         raise ParityInputError(f"--adapter needs an adapter-form model; this one was exported {metadata['form']}")
     tensors, version = read_adapter(adapter_path)
     errors, notes = check_adapter(proto, tensors)

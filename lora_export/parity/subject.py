@@ -1,7 +1,7 @@
 """What a parity check is about, read and held against each other before anything runs: the model and its
-checkpoint (``Subject``), the user's validation text (``--data``), and the files a check reads (which no output
-beside it may replace). Shared by the scoring-graph check (``parity.validate``) and the decoder check
-(``parity.validate_decoder``).
+checkpoint (``Subject``), the adapter or pack given (``given_adapter``), the user's validation text (``--data``), and
+the files a check reads (which no output beside it may replace). Shared by the scoring-graph check
+(``parity.validate``) and the decoder check (``parity.validate_decoder``).
 """
 
 from __future__ import annotations
@@ -11,14 +11,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import onnx
 
 from ..corpus import read_text_files, text_files
 from ..errors import ParityInputError
 from ..export.onnx_files import load_onnx, read_metadata
+from ..export.slots import Pack, check_pack, is_pack, read_pack
 from ..layout import MODEL_FILE, Form, model_files
 from ..model.checkpoint import read_checkpoint
-from .lineage import check_model_matches
+from .lineage import check_model_matches, load_adapter_for
 from .metrics import Tolerance, resolve_tolerance
 
 WEIGHT_SECTIONS = ("base", "lora")  # the checkpoint payload's tensors
@@ -82,6 +84,24 @@ def read_subject(model_path: Path, graph_path: Path, checkpoint_path: Path, adap
     precision = metadata.get("precision", "fp32")
     return Subject(model_path, checkpoint_path, adapter_path, proto, payload, metadata, Form(metadata["form"]),
                    precision, resolve_tolerance(precision, atol, rtol), notes, checkpoint_parameters(payload))
+
+
+def given_adapter(subject: Subject) -> tuple[dict[str, np.ndarray] | None, Pack | None]:
+    """(the tensors of the adapter given, or None without one; the pack given to a slots-form graph, or None),
+    held against the model's LoRA inputs (``lineage.load_adapter_for``, ``slots.check_pack``); notes added to the
+    subject's. Raises ParityInputError / AdapterError (one line)."""
+    if subject.adapter_path is None:
+        return None, None
+    if subject.form is Form.SLOTS and is_pack(subject.adapter_path):
+        pack = read_pack(subject.adapter_path)
+        errors, notes = check_pack(subject.proto, pack)
+        if errors:
+            raise ParityInputError(f"{subject.adapter_path}: pack does not fit the model: {'; '.join(errors)}")
+        subject.notes += notes
+        return None, pack
+    tensors, notes = load_adapter_for(subject.adapter_path, subject.proto, subject.metadata)
+    subject.notes += notes
+    return tensors, None
 
 
 def _data_files(data: Sequence[str | os.PathLike]) -> list[Path]:

@@ -42,7 +42,7 @@ import onnxruntime as ort
 import torch
 
 from ..errors import ParityInputError, ProviderUnavailableError
-from ..export.adapters import activate_adapters, attach_adapter
+from ..export.adapters import activate_adapters, attach_adapter, model_version_from_fingerprint
 from ..export.tracing import OUTPUT_NAMES
 from ..layout import Form
 from ..model.checkpoint import build_model
@@ -50,7 +50,7 @@ from ..model.layers import merge_lora
 from ..model.transformer import VOCAB_SIZE, LoRATransformerLM, ModelConfig
 from ..progress import Progress, as_progress
 from .cases import FULL, Case, CasePlan, case_plan, generation_prompt, parity_cases, show_bytes
-from .lineage import adapter_lineage, load_adapter_for
+from .lineage import adapter_lineage
 from .metrics import (
     ERROR_HISTOGRAM_EDGES,
     LATENCY_MAX_SEQ,
@@ -61,10 +61,11 @@ from .metrics import (
     judge,
     percentiles_ms,
 )
+from .mixed import MIXED, MixedBatch, base_feeds
 from .precisions import HELDOUT_CASE, Builds, check_builds, heldout_case, load_builds, measure_builds
 from .results import Comparison, Generation, Latency, ParityResult
 from .sessions import ProviderStatus, open_session, requested_providers
-from .subject import Subject, read_subject, validation_text
+from .subject import Subject, given_adapter, read_subject, validation_text
 from .validate_decoder import validate_decoder
 from .verdict import conclude, counted, pass_rule, scoring_summary
 
@@ -76,12 +77,30 @@ PYTORCH = "PyTorch eager (CPU)"
 
 @dataclass
 class _Variant:
-    """A way to run the model: its name, the adapter tensors of the reference, the ORT run options."""
+    """A way to run the model: its name, the adapter tensors of the reference, the ORT run options; a slots-form
+    graph's variants feed adapter_ids (``slots``), the mixed batch its pack (``mixed``)."""
 
     name: str
     tensors: dict[str, np.ndarray] | None
     run_options: ort.RunOptions | None
     adapter: ort.LoraAdapter | None = None  # kept alive while run_options refers to it
+    slots: bool = False
+    mixed: MixedBatch | None = None
+
+    def lora_feeds(self, batch: int) -> dict[str, np.ndarray]:
+        """What a run of ``batch`` rows feeds besides input_ids and attention_mask: a slots-form graph's
+        adapter_ids (all 0 for the base; the mixed batch's slots and pack)."""
+        if self.mixed is not None:
+            return self.mixed.ort_feeds(batch)
+        return base_feeds(batch) if self.slots else {}
+
+    def torch_logits(self, model: LoRATransformerLM, input_ids: np.ndarray, attention_mask: np.ndarray
+                     ) -> np.ndarray:
+        """The PyTorch reference's logits [B, N, 256] (``model`` in the variant's form; the mixed batch: each row
+        alone with its slot's adapter)."""
+        if self.mixed is not None:
+            return self.mixed.reference(model, input_ids, attention_mask)
+        return _reference(model, input_ids, attention_mask)
 
 
 @dataclass
@@ -164,8 +183,8 @@ def _plan_line(inputs: _Inputs, variants: list[_Variant]) -> str:
 
 def _run(session: ort.InferenceSession, variant: _Variant, input_ids: np.ndarray,
          attention_mask: np.ndarray) -> np.ndarray:
-    """logits [B, N, 256] from ONNX Runtime, with the variant's adapter active."""
-    feeds = {"input_ids": input_ids, "attention_mask": attention_mask}
+    """logits [B, N, 256] from ONNX Runtime, with the variant's adapter active (or its slots fed)."""
+    feeds = {"input_ids": input_ids, "attention_mask": attention_mask, **variant.lora_feeds(len(input_ids))}
     return session.run(OUTPUT_NAMES, feeds, variant.run_options)[0]
 
 
@@ -195,10 +214,14 @@ def greedy_generation(session: ort.InferenceSession, variant: _Variant, prompt: 
     return reference, ids[0, prompt.shape[1]:]
 
 
-def _variants(form: Form, adapter_path: Path | None, tensors: dict[str, np.ndarray] | None) -> list[_Variant]:
-    """merged -> [merged]; adapters -> [base] or [base, adapter] when an adapter file is given."""
+def _variants(form: Form, adapter_path: Path | None, tensors: dict[str, np.ndarray] | None,
+              mixed: MixedBatch | None) -> list[_Variant]:
+    """merged -> [merged]; adapters -> [base] or [base, adapter] when an adapter file is given; slots -> [base,
+    mixed batch]."""
     if form is Form.MERGED:
         return [_Variant(Form.MERGED.value, None, None)]
+    if form is Form.SLOTS:
+        return [_Variant("base", None, None, slots=True), _Variant(MIXED, None, None, slots=True, mixed=mixed)]
     variants = [_Variant("base", None, None)]
     if adapter_path is not None:
         run_options, (adapter,) = activate_adapters(adapter_path)
@@ -207,15 +230,6 @@ def _variants(form: Form, adapter_path: Path | None, tensors: dict[str, np.ndarr
 
 
 # --------------------------------------------------------------------------- the steps of validate()
-
-
-def _adapter_tensors(subject: Subject) -> dict[str, np.ndarray] | None:
-    """The tensors of the adapter given (None without one), checked against the model's LoRA inputs."""
-    if subject.adapter_path is None:
-        return None
-    tensors, notes = load_adapter_for(subject.adapter_path, subject.proto, subject.metadata)
-    subject.notes += notes
-    return tensors
 
 
 def _reference_model(subject: Subject, tensors: dict[str, np.ndarray] | None
@@ -273,8 +287,10 @@ def _variant_reference(model: LoRATransformerLM, variant: _Variant, inputs: _Inp
     ``done`` of ``total``), the greedy bytes and the latency."""
     logits = []
     for case in inputs.cases:
-        logits.append(_reference(model, case.input_ids, case.attention_mask))
+        logits.append(variant.torch_logits(model, case.input_ids, case.attention_mask))
         progress.advance(done + len(logits), total, f"PyTorch {variant.name}/{shape_label(case)}")
+    if variant.mixed is not None:  # greedy bytes and latency: one row, in its slot
+        variant.mixed.attach_single_row(model)
     greedy = greedy_reference(model, inputs.prompt, inputs.plan.generate_bytes)
     step = functools.partial(_reference, model, inputs.latency_ids, np.ones_like(inputs.latency_ids))
     return _Reference(logits, greedy, _latency(variant.name, PYTORCH, step, inputs))
@@ -292,7 +308,10 @@ def _torch_references(subject: Subject, tensors: dict[str, np.ndarray] | None, v
     references: dict[str, _Reference] = {}
     try:
         for variant in variants:
-            if subject.form is Form.ADAPTERS:
+            if variant.mixed is not None:
+                variant.mixed.prepare(model)
+                subject.notes.append(variant.mixed.note())
+            if subject.form is not Form.MERGED:
                 attach_adapter(model, variant.tensors)
             references[variant.name] = _variant_reference(model, variant, inputs, progress,
                                                           len(references) * len(inputs.cases), total)
@@ -463,11 +482,13 @@ def validate(
     subject = read_subject(model_path, model_path, checkpoint_path, adapter_path, atol, rtol)
     inputs = _seeded_inputs(subject, seed, text, source, generate_bytes, latency_runs)
     wanted = requested_providers(providers, explicit_providers)
-    tensors = _adapter_tensors(subject)
+    tensors, pack = given_adapter(subject)
     if builds is not None:
         check_builds(builds, subject.payload, checkpoint_path, subject.form)
     heldout = None if builds is None else heldout_case(inputs.max_seq_len, inputs.plan.eval_windows)
-    variants = _variants(subject.form, adapter_path, tensors)
+    mixed = None if subject.form is not Form.SLOTS else MixedBatch(
+        subject.proto, pack, tensors, model_version_from_fingerprint(subject.metadata["base_sha256"]), seed)
+    variants = _variants(subject.form, adapter_path, tensors, mixed)
     progress.stage(f"PyTorch reference: {_plan_line(inputs, variants)}")
     references, lineage_failures, heldout_logits = _torch_references(subject, tensors, variants, inputs, heldout,
                                                                      progress)
