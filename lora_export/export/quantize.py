@@ -7,7 +7,8 @@ Every build reads an fp32 export written by ``lora_export.export`` (either form)
   activations quantized to uint8 at run time. In the adapters form the LoRA MatMuls take graph inputs, so only
   nodes reading a constant initializer are quantized (an initializer that is also a graph input is not constant):
   the base is int8, the adapters stay float32 inputs with their rank-0 defaults and still swap per run.
-* ``quantize_int4``: ``model.int4.onnx``, block-wise weight-only int4 (``MatMulNBits``).
+* ``quantize_int4``: ``model.int4.onnx``, block-wise weight-only int4 (``MatMulNBits``) by an ``Int4Recipe``
+  (``int4_recipes``; default ``INT4_DEFAULT``: the LM head, first block and feed-forward up-projections in 8 bits).
 * ``convert_fp16``: ``model.fp16.onnx``. float16 weights and compute (ONNX Runtime's copy of the
   onnxconverter-common converter) with the graph boundary kept as it was: int64 ids and mask in, float32 logits
   out, float32 LoRA inputs and rank-0 defaults. It is meant for the CUDA provider.
@@ -52,6 +53,7 @@ from ..errors import EdgeExportError, first_line
 from ..files import StagedOutputs, check_outputs, staged_outputs
 from ..layout import data_path_of, model_files, ort_format_outputs, precision_output_path
 from .adapters import lora_input_specs
+from .int4_recipes import INT4_DEFAULT, Int4Recipe, apply_int4_recipe, layer_groups
 from .onnx_files import (
     EXTERNAL_DATA_THRESHOLD,
     check_model_file,
@@ -67,10 +69,6 @@ from .onnx_files import (
 PRECISIONS = ("fp32", "fp16", "int8", "int4")
 #: The precisions a build converts an fp32 model to.
 BUILT_PRECISIONS = ("int8", "int4", "fp16")
-#: int4 blocks: 32 weights share a scale and a zero point (onnxruntime-genai's model builder's default block size).
-INT4_BLOCK_SIZE = 32
-#: MatMulNBits ``accuracy_level`` 4: activations quantized to int8 for the int4 x int8 CPU kernels.
-INT4_ACCURACY_LEVEL = 4
 #: Operators whose constant weights dynamic quantization turns into int8. ORT's dynamic (IntegerOps) mode has no
 #: Gemm; the exporter writes Linear as MatMul + Add, so there is none to quantize.
 QUANTIZED_OP_TYPES = ("MatMul", "Gather")
@@ -171,19 +169,19 @@ def _save(model: onnx.ModelProto, source: onnx.ModelProto, output: Path, precisi
 
 
 def _build(model_path: str | os.PathLike, output_path: str | os.PathLike | None, precision: str,
-           external_data_threshold: int, per_channel: bool = True) -> Path:
+           external_data_threshold: int, per_channel: bool = True, int4: Int4Recipe = INT4_DEFAULT) -> Path:
     """The ``precision`` build of the fp32 export at ``model_path``, in memory or on file (``_goes_on_file``)."""
     model_path = Path(model_path)
     output = _output_path(model_path, output_path, precision)
     source = _read_fp32_graph(model_path)
     if _goes_on_file(source, external_data_threshold):
         del source  # its inline weights: build_precision reads the file again, never two copies at once
-        return build_precision(model_path, output, precision, per_channel=per_channel)
+        return build_precision(model_path, output, precision, per_channel=per_channel, int4=int4)
     name = str(model_path)
     if precision == "int8":
         built = quantize_model_int8(source, name, per_channel=per_channel)
     else:
-        built = quantize_model_int4(source, name) if precision == "int4" else convert_model_fp16(source, name)
+        built = quantize_model_int4(source, name, int4) if precision == "int4" else convert_model_fp16(source, name)
     return _save(built, source, output, precision)
 
 
@@ -191,24 +189,28 @@ def _build(model_path: str | os.PathLike, output_path: str | os.PathLike | None,
 
 
 def build_precision(source_path: str | os.PathLike, output_path: str | os.PathLike, precision: str, *,
-                    float16_io: Sequence[str] = (), per_channel: bool = True) -> Path:
+                    float16_io: Sequence[str] = (), per_channel: bool = True, int4: Int4Recipe = INT4_DEFAULT
+                    ) -> Path:
     """``write_precision`` to ``output_path`` in a stage of its own (atomic); returns the path. The output must end
     in .onnx and not replace the source or its data (checked before any work: ExportError / OutputError)."""
     source_path = Path(source_path)
     output = _output_path(source_path, output_path, precision)
     with staged_outputs() as stage:
-        write_precision(source_path, output, precision, stage, float16_io=float16_io, per_channel=per_channel)
+        write_precision(source_path, output, precision, stage, float16_io=float16_io, per_channel=per_channel,
+                        int4=int4)
     return output
 
 
 def write_precision(source_path: str | os.PathLike, output: str | os.PathLike, precision: str,
                     stage: StagedOutputs, *, float16_io: Sequence[str] = (), per_channel: bool = True,
-                    name: str | None = None, scratch_source: bool = False) -> onnx.ModelProto:
+                    int4: Int4Recipe = INT4_DEFAULT, name: str | None = None, scratch_source: bool = False
+                    ) -> onnx.ModelProto:
     """Write the ``precision`` (int8 / int4 / fp16) build of the fp32 model FILE ``source_path`` (external data
     beside it, or inline) into ``stage`` as ``output`` + ``<output>.data``, the file way (module docstring);
     returns the written graph without its weights (for node and parameter counts).
 
-    ``float16_io`` (fp16) and ``per_channel`` (int8) as in ``convert_model_fp16`` / ``quantize_int8``. Metadata:
+    ``float16_io`` (fp16), ``per_channel`` (int8) and ``int4`` (the recipe) as in ``convert_model_fp16`` /
+    ``quantize_int8`` / ``quantize_int4``. Metadata:
     the source's ``lora_export.*`` with ``precision`` set (the source's own precision is not checked). Checked as
     the in-memory builds are, then as a file. ``name`` names the model in errors (default ``source_path``);
     scratch files go into a folder in the stage. ``scratch_source``: the source lies in the caller's own scratch
@@ -234,7 +236,7 @@ def write_precision(source_path: str | os.PathLike, output: str | os.PathLike, p
                 check_model_file(staged, output)
                 return built
             if precision == "int4":
-                built = _int4_in_place(_load_weights(load_onnx(source_path), source_path), source, name)
+                built = _int4_in_place(_load_weights(load_onnx(source_path), source_path), source, name, int4)
             else:
                 built = _fp16_on_file(source_path, source, Path(scratch), name, float16_io)
         set_metadata(built, metadata)
@@ -337,54 +339,59 @@ def _quantize_dynamic(model_input: onnx.ModelProto | Path, source: onnx.ModelPro
 
 
 def quantize_int4(model_path: str | os.PathLike, output_path: str | os.PathLike | None = None, *,
-                  external_data_threshold: int = EXTERNAL_DATA_THRESHOLD) -> Path:
+                  recipe: Int4Recipe = INT4_DEFAULT, external_data_threshold: int = EXTERNAL_DATA_THRESHOLD
+                  ) -> Path:
     """Write an int4 build of an fp32 export for the edge; returns its path. See ``quantize_model_int4``.
 
     Default output: ``<stem>.int4.onnx`` beside the model. Built on file as quantize_int8 (the weights held once,
     the quantizer editing the loaded model in place). Raises as quantize_int8.
     """
-    return _build(model_path, output_path, "int4", external_data_threshold)
+    return _build(model_path, output_path, "int4", external_data_threshold, int4=recipe)
 
 
-def quantize_model_int4(source: onnx.ModelProto, name: str) -> onnx.ModelProto:
+def quantize_model_int4(source: onnx.ModelProto, name: str, recipe: Int4Recipe = INT4_DEFAULT) -> onnx.ModelProto:
     """The int4 build of an fp32 graph in memory (``name`` names it in errors), checked; ``source`` is not edited.
 
-    ONNX Runtime's ``MatMulNBitsQuantizer``: block-wise weight-only int4 (blocks of ``INT4_BLOCK_SIZE`` along the
-    input axis, asymmetric: a float scale and a 4-bit zero point per block) for every MatMul whose weight is a
-    constant initializer, as ``com.microsoft.MatMulNBits`` nodes with ``INT4_ACCURACY_LEVEL``. Embeddings stay
-    float. LoRA inputs and their rank-0 defaults are left float32 (they are not constant), so adapters still swap.
+    ONNX Runtime's ``MatMulNBitsQuantizer`` as ``recipe`` says (``int4_recipes``): block-wise weight-only
+    quantization (blocks of ``recipe.block_size`` along the input axis, a float scale and by default a 4-bit zero
+    point per block) of every MatMul whose weight is a constant initializer, as ``com.microsoft.MatMulNBits``
+    nodes: 4 bits, 8 for the recipe's ``eight_bit`` layer groups, float MatMuls left for its ``float_layers``.
+    Embeddings stay float unless ``recipe.embeddings``. LoRA inputs and their rank-0 defaults are left float32
+    (they are not constant), so adapters still swap.
     """
     model = onnx.ModelProto()
     model.CopyFrom(source)  # the quantizer edits the model it is given
-    return _int4_in_place(model, source, name)
+    return _int4_in_place(model, source, name, recipe)
 
 
-def _int4_in_place(model: onnx.ModelProto, source: onnx.ModelProto, name: str) -> onnx.ModelProto:
+def _int4_in_place(model: onnx.ModelProto, source: onnx.ModelProto, name: str, recipe: Int4Recipe
+                   ) -> onnx.ModelProto:
     """``model`` (an fp32 graph with its weights) quantized to int4 in place (see ``quantize_model_int4``) and
-    checked against ``source``, the same graph unedited (its weights need not be loaded). Raises EdgeExportError."""
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-
+    checked against ``source``, the same graph unedited (its weights need not be loaded): no float weight MatMul
+    left but the recipe's float layers, no float embedding with ``recipe.embeddings``. Raises EdgeExportError."""
     nodes = constant_weight_nodes(source, ("MatMul",))
-    # It quantizes every MatMul with an initializer B unless told not to, LoRA inputs' rank-0 defaults included
-    readers_of_inputs = [node.name for node in source.graph.node if node.op_type == "MatMul" and node.name not in nodes]
     if not nodes:
         raise EdgeExportError(f"{name}: no MatMul with a constant weight to quantize")
+    tables = constant_weight_nodes(source, ("Gather",))
     logger = logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")
     level = logger.level
     logger.setLevel(logging.WARNING)  # it logs a line per node at INFO
     try:
+        groups = layer_groups(source, nodes) if recipe.float_layers else {}
+        kept = {node for group in recipe.float_layers for node in groups[group]}
         with _quiet_onnxruntime():
-            quantizer = MatMulNBitsQuantizer(model, block_size=INT4_BLOCK_SIZE, is_symmetric=False,
-                                             accuracy_level=INT4_ACCURACY_LEVEL, nodes_to_exclude=readers_of_inputs)
-            quantizer.process()
-            quantized = quantizer.model.model
+            quantized = apply_int4_recipe(model, recipe, nodes, tables)
+    except EdgeExportError as err:
+        raise EdgeExportError(f"{name}: {err}; build with the 'rtn' int4 recipe instead") from None
     except Exception as err:  # the quantizer raises many exception types
         raise EdgeExportError(f"{name}: ONNX Runtime int4 quantization failed: {first_line(err)}") from None
     finally:
         logger.setLevel(level)
-    left = constant_weight_nodes(quantized, ("MatMul",))
+    left = [node for node in constant_weight_nodes(quantized, ("MatMul",)) if node not in kept]
     if left:
         raise EdgeExportError(f"{name}: int4 quantization left {len(left)} weight MatMuls in float: {left[:3]}")
+    if recipe.embeddings and constant_weight_nodes(quantized, ("Gather",)):
+        raise EdgeExportError(f"{name}: int4 quantization left the embeddings in float")
     _check_lora_inputs(source, quantized, "int4 quantization")
     return quantized
 
