@@ -10,7 +10,7 @@ output and option is checked before any work starts. An interrupt (Ctrl-C) print
 with 130, leaving no partial file (writes are staged, see ``lora_export.files``).
 """
 
-from . import web_commands  # noqa: F401  (registers `lora-export web` on export_cli)
+from . import serve_commands, web_commands  # noqa: F401  (register `lora-export serve` / `web` on export_cli)
 from .export_commands import export_cli
 from .train_commands import train_cli
 
