@@ -395,10 +395,10 @@ def _built_on_file(traced: TracedGraph, finish: Callable[[onnx.ModelProto], None
         onnx.save_model(proto, fp32)  # the graph only: its weights stay in the scratch data file
         del proto
         return write_precision(fp32, model_path, precision, stage, name=str(model_path), scratch_source=True,
-                               float16_io=_cache_names(slots) if precision == "fp16" else ())
+                               float16_io=cache_names(slots) if precision == "fp16" else ())
 
 
-def _cache_names(slots: list[CacheSlot]) -> list[str]:
+def cache_names(slots: list[CacheSlot]) -> list[str]:
     """The past / present tensors of the decoder graph: float16 in the fp16 decoder."""
     input_names, output_names = graph_names(slots)
     return [tensor for tensor in input_names + output_names if tensor.startswith(("past_", "present."))]
@@ -417,5 +417,5 @@ def _in_precision(proto: onnx.ModelProto, precision: str, name: str, slots: list
         return quantize_model_int4(proto, name)
     if precision == "fp16":
         say("converting to fp16 (onnxruntime.transformers.float16), cache in fp16")
-        return convert_model_fp16(proto, name, float16_io=_cache_names(slots))
+        return convert_model_fp16(proto, name, float16_io=cache_names(slots))
     return proto
