@@ -6,6 +6,7 @@ Importing this module registers the command on ``export_cli``."""
 
 from __future__ import annotations
 
+import os
 import socket
 import time
 from pathlib import Path
@@ -31,8 +32,11 @@ def parse_adapters(pairs: tuple[str, ...]) -> dict[str, Path]:
 
 
 def check_port(host: str, port: int) -> None:
-    """Refuse (GenerationError) a port that is taken, before Ray starts."""
+    """Refuse (GenerationError) a port that is taken, before Ray starts. Probed as the HTTP server binds it
+    (SO_REUSEADDR on POSIX, as uvicorn and asyncio do): a port a stopped server left in TIME_WAIT is free."""
     with socket.socket() as probe:
+        if os.name == "posix":
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind((host, port))
         except OSError as err:
@@ -79,5 +83,5 @@ def serve_command(model_dir: Path, adapters: tuple[str, ...], replicas: int, max
         if isinstance(err, Terminated):
             raise
     finally:
-        stop()
+        stop(address)
     click.echo("stopped", err=True)
