@@ -65,6 +65,20 @@ def make_lora_model(seed: int = 0, **overrides: object) -> LoRATransformerLM:
     return model
 
 
+def same_base(base_checkpoint: Path, path: Path, targets: list[str], r: int, seed: int) -> Path:
+    """A checkpoint on ``base_checkpoint``'s base weights with a random LoRA of rank ``r`` on ``targets``."""
+    payload = read_checkpoint(base_checkpoint)
+    torch.manual_seed(seed)
+    model = LoRATransformerLM(ModelConfig.from_dict({**payload["config"], "lora_targets": targets, "r": r})).eval()
+    model.load_state_dict(payload["base"], strict=False)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("lora_B"):
+                param.normal_(0.0, 0.3)
+    save_checkpoint(path, model, {"seed": seed})
+    return path
+
+
 def same_base_other_rank(checkpoint: Path, r: int, seed: int) -> LoRATransformerLM:
     """A model with the checkpoint's base weights and a different, random LoRA of rank r."""
     payload = read_checkpoint(checkpoint)

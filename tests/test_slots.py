@@ -12,31 +12,16 @@ import jsonschema
 import numpy as np
 import onnx
 import pytest
-import torch
-from conftest import assert_one_line_error, invoke, make_lora_model, session, torch_logits
+from conftest import assert_one_line_error, invoke, make_lora_model, same_base, session, torch_logits
 
 from lora_export.errors import AdapterError
 from lora_export.export.adapters import read_adapter, write_adapter
 from lora_export.export.convert import check_adapter_file, export_adapter
 from lora_export.export.slots import Pack, pack_adapters, read_pack, slot_feeds
-from lora_export.model.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
-from lora_export.model.transformer import LoRATransformerLM, ModelConfig
+from lora_export.model.checkpoint import load_checkpoint, save_checkpoint
+from lora_export.model.transformer import LoRATransformerLM
 from lora_export.parity.mixed import MixedBatch
 from lora_export.parity.validate import validate
-
-
-def same_base(base_checkpoint: Path, path: Path, targets: list[str], r: int, seed: int) -> Path:
-    """A checkpoint on ``base_checkpoint``'s base weights with a random LoRA of rank ``r`` on ``targets``."""
-    payload = read_checkpoint(base_checkpoint)
-    torch.manual_seed(seed)
-    model = LoRATransformerLM(ModelConfig.from_dict({**payload["config"], "lora_targets": targets, "r": r})).eval()
-    model.load_state_dict(payload["base"], strict=False)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("lora_B"):
-                param.normal_(0.0, 0.3)
-    save_checkpoint(path, model, {"seed": seed})
-    return path
 
 
 @pytest.fixture(scope="module")
