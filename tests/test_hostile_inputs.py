@@ -204,7 +204,10 @@ def run_child(args: list[str], cwd: Path, address_space: int | None = None,
     (code, stdout, stderr, None) and the child's own resource usage (wait4: peak resident memory, CPU seconds)."""
     exe = str(Path(sys.executable).with_name("lora-export"))
     out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
-    proc = subprocess.Popen([exe, *args], cwd=cwd, stdout=out, stderr=err, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    # preexec_fn makes Popen fork instead of vfork: a vforked child's exec keeps this (big) test process's
+    # resident high-water mark as its own ru_maxrss, a forked one starts from its own small one
+    proc = subprocess.Popen([exe, *args], cwd=cwd, stdout=out, stderr=err, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            preexec_fn=lambda: None)
     if address_space is not None:
         resource.prlimit(proc.pid, resource.RLIMIT_AS, (address_space, address_space))
     start = time.perf_counter()
