@@ -305,6 +305,17 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
         write(str(stage.path(path)))
 
 
+def write_json_and_markdown(directory: str | os.PathLike, stem: str, result: object, markdown: str) -> list[Path]:
+    """``<stem>.json`` (``result``, indented) and ``<stem>.md`` (``markdown``) in ``directory`` (created), each
+    written atomically; returns their paths. The benchmarks' result files."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = [directory / f"{stem}.json", directory / f"{stem}.md"]
+    for path, text in zip(paths, (json.dumps(result, indent=1) + "\n", markdown), strict=True):
+        atomic_write(path, lambda tmp, text=text: Path(tmp).write_text(text))
+    return paths
+
+
 # --------------------------------------------------------------------------- reading inputs
 
 #: The largest JSON file (or JSON metadata value) read: lora-export's configs, records and reports are kilobytes,

@@ -121,10 +121,11 @@ class ExportRun:
     validation_seconds: float | None = None
 
 
-def genai_problem(quantize: Sequence[str], fp16: bool, ort_format: bool, adapter_output: object) -> str | None:
+def genai_problem(quantize: Sequence[str], fp16: bool, ort_format: bool, adapter_output: object,
+                  lora_layers: Sequence[object] = ()) -> str | None:
     """Why these options cannot make one genai decoder directory, or None."""
-    unsupported = [flag for flag, value in (("--ort-format", ort_format), ("--adapter-output", adapter_output))
-                   if value]
+    unsupported = [flag for flag, value in (("--ort-format", ort_format), ("--adapter-output", adapter_output),
+                                            ("--lora-layers", lora_layers)) if value]
     if unsupported:
         return f"--genai does not take {', '.join(unsupported)} yet"
     if fp16 + len(set(quantize)) > 1:
@@ -165,7 +166,10 @@ def _export_genai(checkpoint: Path, output: str | os.PathLike | None, form: Form
 def _check_scoring_outputs(checkpoint: Path, model_path: Path, adapter_path: Path | None, builds: list[str],
                            ort_format: bool, overwrite: bool, validation: ValidationOptions | None) -> None:
     """Refuse, before the export, a build output or report directory that cannot be written or would replace an
-    input or another output (the export's own files are checked by ``export_onnx``)."""
+    input or another output (the export's own files are checked by ``export_onnx``), and validation options the
+    fp32 model cannot take."""
+    if validation is not None:
+        validation.check("fp32")
     exported = model_files(model_path, adapter_path)
     models = [model_path] + [precision_output_path(model_path, name) for name in builds]
     built = [f for model in models[1:] for f in model_files(model)]
@@ -229,22 +233,20 @@ def export_pipeline(
     """
     checkpoint, on_step = Path(checkpoint), on_step or (lambda _step, _run: None)
     if genai:
-        problem = genai_problem(quantize, fp16, ort_format, adapter_output) or (
-            "--genai does not take --lora-layers yet" if lora_layers else None)
+        problem = genai_problem(quantize, fp16, ort_format, adapter_output, lora_layers)
         if problem:
             raise ExportError(problem)
         precision = "fp16" if fp16 else quantize[0] if quantize else "fp32"
         return _export_genai(checkpoint, output, form, precision, opset, external_data_threshold, validation,
                              progress, on_step, memory_check)
     model_path, adapter_path = export_outputs(checkpoint, output, form=form, adapter_path=adapter_output)
-    if validation is not None:
-        validation.check("fp32")
     builds = [precision for precision, _message, _builder in BUILDERS
               if precision in quantize or (precision == "fp16" and fp16)]
     _check_scoring_outputs(checkpoint, model_path, adapter_path, builds, ort_format, overwrite, validation)
     if memory_check:
-        check_memory(checkpoint, Plan(form, simplify=simplify_graph, builds=tuple(builds), ort_format=ort_format,
-                                      validate=validation is not None), external_data_threshold=external_data_threshold)
+        plan = Plan(form, simplify=simplify_graph, builds=tuple(builds), ort_format=ort_format,
+                    validate=validation is not None)
+        check_memory(checkpoint, plan, external_data_threshold=external_data_threshold)
     result = export_onnx(checkpoint, model_path, form=form, lora_layers=lora_layers, adapter_path=adapter_path,
                          opset=opset, simplify_graph=simplify_graph, external_data_threshold=external_data_threshold,
                          progress=progress, overwrite=overwrite)

@@ -56,7 +56,7 @@ import lora_export
 from lora_export.errors import LoraExportError, first_line
 from lora_export.export.int4_recipes import INT4_DEFAULT, INT4_RECIPES
 from lora_export.export.quantize import build_precision
-from lora_export.files import atomic_write, read_json
+from lora_export.files import atomic_write, read_json, write_json_and_markdown
 from lora_export.genai.decoder import CACHE_SLACK, cache_names, cache_slots, read_decoder_dir
 from lora_export.layout import MODEL_FILE, data_path_of
 from lora_export.machine import machine_record
@@ -435,10 +435,7 @@ def plot(results: dict, path: Path) -> None:
 
 def write_results(directory: Path, results: dict) -> None:
     """bench_decode_size.json, .md and .png into ``directory``, each replaced whole."""
-    directory.mkdir(parents=True, exist_ok=True)
-    atomic_write(directory / "bench_decode_size.json",
-                 lambda name: Path(name).write_text(json.dumps(results, indent=1) + "\n"))
-    atomic_write(directory / "bench_decode_size.md", lambda name: Path(name).write_text(render_markdown(results)))
+    write_json_and_markdown(directory, "bench_decode_size", results, render_markdown(results))
     plot(results, directory / "bench_decode_size.png")
 
 

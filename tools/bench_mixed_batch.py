@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import sys
 import tempfile
 from collections.abc import Callable
@@ -39,7 +38,7 @@ from make_sized import config_for, random_model
 from lora_export.export.adapters import activate_adapters
 from lora_export.export.convert import export_onnx
 from lora_export.export.slots import pack_adapters, read_pack, slot_feeds
-from lora_export.files import atomic_write
+from lora_export.files import write_json_and_markdown
 from lora_export.layout import Form
 from lora_export.machine import machine_record
 from lora_export.model.checkpoint import read_checkpoint, save_checkpoint
@@ -154,11 +153,7 @@ def render_markdown(result: dict) -> str:
 
 def write_results(results: Path, result: dict) -> list[Path]:
     """bench_mixed_batch.json and .md in ``results`` (created), each written atomically."""
-    results.mkdir(parents=True, exist_ok=True)
-    paths = [results / "bench_mixed_batch.json", results / "bench_mixed_batch.md"]
-    atomic_write(paths[0], lambda tmp: Path(tmp).write_text(json.dumps(result, indent=1) + "\n"))
-    atomic_write(paths[1], lambda tmp: Path(tmp).write_text(render_markdown(result)))
-    return paths
+    return write_json_and_markdown(results, "bench_mixed_batch", result, render_markdown(result))
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
-import json
 import statistics
 import sys
 import tempfile
@@ -43,7 +42,7 @@ import torch
 from make_sized import config_for, random_model
 
 from lora_export.export.convert import export_adapter
-from lora_export.files import atomic_write
+from lora_export.files import write_json_and_markdown
 from lora_export.genai.batch import generate_batch
 from lora_export.genai.decoder import export_decoder
 from lora_export.genai.generate import generate_bytes
@@ -200,11 +199,7 @@ def render_markdown(result: dict) -> str:
 
 def write_results(results: Path, result: dict) -> list[Path]:
     """bench_mixed_generate.json and .md in ``results`` (created), each written atomically."""
-    results.mkdir(parents=True, exist_ok=True)
-    paths = [results / "bench_mixed_generate.json", results / "bench_mixed_generate.md"]
-    atomic_write(paths[0], lambda tmp: Path(tmp).write_text(json.dumps(result, indent=1) + "\n"))
-    atomic_write(paths[1], lambda tmp: Path(tmp).write_text(render_markdown(result)))
-    return paths
+    return write_json_and_markdown(results, "bench_mixed_generate", result, render_markdown(result))
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import re
 import shlex
@@ -60,7 +59,7 @@ from typing import IO
 
 from make_sized import config_for, count_parameters, parse_count
 
-from lora_export.files import atomic_write, read_json
+from lora_export.files import atomic_write, read_json, write_json_and_markdown
 from lora_export.layout import default_report_dir
 from lora_export.machine import machine_record
 
@@ -434,10 +433,7 @@ def plot(records: list[dict], path: Path) -> None:
 
 def write_results(results: Path, records: list[dict]) -> None:
     """bench_scale.json (every record), .md and .png into ``results``, each replaced whole."""
-    results.mkdir(parents=True, exist_ok=True)
-    atomic_write(results / "bench_scale.json",
-                 lambda name: Path(name).write_text(json.dumps({"records": records}, indent=1) + "\n"))
-    atomic_write(results / "bench_scale.md", lambda name: Path(name).write_text(render_markdown(records)))
+    write_json_and_markdown(results, "bench_scale", {"records": records}, render_markdown(records))
     plot(records, results / "bench_scale.png")
 
 

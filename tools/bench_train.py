@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import re
 import shutil
@@ -67,7 +66,7 @@ from bench_scale import LOAD_LIMIT, count_label, decimal, load_warning
 from make_sized import config_for, random_model
 
 from lora_export.corpus import load_data, prose_text
-from lora_export.files import atomic_write
+from lora_export.files import write_json_and_markdown
 from lora_export.machine import machine_record
 from lora_export.model.checkpoint import read_checkpoint, save_checkpoint
 
@@ -335,10 +334,9 @@ def render_markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def result_paths(results: Path, device: str) -> tuple[Path, Path]:
-    """bench_train[_<device>].json and .md in ``results``: bench_train.* for the CPU."""
-    stem = "bench_train" if device == "cpu" else f"bench_train_{device}"
-    return results / f"{stem}.json", results / f"{stem}.md"
+def result_stem(device: str) -> str:
+    """The name of the result files: bench_train for the CPU, bench_train_<device> otherwise."""
+    return "bench_train" if device == "cpu" else f"bench_train_{device}"
 
 
 def write_results(args: argparse.Namespace, started: str, host: dict, records: list[dict]) -> None:
@@ -348,10 +346,7 @@ def write_results(args: argparse.Namespace, started: str, host: dict, records: l
               "quick": args.quick, "rounds": args.rounds, "machine": host,
               "sizes": {model: asdict(QUICK if args.quick else SIZES[(args.device, model)]) for model in args.models},
               "summary": rows, "scaling": scaling(rows), "runs": records}
-    args.results.mkdir(parents=True, exist_ok=True)
-    json_path, markdown_path = result_paths(args.results, args.device)
-    atomic_write(json_path, lambda tmp: Path(tmp).write_text(json.dumps(result, indent=1) + "\n"))
-    atomic_write(markdown_path, lambda tmp: Path(tmp).write_text(render_markdown(result)))
+    write_json_and_markdown(args.results, result_stem(args.device), result, render_markdown(result))
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -417,8 +412,8 @@ def main(argv: list[str] | None = None) -> int:
         work = args.work or Path(temporary)
         work.mkdir(parents=True, exist_ok=True)
         records = run_all(args, work, lambda so_far: write_results(args, started, host, so_far))
-    for path in result_paths(args.results, args.device):
-        print(f"bench_train: wrote {path}", file=sys.stderr)
+    for suffix in (".json", ".md"):
+        print(f"bench_train: wrote {args.results / result_stem(args.device)}{suffix}", file=sys.stderr)
     return 1 if any(record["error"] for record in records) else 0
 
 

@@ -61,7 +61,7 @@ from ray import serve
 
 from lora_export.corpus import heldout_text
 from lora_export.export.convert import export_adapter
-from lora_export.files import atomic_write
+from lora_export.files import write_json_and_markdown
 from lora_export.genai.decoder import export_decoder, read_decoder_dir
 from lora_export.genai.generate import generate_bytes
 from lora_export.layout import ADAPTER_FILE, MODEL_FILE, Form
@@ -392,11 +392,8 @@ def main(argv: list[str] | None = None) -> int:
         host["versions"]["ray"] = ray.__version__
         result = {"tool": "tools/load_test.py", "argv": args.argv, "started": started, "quick": args.quick,
                   "machine": host, **run(args, model_dir, adapters), "load_after": os.getloadavg()}
-    args.results.mkdir(parents=True, exist_ok=True)
-    for name, text in (("load_test.json", json.dumps(result, indent=1) + "\n"), ("load_test.md",
-                                                                               render_markdown(result))):
-        atomic_write(args.results / name, lambda tmp, text=text: Path(tmp).write_text(text))
-        print(f"load_test: wrote {args.results / name}", file=sys.stderr)
+    for path in write_json_and_markdown(args.results, "load_test", result, render_markdown(result)):
+        print(f"load_test: wrote {path}", file=sys.stderr)
     passed = result["sequential"]["all_right"] and result["concurrent"]["all_right"]
     return 0 if passed and result.get("kill", {"passed": True})["passed"] else 1
 

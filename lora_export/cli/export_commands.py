@@ -233,7 +233,7 @@ def export_command(checkpoint: Path, merge: bool, adapters_as_inputs: bool, adap
     if lora_layers and (form is Form.MERGED or not all(layers)):
         raise click.UsageError("--lora-layers takes non-empty entries and needs --adapters-as-inputs or "
                                "--adapter-slots")
-    problem = genai_problem(quantize, fp16, ort_format, adapter_output) if genai else None
+    problem = genai_problem(quantize, fp16, ort_format, adapter_output, layers) if genai else None
     if form is Form.SLOTS and (quantize or fp16 or ort_format):
         problem = "--adapter-slots does not take --quantize, --fp16 or --ort-format yet"
     if problem:

@@ -182,10 +182,7 @@ def export_onnx(
                                                                     external_data_threshold, progress, clock)
         proto, simplified, note = _simplified(proto, source, simplify_graph, too_big, say, clock)
         finish_graph(proto, form)
-        config = source.model.config
-        set_metadata(proto, export_metadata(proto, source, form, opset, {
-            "r": config.r, "lora_alpha": config.lora_alpha, "lora_targets": config.lora_targets,
-            "use_rslora": config.use_rslora, "lora_layers": layer_names}))
+        _set_lora_metadata(proto, source, form, opset, layer_names)
         if not too_big:
             onnx.checker.check_model(proto, full_check=True)
         say(f"writing {output}" + (f" and {adapter_out}" if adapter_out is not None else "")
@@ -199,6 +196,16 @@ def export_onnx(
         parameters=count_parameters_onnx(proto), file_size=model_file_size(output), external_data=external,
         stage_seconds=clock.seconds,
     )
+
+
+def _set_lora_metadata(proto: onnx.ModelProto, source: ExportSource, form: Form, opset: int,
+                       layer_names: list[str]) -> None:
+    """The scoring graph's metadata (``core.export_metadata``) with the checkpoint's LoRA settings and the graph's
+    LoRA input layers."""
+    config = source.model.config
+    set_metadata(proto, export_metadata(proto, source, form, opset, {
+        "r": config.r, "lora_alpha": config.lora_alpha, "lora_targets": config.lora_targets,
+        "use_rslora": config.use_rslora, "lora_layers": layer_names}))
 
 
 def _traced_graph(source: ExportSource, form: Form, opset: int, lora_paths: list[str] | None, output: Path,

@@ -323,10 +323,7 @@ def export_decoder(checkpoint_path: str | os.PathLike, output_dir: str | os.Path
                           f"{', '.join(DECODER_PRECISIONS)}")
     check_empty_output_dir(output_dir, [path.name for path in decoder_outputs(output_dir, form)], [checkpoint_path])
     say("loading checkpoint")
-    source = ExportSource.read(checkpoint_path)
-    problem = decoder_problem(source.model.config)
-    if problem:
-        raise ExportError(f"{checkpoint_path}: cannot be a genai decoder: {problem}")
+    source = _decoder_source(checkpoint_path)
     adapter = source.adapter(form)
     slots, model_path = cache_slots(source.model.config), output_dir / MODEL_FILE
     config_text = json.dumps(genai_config(source.model.config, slots), indent=2) + "\n"
@@ -352,6 +349,15 @@ def export_decoder(checkpoint_path: str | os.PathLike, output_dir: str | os.Path
     say(f"decoder: {len(proto.graph.node)} nodes, {count_parameters_onnx(proto):,} parameters, "
         f"{len(slots)} cache slots")
     return output_dir
+
+
+def _decoder_source(checkpoint_path: Path) -> ExportSource:
+    """The checkpoint read for export, refused (ExportError) when its model cannot be a genai decoder."""
+    source = ExportSource.read(checkpoint_path)
+    problem = decoder_problem(source.model.config)
+    if problem:
+        raise ExportError(f"{checkpoint_path}: cannot be a genai decoder: {problem}")
+    return source
 
 
 def _traced_decoder(source: ExportSource, form: Form, opset: int, progress: Progress) -> TracedGraph:

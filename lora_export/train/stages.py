@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -40,11 +40,13 @@ MAX_STEP_CHECKPOINTS = 1000
 
 def check_hyperparameters(*, steps: int, batch_size: int, seq_len: int | None, lr: float, eval_every: int,
                           r: int | None = None, lora_alpha: float | None = None, lora_dropout: float | None = None,
-                          grad_accum: int = 1, save_every: int | None = None) -> None:
+                          grad_accum: int = 1, save_every: int | None = None,
+                          lora_targets: Sequence[str] | None = None) -> None:
     """Raise ValueError with one clear line for training settings out of range (checked before any work).
 
     steps, batch_size, eval_every, grad_accum, and seq_len, r, save_every (when given) >= 1; lr finite and > 0;
-    lora_alpha finite and > 0; lora_dropout in [0, 1); at most MAX_STEP_CHECKPOINTS step checkpoints.
+    lora_alpha finite and > 0; lora_dropout in [0, 1); lora_targets (when given) not empty; at most
+    MAX_STEP_CHECKPOINTS step checkpoints.
     """
     for name, value in (("steps", steps), ("batch_size", batch_size), ("seq_len", seq_len),
                         ("eval_every", eval_every), ("r", r), ("grad_accum", grad_accum), ("save_every", save_every)):
@@ -56,6 +58,9 @@ def check_hyperparameters(*, steps: int, batch_size: int, seq_len: int | None, l
         raise ValueError(f"lora_alpha must be a finite number > 0, got {lora_alpha}")
     if lora_dropout is not None and not 0 <= lora_dropout < 1:
         raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout}")
+    if lora_targets is not None and not lora_targets:
+        raise ValueError("lora_targets is empty: name at least one group (q, k, v, o, ff, emb) or module name, path "
+                         "or pattern")
     if save_every is not None and steps // save_every > MAX_STEP_CHECKPOINTS:
         raise ValueError(f"save_every {save_every} would write {steps // save_every} checkpoints over {steps} steps "
                          f"(at most {MAX_STEP_CHECKPOINTS})")
@@ -129,16 +134,14 @@ def run_identity(stage: str, config: ModelConfig, data: TextData, settings: Trai
             "base_fingerprint": base, "config": config.to_dict()}
 
 
-def fit(model: LoRATransformerLM, data: TextData, settings: TrainSettings, device: torch.device,
-        identity: dict[str, Any], progress: Progress, resume: ResumeState | None,
+def fit(model: LoRATransformerLM, data: TextData, settings: TrainSettings, launch: Launch, progress: Progress,
         record: Callable[[dict[str, list]], dict[str, Any]],
         output: str | os.PathLike | None) -> tuple[LoRATransformerLM, dict[str, list], dict[str, Any]]:
     """Train ``model`` (moved to the device, back on the CPU after) as the settings say, in this process's place
     among torchrun's; rank 0 writes a step checkpoint beside ``output`` every save_every steps. Returns the trained
     model (on the CPU; sharded ones gathered back whole: on rank 0 only, the others get ``model`` as it was), the
     history and how the run ran (world size, global batch, device, precision)."""
-
-    distributed = Distributed.from_environment()
+    distributed, device = launch.distributed, launch.device
     precision = Precision(settings.precision, device)
     progress.stage(global_batch_line(settings, distributed.world_size))
     ran = {"world_size": distributed.world_size,
@@ -154,7 +157,7 @@ def fit(model: LoRATransformerLM, data: TextData, settings: TrainSettings, devic
     distributed.start(device, settings.dist_timeout_s)
     try:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            history = train_loop(run, data, identity, progress, resume, save_step if paths else None)
+            history = train_loop(run, data, launch.identity, progress, launch.state, save_step if paths else None)
         if settings.fsdp and distributed.active:
             state = distributed.full_state(run.model)  # a collective: every process takes part
             model = gathered(model.config, state) if distributed.is_main else model
@@ -180,14 +183,33 @@ def _settings(config: ModelConfig, values: dict[str, Any]) -> TrainSettings:
     return replace(settings, seq_len=config.max_seq_len if settings.seq_len is None else settings.seq_len)
 
 
-def _resume(resume: str | os.PathLike | None, identity: dict[str, Any]) -> tuple[dict[str, Any] | None,
-                                                                                 ResumeState | None]:
-    """The payload and resume state of ``resume`` (None, None without), checked to belong to this run."""
+@dataclass
+class Launch:
+    """A stage checked and placed before any training: this process among torchrun's, its device, the run's
+    identity (``state.RUN_IDENTITY``), and what it resumes (checkpoint payload and state, and the training
+    record's ``resumed_from`` entry; all empty without ``--resume``)."""
+
+    distributed: Distributed
+    device: torch.device
+    identity: dict[str, Any]
+    payload: dict[str, Any] | None = None
+    state: ResumeState | None = None
+    resumed: dict[str, Any] = field(default_factory=dict)
+
+
+def launch(stage: str, config: ModelConfig, data: TextData, settings: TrainSettings,
+           resume: str | os.PathLike | None, base: str | None) -> Launch:
+    """Check the settings (``check_settings``), find this process's place and device, and read ``resume`` (checked
+    to belong to this run: ``check_same_run``). Raises ValueError / TrainingError / CheckpointError, one line."""
+    check_settings(config, data, settings, resume)
+    distributed = Distributed.from_environment()
+    device = resolve_device(settings.device, distributed.local_rank)
+    identity = run_identity(stage, config, data, settings, distributed.world_size, base)
     if resume is None:
-        return None, None
+        return Launch(distributed, device, identity)
     payload, state = read_resume(resume)
     check_same_run(resume, state, identity)
-    return payload, state
+    return Launch(distributed, device, identity, payload, state, {"resumed_from": [Path(resume).name, state.step]})
 
 
 def pretrain(
@@ -225,26 +247,30 @@ def pretrain(
                                       eval_every=eval_every, weight_decay=weight_decay, grad_accum=grad_accum,
                                       device=device, precision=precision, save_every=save_every,
                                       dist_timeout_s=dist_timeout_s, fsdp=fsdp))
-    check_settings(config, data, settings, resume)
-    distributed = Distributed.from_environment()
-    device = resolve_device(settings.device, distributed.local_rank)
-    identity = run_identity("pretrain", config, data, settings, distributed.world_size, None)
-    payload, state = _resume(resume, identity)
-    progress = training_progress(progress, "pretrain", distributed)
+    started = launch("pretrain", config, data, settings, resume, None)
+    progress = training_progress(progress, "pretrain", started.distributed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = LoRATransformerLM(config)
-    if payload is not None:
-        model.load_state_dict(payload["base"])
+    if started.payload is not None:
+        model.load_state_dict(started.payload["base"])
     parameters = report_parameters(model, progress)
-    resumed = {"resumed_from": [Path(resume).name, state.step]} if state else {}
 
     def record(history: dict[str, list]) -> dict[str, Any]:
-        return _record("pretrain", data, parameters, history, settings, resumed,
+        return _record("pretrain", data, parameters, history, settings, started.resumed,
                        {"final_eval_loss": history["eval_losses"][-1][1]})
 
-    model, history, ran = fit(model, data, settings, device, identity, progress, state, record, output)
+    model, history, ran = fit(model, data, settings, started, progress, record, output)
     return model.eval(), {**record(history), **ran}
+
+
+def _read_base(path: str | os.PathLike) -> tuple[dict[str, Any], LoRATransformerLM]:
+    """The checkpoint payload and model of a base to adapt; ValueError for one that has LoRA already."""
+    payload = read_checkpoint(path)
+    base = build_model(payload, path)
+    if base.config.r != 0:
+        raise ValueError(f"{path}: already has LoRA (r={base.config.r}); adapt a base (r=0) checkpoint")
+    return payload, base
 
 
 def _adapted_model(config: ModelConfig, base: dict[str, torch.Tensor], seed: int,
@@ -294,14 +320,8 @@ def adapt(
     """
     check_hyperparameters(steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr, eval_every=eval_every, r=r,
                           lora_alpha=lora_alpha, lora_dropout=lora_dropout, grad_accum=grad_accum,
-                          save_every=save_every)
-    if not lora_targets:
-        raise ValueError("lora_targets is empty: name at least one group (q, k, v, o, ff, emb) or module name, path "
-                         "or pattern")
-    base_payload = read_checkpoint(base_checkpoint_path)
-    base = build_model(base_payload, base_checkpoint_path)
-    if base.config.r != 0:
-        raise ValueError(f"{base_checkpoint_path}: already has LoRA (r={base.config.r}); adapt a base (r=0) checkpoint")
+                          save_every=save_every, lora_targets=lora_targets)
+    base_payload, base = _read_base(base_checkpoint_path)
     config = replace(base.config, r=r, lora_alpha=lora_alpha, lora_targets=list(lora_targets),
                      lora_dropout=lora_dropout, use_rslora=use_rslora)
     data = data if data is not None else load_data(default="prose")
@@ -309,24 +329,20 @@ def adapt(
                                       eval_every=eval_every, weight_decay=0.0, grad_accum=grad_accum,
                                       device=device, precision=precision, save_every=save_every,
                                       dist_timeout_s=dist_timeout_s, fsdp=fsdp))
-    check_settings(config, data, settings, resume)
-    distributed = Distributed.from_environment()
-    device = resolve_device(settings.device, distributed.local_rank)
     fingerprint = base_fingerprint(base_payload["base"])
-    identity = run_identity("adapt", config, data, settings, distributed.world_size, fingerprint)
-    payload, state = _resume(resume, identity)
-    base_eval_loss = evaluate(base, data.val, settings.seq_len) if distributed.is_main else math.nan
-    progress = training_progress(progress, "adapt", distributed)
-    model = _adapted_model(config, base_payload["base"], seed, payload)
+    started = launch("adapt", config, data, settings, resume, fingerprint)
+    base_eval_loss = evaluate(base, data.val, settings.seq_len) if started.distributed.is_main else math.nan
+    progress = training_progress(progress, "adapt", started.distributed)
+    model = _adapted_model(config, base_payload["base"], seed, started.payload)
     del base
     parameters = report_parameters(model, progress)
-    resumed = {"resumed_from": [Path(resume).name, state.step]} if state else {}
+    base_record = {"base_checkpoint": Path(base_checkpoint_path).name,
+                   "base_sha256": file_sha256(base_checkpoint_path), "base_fingerprint": fingerprint,
+                   "base_eval_loss": base_eval_loss}
 
-    def record(history: dict[str, list]) -> dict[str, Any]:
-        return _record("adapt", data, parameters, history, settings, resumed, {
-            "base_checkpoint": Path(base_checkpoint_path).name, "base_sha256": file_sha256(base_checkpoint_path),
-            "base_fingerprint": fingerprint, "base_eval_loss": base_eval_loss,
-            "adapted_eval_loss": history["eval_losses"][-1][1]})
+    def record(history: dict[str, list]) -> dict[str, Any]:  # the base is hashed once, not at every save
+        return _record("adapt", data, parameters, history, settings, started.resumed,
+                       {**base_record, "adapted_eval_loss": history["eval_losses"][-1][1]})
 
-    model, history, ran = fit(model, data, settings, device, identity, progress, state, record, output)
+    model, history, ran = fit(model, data, settings, started, progress, record, output)
     return model.eval(), {**record(history), **ran}
